@@ -1,0 +1,1 @@
+"""CPU backend: numba kernels for every op of the compute graph."""

@@ -1,0 +1,1 @@
+"""dllama engine: model files, tokenizers, compute graph, generation and the command line."""

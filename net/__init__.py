@@ -1,0 +1,1 @@
+"""Network layer for tensor-parallel clusters (root <-> workers)."""

