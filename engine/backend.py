@@ -1,0 +1,33 @@
+"""The one small interface every backend (CPU/numba, Vulkan/Kompute) implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from engine.graph import Graph
+from engine.weights import Weight
+
+
+class Program(ABC):
+    """A graph made runnable on one backend: buffers allocated, weights resident, KV cache in place."""
+
+    @abstractmethod
+    def pipe(self, name: str) -> np.ndarray:
+        """Host view (max_batch rows) of a buffer the runner or the network reads/writes: tok, pos, x, zq, logits."""
+
+    @abstractmethod
+    def run_segment(self, index: int, n_tokens: int) -> None:
+        """Run the ops of segment `index` on the first `n_tokens` rows; pipes are host-coherent on return."""
+
+
+class Backend(ABC):
+    """Compiles graphs; knows nothing of models, files or the network."""
+
+    name: str
+    description: str  # e.g. "CPU (numba, 2 threads)" or the Vulkan device name
+
+    @abstractmethod
+    def compile(self, graph: Graph, weights: dict[str, Weight], max_batch: int) -> Program:
+        """Allocate buffers for up to `max_batch` tokens per forward pass and take the node's weights."""

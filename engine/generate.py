@@ -1,0 +1,88 @@
+"""Generation as a generator (mlx-examples style): prefill the prompt, then sample token by token.
+
+Each yielded event carries the timings of the forward pass behind it, so every front end (CLI, chat, API)
+reports the same metrics: tokens/s and achieved weight bandwidth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from engine.runner import ForwardStats, Runner
+from engine.sampler import Sampler
+from engine.tokenizer import Tokenizer
+
+
+@dataclass
+class Event:
+    """A prefill batch (token None) or a generated token with its text piece (complete UTF-8 only)."""
+
+    kind: str  # "prefill" | "token"
+    stats: ForwardStats | None  # the forward pass behind this event (None: the token came from the prefill)
+    token: int | None = None
+    text: str = ""
+    n_tokens: int = 0  # prompt tokens in a prefill batch
+
+
+@dataclass
+class Metrics:
+    """Totals of one generation, for the summary and --json."""
+
+    prefill: ForwardStats = field(default_factory=ForwardStats)
+    decode: ForwardStats = field(default_factory=ForwardStats)
+    generated: list[int] = field(default_factory=list)
+    stop_reason: str = "length"  # "eos", "length" (max_new_tokens) or "context" (the KV cache is full)
+
+    @staticmethod
+    def rate(st: ForwardStats) -> float:
+        busy = st.eval_s + st.sync_s
+        return st.n_tokens / busy if busy > 0 else 0.0
+
+
+def generate(runner: Runner, tokenizer: Tokenizer, prompt_ids: Sequence[int], max_new_tokens: int,
+             sampler: Sampler, start_pos: int = 0, stop_at_eos: bool = True,
+             metrics: Metrics | None = None) -> Iterator[Event]:
+    """Prefill `prompt_ids` at `start_pos` (batches of runner.max_batch), then sample up to `max_new_tokens`.
+
+    The first generated token comes from the last prompt token's logits; a sampled EOS ends generation and
+    is not fed back. The KV cache then holds start_pos + len(prompt_ids) + len(generated) - 1 positions.
+    """
+    m = metrics if metrics is not None else Metrics()
+    pos, logits = start_pos, None
+    for i in range(0, len(prompt_ids), runner.max_batch):
+        chunk = list(prompt_ids[i:i + runner.max_batch])
+        st = ForwardStats()
+        is_last = i + runner.max_batch >= len(prompt_ids)
+        logits = runner.forward(chunk, pos, "last" if is_last else "none", st)
+        pos += len(chunk)
+        _accumulate(m.prefill, st)
+        yield Event("prefill", st, n_tokens=len(chunk))
+    stream = tokenizer.stream()
+    eos = set(tokenizer.eos_ids)
+    st = None
+    for step in range(max_new_tokens):
+        token = sampler.sample(logits)
+        m.generated.append(token)
+        if stop_at_eos and token in eos:
+            m.stop_reason = "eos"
+            yield Event("token", st, token, stream.flush())
+            return
+        full = pos >= runner.max_seq_len
+        is_final = full or step == max_new_tokens - 1
+        yield Event("token", st, token, stream.push(token) + (stream.flush() if is_final else ""))
+        if is_final:
+            m.stop_reason = "context" if full else "length"
+            return
+        st = ForwardStats()
+        logits = runner.forward([token], pos, "last", st)
+        pos += 1
+        _accumulate(m.decode, st)
+
+
+def _accumulate(total: ForwardStats, st: ForwardStats) -> None:
+    total.n_tokens += st.n_tokens
+    total.eval_s += st.eval_s
+    total.sync_s += st.sync_s
+    total.sent += st.sent
+    total.recv += st.recv
