@@ -1,0 +1,142 @@
+"""Independent float64 numpy forward pass of a llama GGUF: the yardstick the engine's tests compare against.
+
+It imports nothing from the project: gguf's own GGUFReader reads the file and gguf.quants de-quantises it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+NEOX_ARCHS = ("qwen3",)  # architectures whose q/k rows use half-split (NeoX) RoPE pairs
+Q80_BLOCK = 32
+
+
+@dataclass
+class RefModel:
+    """Hyper-parameters and float64 weights (numpy order: [rows, cols]) keyed by GGUF tensor name."""
+
+    arch: str
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    rope_theta: float
+    rope_neox: bool
+    rope_scaling: tuple[float, float, float, int] | None  # llama3: (factor, low, high, original context)
+    weights: dict[str, np.ndarray]
+
+
+def load_ref_model(path: str | Path) -> RefModel:
+    """Read a llama-family GGUF and de-quantise every tensor to float64."""
+    r = GGUFReader(str(path))
+    arch = r.fields["general.architecture"].contents()
+
+    def key(name: str, default: object = None) -> object:
+        field = r.fields.get(f"{arch}.{name}")
+        if field is None and default is None:
+            raise ValueError(f"{path}: metadata key {arch}.{name} is missing")
+        return default if field is None else field.contents()
+
+    weights = {t.name: dequantize(t.data, t.tensor_type).astype(np.float64) for t in r.tensors}
+    dim, n_heads = int(key("embedding_length")), int(key("attention.head_count"))
+    scaling = None
+    if key("rope.scaling.type", "none") == "llama3" and float(key("rope.scaling.factor", 1.0)) != 1.0:
+        scaling = (
+            float(key("rope.scaling.factor")),
+            float(key("rope.scaling.low_freq_factor", 1.0)),
+            float(key("rope.scaling.high_freq_factor", 4.0)),
+            int(key("rope.scaling.original_context_length")),
+        )
+    return RefModel(
+        arch=arch,
+        dim=dim,
+        n_layers=int(key("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(key("attention.head_count_kv", n_heads)),
+        head_dim=int(key("attention.key_length", dim // n_heads)),
+        norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rope_neox=arch in NEOX_ARCHS,
+        rope_scaling=scaling,
+        weights=weights,
+    )
+
+
+def q80_roundtrip(a: np.ndarray) -> np.ndarray:
+    """Quantise to Q80 blocks of 32 along the last axis (amax/127, half-to-even, fp16 scale) and back."""
+    if a.shape[-1] % Q80_BLOCK:
+        raise ValueError(f"Q80 needs a last dimension divisible by {Q80_BLOCK}, got {a.shape[-1]}")
+    b = a.reshape(*a.shape[:-1], -1, Q80_BLOCK)
+    d = np.abs(b).max(axis=-1, keepdims=True) / 127.0
+    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
+    q = np.round(b * inv)
+    return (q * d.astype(np.float16).astype(np.float64)).reshape(a.shape)
+
+
+def rope_frequencies(m: RefModel) -> np.ndarray:
+    """Angle per position for each of the head_dim/2 rotated pairs, with Llama 3.1 scaling or rope_freqs."""
+    freq = m.rope_theta ** (-np.arange(0, m.head_dim, 2, dtype=np.float64) / m.head_dim)
+    if m.rope_scaling is not None:
+        factor, low, high, orig = m.rope_scaling
+        wavelen = 2 * np.pi / freq
+        s = np.clip((orig / wavelen - low) / (high - low), 0.0, 1.0)
+        scaled = (1 - s) * freq / factor + s * freq
+        freq = np.where(wavelen < orig / high, freq, np.where(wavelen > orig / low, freq / factor, scaled))
+    if "rope_freqs.weight" in m.weights:
+        freq = freq / m.weights["rope_freqs.weight"]
+    return freq
+
+
+def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> np.ndarray:
+    """Rotate pairs of x [T, heads, head_dim]: (2i, 2i+1) interleaved, or (i, i + head_dim/2) for NeoX."""
+    half = x.shape[-1] // 2
+    if neox:
+        x0, x1 = x[..., :half], x[..., half:]
+    else:
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+    c, s = cos[:, None, :], sin[:, None, :]
+    r0, r1 = x0 * c - x1 * s, x0 * s + x1 * c
+    return np.concatenate([r0, r1], axis=-1) if neox else np.stack([r0, r1], axis=-1).reshape(x.shape)
+
+
+def _rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def ref_forward(m: RefModel, tokens: list[int], q80: bool = False) -> np.ndarray:
+    """Causal forward over the whole sequence: float64 logits [T, vocab]; q80 mimics dllama's Q80 buffers."""
+    w, n_tok, hd = m.weights, len(tokens), m.head_dim
+    qz = q80_roundtrip if q80 else (lambda a: a)
+    angles = np.arange(n_tok, dtype=np.float64)[:, None] * rope_frequencies(m)[None, :]
+    cos, sin = np.cos(angles), np.sin(angles)
+    mask = np.triu(np.full((n_tok, n_tok), -np.inf), k=1)
+    group = m.n_heads // m.n_kv_heads
+    x = w["token_embd.weight"][np.asarray(tokens)]
+    for layer in range(m.n_layers):
+        p = f"blk.{layer}."
+        h = qz(_rmsnorm(x, w[p + "attn_norm.weight"], m.norm_eps))
+        q = (h @ w[p + "attn_q.weight"].T).reshape(n_tok, m.n_heads, hd)
+        k = (h @ w[p + "attn_k.weight"].T).reshape(n_tok, m.n_kv_heads, hd)
+        v = (h @ w[p + "attn_v.weight"].T).reshape(n_tok, m.n_kv_heads, hd)
+        if p + "attn_q_norm.weight" in w:  # Qwen3: per-head RMSNorm of q and k before RoPE
+            q = _rmsnorm(q, w[p + "attn_q_norm.weight"], m.norm_eps)
+            k = _rmsnorm(k, w[p + "attn_k_norm.weight"], m.norm_eps)
+        q, k = _rope(q, cos, sin, m.rope_neox), _rope(k, cos, sin, m.rope_neox)
+        k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # q head h reads kv head h // group
+        scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
+        att = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        att /= att.sum(axis=-1, keepdims=True)
+        o = np.einsum("hts,shd->thd", att, v).reshape(n_tok, m.n_heads * hd)
+        x = x + qz(qz(o) @ w[p + "attn_output.weight"].T)
+        h = qz(_rmsnorm(x, w[p + "ffn_norm.weight"], m.norm_eps))
+        gate, up = h @ w[p + "ffn_gate.weight"].T, h @ w[p + "ffn_up.weight"].T
+        x = x + qz(qz(gate / (1 + np.exp(-gate)) * up) @ w[p + "ffn_down.weight"].T)
+    h = qz(_rmsnorm(x, w["output_norm.weight"], m.norm_eps))
+    return h @ w.get("output.weight", w["token_embd.weight"]).T
