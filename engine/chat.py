@@ -48,7 +48,7 @@ def run_chat(loaded: Loaded, system: str | None, template_name: str | None, max_
             if not user.strip():
                 continue
             messages.append({"role": "user", "content": user})
-            ids = tok.encode(template.render(messages, add_generation_prompt=True), bos=False)
+            ids = template.encode(tok, messages)
             if len(ids) >= runner.max_seq_len:
                 print(f"\n(the context is full: this conversation needs {len(ids)} tokens, --max-seq-len is "
                       f"{runner.max_seq_len}; start a new chat or raise --max-seq-len)")
@@ -56,7 +56,8 @@ def run_chat(loaded: Loaded, system: str | None, template_name: str | None, max_
             start = min(common_prefix(ids, cached), len(ids) - 1)
             print("\n🤖 Assistant", flush=True)
             m = Metrics()
-            for ev in generate(runner, tok, ids[start:], max_tokens, sampler, start_pos=start, metrics=m):
+            for ev in generate(runner, tok, ids[start:], max_tokens, sampler, start_pos=start, metrics=m,
+                              reply_start=True):
                 if ev.kind == "token":
                     print(ev.text, end="", flush=True)
             print(flush=True)

@@ -42,11 +42,12 @@ class Metrics:
 
 def generate(runner: Runner, tokenizer: Tokenizer, prompt_ids: Sequence[int], max_new_tokens: int,
              sampler: Sampler, start_pos: int = 0, stop_at_eos: bool = True,
-             metrics: Metrics | None = None) -> Iterator[Event]:
+             metrics: Metrics | None = None, reply_start: bool = False) -> Iterator[Event]:
     """Prefill `prompt_ids` at `start_pos` (batches of runner.max_batch), then sample up to `max_new_tokens`.
 
     The first generated token comes from the last prompt token's logits; a sampled EOS ends generation and
     is not fed back. The KV cache then holds start_pos + len(prompt_ids) + len(generated) - 1 positions.
+    `reply_start` (chat) drops a SentencePiece dummy-prefix space from the first piece, as HF decoding does.
     """
     m = metrics if metrics is not None else Metrics()
     pos, logits = start_pos, None
@@ -58,7 +59,7 @@ def generate(runner: Runner, tokenizer: Tokenizer, prompt_ids: Sequence[int], ma
         pos += len(chunk)
         _accumulate(m.prefill, st)
         yield Event("prefill", st, n_tokens=len(chunk))
-    stream = tokenizer.stream()
+    stream = tokenizer.stream(at_start=reply_start)
     eos = set(tokenizer.eos_ids)
     st = None
     for step in range(max_new_tokens):
