@@ -1,0 +1,129 @@
+"""GGUF -> distributed-llama `.m` (+ `.t`) conversion, so the C++ program can run the same model."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from engine.config import RopeScaling
+from engine.errors import DllamaError
+from engine.gguf_file import load_gguf
+from engine.mfile import write_m
+from engine.tfile import tfile_from_gguf, write_tfile
+
+M_WEIGHT_TYPES = ("f32", "f16", "q40", "q80")
+STANDARD_LLAMA31 = (1.0, 4.0, 8192)  # low_freq_factor, high_freq_factor, original context of Llama 3.1/3.2
+
+
+def llama31_divisors(head_dim: int, theta: float, rs: RopeScaling) -> np.ndarray:
+    """Per-frequency divisors (original freq / scaled freq) of the Llama 3.1 rule, spec 4.8, float64."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / freqs
+    s = (rs.orig_max_seq_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+    mid = 1.0 / ((1 - s) / rs.factor + s)
+    out = np.where(wavelen > rs.orig_max_seq_len / rs.low_freq_factor, rs.factor, mid)
+    return np.where(wavelen < rs.orig_max_seq_len / rs.high_freq_factor, 1.0, out)
+
+
+def rope_scaling_from_freqs(
+    divisors: np.ndarray, head_dim: int, theta: float, orig: int | None = None
+) -> RopeScaling | None:
+    """Recover Llama 3.1 scaling parameters from a rope_freqs tensor; None when it scales nothing.
+
+    Only the ratios orig/low and orig/high are determined by the tensor, so `orig` (default 8192) is kept and
+    low/high follow; the result must reproduce the tensor and be integral (the .m header stores ints).
+    """
+    d = np.asarray(divisors, dtype=np.float64).reshape(-1)
+    if d.shape != (head_dim // 2,):
+        raise DllamaError(f"rope_freqs.weight has {d.size} values, head_dim {head_dim} needs {head_dim // 2}")
+    if np.allclose(d, 1.0, rtol=0, atol=1e-6):
+        return None
+    factor = float(d.max())
+    if abs(factor - round(factor)) < 1e-4 * factor:
+        factor = float(round(factor))
+    orig = orig or STANDARD_LLAMA31[2]
+    candidates = [(STANDARD_LLAMA31[0], STANDARD_LLAMA31[1])]
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    mid = (d > 1 + 1e-5) & (d < factor * (1 - 1e-5))
+    if mid.sum() >= 2 and factor > 1:
+        s = (1.0 / d[mid] - 1.0 / factor) / (1.0 - 1.0 / factor)  # s = a * freq + b, linear in freq
+        a, b = np.polyfit(freqs[mid], s, 1)
+        if a > 0:
+            span = orig / (2 * math.pi * a)
+            low = -b * span
+            candidates.append((float(round(low)), float(round(low + span))))
+    for low, high in candidates:
+        if not 0 < low < high:
+            continue
+        rs = RopeScaling(factor, low, high, int(orig))
+        if np.allclose(llama31_divisors(head_dim, theta, rs), d, rtol=1e-4, atol=1e-6):
+            return rs
+    raise DllamaError(
+        "rope_freqs.weight does not follow the Llama 3.1 frequency-scaling rule with integer parameters "
+        "(a .m file cannot express it)"
+    )
+
+
+def convert_gguf(
+    src: str | Path,
+    out_m: str | Path,
+    wtype: str,
+    out_t: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Convert a Llama GGUF to a `.m` model with matrices in `wtype` and, optionally, its `.t` tokenizer.
+
+    Both files share one vocabulary order that moves special tokens behind the regular ones (spec 3.3).
+    """
+    if wtype not in M_WEIGHT_TYPES:
+        raise DllamaError(f"weight type {wtype!r} is not one of {', '.join(M_WEIGHT_TYPES)} (.m types)")
+    model = load_gguf(src)
+    cfg = model.config
+    if wtype == "q40" and any(w.dtype == "q41" for w in model.weights.values()):
+        log(
+            "warning: re-quantizing Q4_1 weights to Q4_0 is lossy and can ruin a small model "
+            "(SmolLM2-135M loses its answers); prefer q80 or f32"
+        )
+    scaling = cfg.rope_scaling
+    freqs = model.weights.get("rope_freqs.weight")
+    if scaling is None and freqs is not None:
+        orig = model.metadata.get("llama.rope.scaling.original_context_length")
+        try:
+            scaling = rope_scaling_from_freqs(freqs.data, cfg.head_dim, cfg.rope_theta, orig)
+        except DllamaError as e:
+            raise DllamaError(f"{src}: {e}") from None
+        if scaling is not None:
+            log(
+                f"rope scaling recovered from rope_freqs.weight: factor {scaling.factor:g}, "
+                f"low {scaling.low_freq_factor:g}, high {scaling.high_freq_factor:g}, "
+                f"original context {scaling.orig_max_seq_len}"
+            )
+    cfg = dataclasses.replace(cfg, rope_scaling=scaling)
+    floats = {"rope_theta": cfg.rope_theta}
+    if scaling is not None:
+        floats.update(factor=scaling.factor, low=scaling.low_freq_factor, high=scaling.high_freq_factor)
+    for name, value in floats.items():
+        if value != int(value):
+            log(f"warning: {name} {value:g} is stored as {int(value)} (.m header values are integers)")
+    order = None
+    tf = None
+    if "tokenizer.ggml.tokens" in model.metadata:
+        tf, order = tfile_from_gguf(model.metadata)
+        if len(order) > cfg.vocab_size:
+            raise DllamaError(f"{src}: the tokenizer has {len(order)} tokens, the model {cfg.vocab_size}")
+        order = np.concatenate([order, np.arange(len(order), cfg.vocab_size)])
+        if np.array_equal(order, np.arange(cfg.vocab_size)):
+            order = None
+        else:
+            log(f"vocabulary reordered: {int(np.sum(order != np.arange(cfg.vocab_size)))} ids move")
+    elif out_t is not None:
+        raise DllamaError(f"{src}: the GGUF file carries no tokenizer, cannot write {out_t}")
+    write_m(out_m, dataclasses.replace(model, config=cfg), wtype, order, log)
+    log(f"wrote {out_m}")
+    if out_t is not None and tf is not None:
+        write_tfile(out_t, tf)
+        log(f"wrote {out_t}")

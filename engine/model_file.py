@@ -1,0 +1,39 @@
+"""Open a model file of either supported format, chosen by its first bytes rather than its name."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from engine.errors import DllamaError
+from engine.gguf_file import GGUF_MAGIC, load_gguf
+from engine.mfile import M_MAGIC, OLD_M_MAGICS, read_m
+from engine.tfile import T_MAGIC, T_MAGIC_LEGACY
+from engine.weights import Model
+
+EXPECTED = "expected a GGUF file or a distributed-llama .m model"
+
+
+def open_model(path: str | Path) -> Model:
+    """Load a GGUF or `.m` model; a missing, empty or foreign file raises a DllamaError saying so."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise DllamaError(f"{p}: no such file ({EXPECTED})") from None
+    except IsADirectoryError:
+        raise DllamaError(f"{p}: is a directory ({EXPECTED})") from None
+    except OSError as e:
+        raise DllamaError(f"{p}: cannot read ({e.strerror})") from None
+    if not head:
+        raise DllamaError(f"{p}: empty file ({EXPECTED})")
+    if head == GGUF_MAGIC:
+        return load_gguf(p)
+    if len(head) == 4:
+        (magic,) = struct.unpack("<i", head)
+        if magic == M_MAGIC or magic in OLD_M_MAGICS:
+            return read_m(p)
+        if magic in (T_MAGIC, T_MAGIC_LEGACY):
+            raise DllamaError(f"{p}: this is a distributed-llama tokenizer (.t), not a model ({EXPECTED})")
+    raise DllamaError(f"{p}: unknown file format (first bytes {head.hex()}; {EXPECTED})")

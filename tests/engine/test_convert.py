@@ -1,0 +1,119 @@
+"""convert_gguf: GGUF -> .m + .t with one vocabulary order, lossy-path warnings, rope scaling recovery."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tinymodel import llama31_rope_divisors, write_tiny_gguf
+
+from engine.config import RopeScaling
+from engine.convert import convert_gguf, rope_scaling_from_freqs
+from engine.errors import DllamaError
+from engine.gguf_file import load_gguf, read_gguf
+from engine.mfile import read_m
+from engine.quants import dequantize
+from engine.tfile import read_tfile, tfile_from_gguf
+
+
+def _header(path: Path) -> dict[int, int]:
+    raw = path.read_bytes()
+    size = struct.unpack_from("<i", raw, 4)[0]
+    vals = struct.unpack_from(f"<{(size - 8) // 4}i", raw, 8)
+    return dict(zip(vals[::2], vals[1::2], strict=True))
+
+
+def test_tiny_q40_with_tokenizer(tmp_path: Path) -> None:
+    src = write_tiny_gguf(tmp_path / "t.gguf", wtype="q40", n_layers=3)
+    lines: list[str] = []
+    convert_gguf(src, tmp_path / "t.m", "q40", tmp_path / "t.t", log=lines.append)
+    g, m = load_gguf(src), read_m(tmp_path / "t.m")
+    for name, w in g.weights.items():
+        if w.dtype == "q40" and name != "token_embd.weight":  # the .m embedding is always F32
+            assert m.weights[name].data.tobytes() == w.data.tobytes(), name
+    embd = dequantize(g.weights["token_embd.weight"].data, "q40", 288, 64)
+    assert np.array_equal(m.weights["token_embd.weight"].data, embd)
+    assert read_tfile(tmp_path / "t.t") == tfile_from_gguf(g.metadata)[0]
+    assert sum("layer" in s for s in lines) == 3 and not any("lossy" in s for s in lines)
+
+
+def test_q41_to_q40_warns_but_q80_does_not(tmp_path: Path) -> None:
+    src = write_tiny_gguf(tmp_path / "t.gguf", wtype="q41")
+    lines: list[str] = []
+    convert_gguf(src, tmp_path / "a.m", "q40", log=lines.append)
+    assert any("warning" in s and "lossy" in s for s in lines)
+    lines.clear()
+    convert_gguf(src, tmp_path / "b.m", "q80", log=lines.append)
+    assert not any("lossy" in s for s in lines)
+    g, m = load_gguf(src), read_m(tmp_path / "b.m")
+    w = g.weights["blk.0.ffn_down.weight"]
+    want = dequantize(w.data, "q41", w.rows, w.cols)
+    got = dequantize(m.weights["blk.0.ffn_down.weight"].data, "q80", w.rows, w.cols)
+    assert np.abs(got - want).max() <= np.abs(want).max() / 127  # within one Q80 step
+
+
+def test_rope_scaling_recovered_from_rope_freqs(tmp_path: Path) -> None:
+    rs = RopeScaling(8.0, 1.0, 4.0, 8192)
+    src = write_tiny_gguf(tmp_path / "t.gguf", rope_scaling=rs, rope_store="tensor", rope_theta=500000.0)
+    convert_gguf(src, tmp_path / "t.m", "f32", log=lambda s: None)
+    h = _header(tmp_path / "t.m")
+    assert (h[12], h[14], h[15], h[16], h[17], h[18]) == (500000, 8, 1, 4, 8192, 2)
+
+
+def test_nonstandard_rope_freqs_recover_equivalent_integer_parameters(tmp_path: Path) -> None:
+    rs = RopeScaling(8.0, 1.0, 4.0, 64)  # only orig/low and orig/high are determined by the tensor
+    src = write_tiny_gguf(tmp_path / "t.gguf", rope_scaling=rs, rope_store="tensor")
+    convert_gguf(src, tmp_path / "t.m", "f32", log=lambda s: None)
+    got = read_m(tmp_path / "t.m").config.rope_scaling
+    assert got is not None and got.factor == 8.0
+    assert all(float(v).is_integer() for v in (got.low_freq_factor, got.high_freq_factor))
+    expected = llama31_rope_divisors(16, 10000.0, rs)
+    assert np.allclose(llama31_rope_divisors(16, 10000.0, got), expected, rtol=1e-6)
+
+
+def test_rope_freqs_that_break_the_rule(tmp_path: Path) -> None:
+    assert rope_scaling_from_freqs(np.ones(8), 16, 10000.0) is None
+    with pytest.raises(DllamaError, match="has 4 values, head_dim 16 needs 8"):
+        rope_scaling_from_freqs(np.ones(4), 16, 10000.0)
+    with pytest.raises(DllamaError, match="does not follow the Llama 3.1"):
+        rope_scaling_from_freqs(np.array([1, 3, 2, 5, 4, 8, 6, 8.0]), 16, 10000.0)
+    rs = RopeScaling(8.0, 1.0, 4.0, 8192)
+    src = write_tiny_gguf(tmp_path / "t.gguf", rope_scaling=rs, rope_store="tensor")
+    _, infos, _ = read_gguf(src)
+    data = bytearray(src.read_bytes())
+    off = infos["rope_freqs.weight"].offset
+    data[off : off + 32] = np.array([1, 2, 1, 2, 1, 2, 1, 2], dtype="<f4").tobytes()
+    src.write_bytes(bytes(data))
+    with pytest.raises(DllamaError, match=r"t\.gguf: rope_freqs\.weight does not follow"):
+        convert_gguf(src, tmp_path / "t.m", "f32", log=lambda s: None)
+    assert not (tmp_path / "t.m").exists()
+
+
+def test_non_integer_header_floats_warn(tmp_path: Path) -> None:
+    src = write_tiny_gguf(tmp_path / "t.gguf", rope_theta=10000.5)
+    lines: list[str] = []
+    convert_gguf(src, tmp_path / "t.m", "f16", log=lines.append)
+    assert any("rope_theta 10000.5 is stored as 10000" in s for s in lines)
+    assert _header(tmp_path / "t.m")[12] == 10000
+
+
+def test_bad_weight_type(tmp_path: Path) -> None:
+    src = write_tiny_gguf(tmp_path / "t.gguf")
+    with pytest.raises(DllamaError, match="'q41' is not one of f32, f16, q40, q80"):
+        convert_gguf(src, tmp_path / "t.m", "q41")
+    assert not (tmp_path / "t.m").exists()
+
+
+def test_smollm2_vocab_order_shared_by_m_and_t(tmp_path: Path, smollm2_path: Path) -> None:
+    convert_gguf(smollm2_path, tmp_path / "s.m", "q80", tmp_path / "s.t", log=lambda s: None)
+    g, m, tf = load_gguf(smollm2_path), read_m(tmp_path / "s.m"), read_tfile(tmp_path / "s.t")
+    tokens = g.metadata["tokenizer.ggml.tokens"]
+    ge = g.weights["token_embd.weight"].data
+    for text, old in (("<|im_start|>", 1), ("<|endoftext|>", 0), ("Ġthe", tokens.index("Ġthe"))):
+        new = tf.vocab.index(text.replace("Ġ", " ").encode())
+        assert np.array_equal(m.weights["token_embd.weight"].data[new], dequantize(ge[old], "q80", 1, 576)[0])
+        assert m.weights["output.weight"].data[new].tobytes() == ge[old].tobytes()  # tied, q80 copied
+    assert tf.vocab[tf.bos_id] == b"<|im_start|>" and tf.bos_id == 49152 - 17
+    assert m.config.vocab_size == 49152 and m.config.n_layers == 30
