@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import click
 import numpy as np
 import typer
 
 from engine.errors import DllamaError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, invoke_without_command=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Tensor-parallel LLM inference on CPU and Vulkan nodes.")
 
 # ---- options shared by the commands that load a model ----
@@ -36,6 +35,8 @@ JsonOut = Annotated[str | None, typer.Option("--json", help="write the results a
 def _global(ctx: typer.Context,
             backend: Annotated[str, typer.Option("--backend", help="compute backend: cpu")] = "cpu") -> None:
     ctx.obj = {"backend": backend}
+    if ctx.invoked_subcommand is None:
+        print(ctx.get_help())
 
 
 def _backend(ctx: typer.Context, local: str | None) -> str:
@@ -219,14 +220,15 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
         app(args=argv, prog_name="dllama", standalone_mode=False)
-    except click.UsageError as e:
-        cmd = e.ctx.command_path if e.ctx else "dllama"
+    except typer.TyperException as e:  # usage errors of the command-line parser
+        ctx = getattr(e, "ctx", None)
+        cmd = ctx.command_path if ctx else "dllama"
         print(f"error: {e.format_message()} (see `{cmd} --help`)", file=sys.stderr)
         sys.exit(2)
     except DllamaError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (KeyboardInterrupt, click.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         print(file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:

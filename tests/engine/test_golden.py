@@ -52,7 +52,7 @@ def test_last_logits(golden, runner):
         assert max(e.max() for e in errs) <= 1e-3
         assert all(top1)
     else:  # Q80 activations move logits by design (notes/models.md): tolerance and top-1 where the margin is large
-        assert max(e.mean() for e in errs) <= 0.5
+        assert np.concatenate(errs).mean() <= 0.5
         assert top1[0]
 
 
