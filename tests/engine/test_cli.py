@@ -95,3 +95,33 @@ def test_bad_files_are_one_line_exit_2(tiny, tmp_path):
     small = write_tiny_gguf(tmp_path / "small.gguf", vocab=288)
     assert_one_line_error(dllama("inference", "--prompt", "x", "--model", str(small), "--tokenizer", str(big)),
                           "tokenizer")
+
+
+RSS_PROBE = """
+import resource, sys
+{body}
+print("MAXRSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def _peak_rss(body: str) -> int:
+    r = subprocess.run([sys.executable, "-c", RSS_PROBE.format(body=body)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout.rsplit("MAXRSS", 1)[1])
+
+
+@pytest.mark.slow
+def test_memory_stays_within_weights_plus_kv_cache(smollm2_path):
+    """Peak RSS beyond an idle interpreter with the engine imported <= file size + KV cache + 100 MB."""
+    idle = _peak_rss("import engine.cli, engine.loader, cpu_fallback.backend, cpu_fallback.kernels")
+    seq = 1024
+    run = _peak_rss(
+        "from engine.cli import main\n"
+        "try:\n"
+        f"    main(['inference', '--prompt', 'Hello there', '--steps', '16', '--max-seq-len', '{seq}'])\n"
+        "except SystemExit:\n"
+        "    pass"
+    )
+    kv = 2 * 30 * seq * 192 * 4  # layers x K and V x positions x kv_dim x float32 (notes/models.md shapes)
+    assert run - idle <= smollm2_path.stat().st_size + kv + 100 * 2**20, (run - idle) / 2**20
