@@ -35,7 +35,10 @@ class CpuProgram(Program):
             scaling = (s.factor, s.low_freq_factor, s.high_freq_factor, s.orig_max_seq_len)
         factors = weights.get("rope_freqs.weight")
         self.cos, self.sin = kernels.rope_table(
-            cfg.head_dim, cfg.rope_theta, cfg.rope_neox, scaling,
+            cfg.head_dim,
+            cfg.rope_theta,
+            cfg.rope_neox,
+            scaling,
             None if factors is None else np.ascontiguousarray(factors.data.reshape(-1), np.float32),
             graph.max_seq_len,
         )
@@ -79,6 +82,7 @@ class CpuProgram(Program):
             def kv_store(n: int) -> None:
                 kc[pos[:n, 0]] = k[:n]
                 vc[pos[:n, 0]] = v[:n]
+
             return kv_store
         if op.kind == "attention":
             q, pos, out = ins[0], ins[1], outs[0]
@@ -98,31 +102,34 @@ class CpuProgram(Program):
         dim = y.shape[1]
         if zq.dtype == np.uint8:
             rb = dim // BLOCK * BLOCK_BYTES["q80"]
-            dst = zq[:, slot * rb:(slot + 1) * rb]
+            dst = zq[:, slot * rb : (slot + 1) * rb]
             return lambda n: kernels.quantize_q80(y[:n], dst[:n])
-        dst = zq[:, slot * dim:(slot + 1) * dim]
+        dst = zq[:, slot * dim : (slot + 1) * dim]
 
         def copy(n: int) -> None:
             dst[:n] = y[:n]
+
         return copy
 
     def _bind_merge_add(self, zq: np.ndarray, x: np.ndarray) -> Step:
-        """x += every node's slot, in node order (the same order on every node keeps replicas bit-identical)."""
+        """x += every node's slot in node order (the same order everywhere keeps replicas bit-identical)."""
         dim, n_slots, tmp = x.shape[1], self.graph.slice.n_nodes, self.tmp
         if zq.dtype == np.uint8:
             rb = dim // BLOCK * BLOCK_BYTES["q80"]
-            slots = [zq[:, s * rb:(s + 1) * rb] for s in range(n_slots)]
+            slots = [zq[:, s * rb : (s + 1) * rb] for s in range(n_slots)]
 
             def merge_q80(n: int) -> None:
                 for sl in slots:
                     kernels.dequantize_q80(sl[:n], tmp[:n])
                     kernels.add(x[:n], tmp[:n])
+
             return merge_q80
-        slots = [zq[:, s * dim:(s + 1) * dim] for s in range(n_slots)]
+        slots = [zq[:, s * dim : (s + 1) * dim] for s in range(n_slots)]
 
         def merge(n: int) -> None:
             for sl in slots:
                 kernels.add(x[:n], sl[:n])
+
         return merge
 
 

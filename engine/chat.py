@@ -29,8 +29,15 @@ def _ask(prompt: str, interactive: bool) -> str:
     return line.rstrip("\n")
 
 
-def run_chat(loaded: Loaded, system: str | None, template_name: str | None, max_tokens: int,
-             temperature: float, topp: float, seed: int | None) -> None:
+def run_chat(
+    loaded: Loaded,
+    system: str | None,
+    template_name: str | None,
+    max_tokens: int,
+    temperature: float,
+    topp: float,
+    seed: int | None,
+) -> None:
     """Read user turns from stdin until EOF or Ctrl-C; stream each reply."""
     tok, runner = loaded.tokenizer, loaded.runner
     template = ChatTemplate.for_tokenizer(tok, template_name)
@@ -50,14 +57,17 @@ def run_chat(loaded: Loaded, system: str | None, template_name: str | None, max_
             messages.append({"role": "user", "content": user})
             ids = template.encode(tok, messages)
             if len(ids) >= runner.max_seq_len:
-                print(f"\n(the context is full: this conversation needs {len(ids)} tokens, --max-seq-len is "
-                      f"{runner.max_seq_len}; start a new chat or raise --max-seq-len)")
+                print(
+                    f"\n(the context is full: this conversation needs {len(ids)} tokens, --max-seq-len is "
+                    f"{runner.max_seq_len}; start a new chat or raise --max-seq-len)"
+                )
                 return
             start = min(common_prefix(ids, cached), len(ids) - 1)
             print("\n🤖 Assistant", flush=True)
             m = Metrics()
-            for ev in generate(runner, tok, ids[start:], max_tokens, sampler, start_pos=start, metrics=m,
-                              reply_start=True):
+            for ev in generate(
+                runner, tok, ids[start:], max_tokens, sampler, start_pos=start, metrics=m, reply_start=True
+            ):
                 if ev.kind == "token":
                     print(ev.text, end="", flush=True)
             print(flush=True)
@@ -65,7 +75,10 @@ def run_chat(loaded: Loaded, system: str | None, template_name: str | None, max_
             reply = [t for t in m.generated if t not in tok.eos_ids]
             messages.append({"role": "assistant", "content": tok.decode(reply)})
             if m.stop_reason == "context":
-                print(f"(the context is full: {runner.max_seq_len} tokens; start a new chat or raise --max-seq-len)")
+                print(
+                    f"(the context is full: {runner.max_seq_len} tokens; "
+                    "start a new chat or raise --max-seq-len)"
+                )
                 return
     except (EOFError, KeyboardInterrupt):
         print(flush=True)

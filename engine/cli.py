@@ -15,15 +15,26 @@ import typer
 
 from engine.errors import DllamaError
 
-app = typer.Typer(add_completion=False, invoke_without_command=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None, help="Tensor-parallel LLM inference on CPU and Vulkan nodes.")
+app = typer.Typer(
+    add_completion=False,
+    invoke_without_command=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Tensor-parallel LLM inference on CPU and Vulkan nodes.",
+)
 
 # ---- options shared by the commands that load a model ----
-Model = Annotated[str | None, typer.Option("--model", help="GGUF or .m file (default: embedded SmolLM2-135M)")]
-TokenizerOpt = Annotated[str | None, typer.Option("--tokenizer", help=".t or GGUF tokenizer (a GGUF model has its own)")]
+Model = Annotated[
+    str | None, typer.Option("--model", help="GGUF or .m file (default: embedded SmolLM2-135M)")
+]
+TokenizerOpt = Annotated[
+    str | None, typer.Option("--tokenizer", help=".t or GGUF tokenizer (a GGUF model has its own)")
+]
 BufType = Annotated[str, typer.Option("--buffer-float-type", help="activation/sync numbers: f32 or q80")]
 Threads = Annotated[int | None, typer.Option("--nthreads", help="CPU threads (default: all cores)")]
-SeqLen = Annotated[int | None, typer.Option("--max-seq-len", help="context to allocate (default min(model, 4096))")]
+SeqLen = Annotated[
+    int | None, typer.Option("--max-seq-len", help="context to allocate (default min(model, 4096))")
+]
 Temp = Annotated[float, typer.Option("--temperature", help="0 = greedy")]
 TopP = Annotated[float, typer.Option("--topp", help="nucleus sampling mass")]
 Seed = Annotated[int | None, typer.Option("--seed", help="random seed (default: time)")]
@@ -32,8 +43,10 @@ JsonOut = Annotated[str | None, typer.Option("--json", help="write the results a
 
 
 @app.callback()
-def _global(ctx: typer.Context,
-            backend: Annotated[str, typer.Option("--backend", help="compute backend: cpu")] = "cpu") -> None:
+def _global(
+    ctx: typer.Context,
+    backend: Annotated[str, typer.Option("--backend", help="compute backend: cpu")] = "cpu",
+) -> None:
     ctx.obj = {"backend": backend}
     if ctx.invoked_subcommand is None:
         print(ctx.get_help())
@@ -48,10 +61,14 @@ def _load(ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_l
 
     loaded = load(model, tokenizer, _backend(ctx, backend), buffer_float_type, nthreads, max_seq_len)
     cfg, r = loaded.model.config, loaded.runner
-    print(f"💡 Model {Path(loaded.model.path).name}: {cfg.arch}, dim {cfg.dim}, {cfg.n_layers} layers, "
-          f"{cfg.n_heads} heads / {cfg.n_kv_heads} KV heads, vocab {cfg.vocab_size}, context {cfg.context_len}")
-    print(f"🧠 Backend {r.backend.description}; buffers {buffer_float_type}; max seq len {r.max_seq_len}; "
-          f"weights read per token {r.weight_bytes_per_token / 1e6:.1f} MB")
+    print(
+        f"💡 Model {Path(loaded.model.path).name}: {cfg.arch}, dim {cfg.dim}, {cfg.n_layers} layers, "
+        f"{cfg.n_heads} heads / {cfg.n_kv_heads} KV heads, vocab {cfg.vocab_size}, context {cfg.context_len}"
+    )
+    print(
+        f"🧠 Backend {r.backend.description}; buffers {buffer_float_type}; max seq len {r.max_seq_len}; "
+        f"weights read per token {r.weight_bytes_per_token / 1e6:.1f} MB"
+    )
     return loaded
 
 
@@ -69,8 +86,10 @@ def _write_json(path: str, obj: dict) -> None:
 def _line(sym: str, label: str, st, tail: str) -> str:
     if st is None:
         return f"{sym} {label}    - ms Sync    - ms | Sent     - kB Recv     - kB | {tail}"
-    return (f"{sym} {label}{st.eval_s * 1e3:5.0f} ms Sync{st.sync_s * 1e3:5.0f} ms | "
-            f"Sent{st.sent // 1024:6d} kB Recv{st.recv // 1024:6d} kB | {tail}")
+    return (
+        f"{sym} {label}{st.eval_s * 1e3:5.0f} ms Sync{st.sync_s * 1e3:5.0f} ms | "
+        f"Sent{st.sent // 1024:6d} kB Recv{st.recv // 1024:6d} kB | {tail}"
+    )
 
 
 # ---- inference: generation with a benchmark read-out ----
@@ -79,10 +98,19 @@ def inference(
     ctx: typer.Context,
     prompt: Annotated[str, typer.Option("--prompt", help="prompt text")],
     steps: Annotated[int, typer.Option("--steps", help="tokens to generate")] = 64,
-    model: Model = None, tokenizer: TokenizerOpt = None, buffer_float_type: BufType = "f32",
-    nthreads: Threads = None, max_seq_len: SeqLen = None, temperature: Temp = 0.8, topp: TopP = 0.9,
-    seed: Seed = None, backend: BackendOpt = None, json_out: JsonOut = None,
-    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="keep generating past end-of-sequence")] = False,
+    model: Model = None,
+    tokenizer: TokenizerOpt = None,
+    buffer_float_type: BufType = "f32",
+    nthreads: Threads = None,
+    max_seq_len: SeqLen = None,
+    temperature: Temp = 0.8,
+    topp: TopP = 0.9,
+    seed: Seed = None,
+    backend: BackendOpt = None,
+    json_out: JsonOut = None,
+    ignore_eos: Annotated[
+        bool, typer.Option("--ignore-eos", help="keep generating past end-of-sequence")
+    ] = False,
 ) -> None:
     """Generate text from a prompt and report per-token timings, tokens/s and GB/s."""
     from engine.generate import Metrics, generate
@@ -118,15 +146,26 @@ def inference(
     print(f"       GB/s: {gbps:.2f} (weights read per token {runner.weight_bytes_per_token / 1e6:.1f} MB)")
     print(f"Output\n{prompt}{text}")
     if json_out:
-        _write_json(json_out, {
-            "prompt": prompt, "prompt_ids": ids, "generated_ids": m.generated, "text": text,
-            "stop_reason": m.stop_reason, "backend": runner.backend.description,
-            "buffer_float_type": buffer_float_type,
-            "prefill_tokens": m.prefill.n_tokens, "prefill_tokens_per_s": Metrics.rate(m.prefill),
-            "decode_tokens": m.decode.n_tokens, "decode_tokens_per_s": Metrics.rate(m.decode),
-            "decode_gbytes_per_s": gbps, "weight_bytes_per_token": runner.weight_bytes_per_token,
-            "sent_bytes": m.prefill.sent + m.decode.sent, "recv_bytes": m.prefill.recv + m.decode.recv,
-        })
+        _write_json(
+            json_out,
+            {
+                "prompt": prompt,
+                "prompt_ids": ids,
+                "generated_ids": m.generated,
+                "text": text,
+                "stop_reason": m.stop_reason,
+                "backend": runner.backend.description,
+                "buffer_float_type": buffer_float_type,
+                "prefill_tokens": m.prefill.n_tokens,
+                "prefill_tokens_per_s": Metrics.rate(m.prefill),
+                "decode_tokens": m.decode.n_tokens,
+                "decode_tokens_per_s": Metrics.rate(m.decode),
+                "decode_gbytes_per_s": gbps,
+                "weight_bytes_per_token": runner.weight_bytes_per_token,
+                "sent_bytes": m.prefill.sent + m.decode.sent,
+                "recv_bytes": m.prefill.recv + m.decode.recv,
+            },
+        )
 
 
 def _ms_per(st) -> float:
@@ -139,8 +178,13 @@ def perplexity(
     ctx: typer.Context,
     file: Annotated[str | None, typer.Option("--file", help="text file to score")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", help="text to score")] = None,
-    model: Model = None, tokenizer: TokenizerOpt = None, buffer_float_type: BufType = "f32",
-    nthreads: Threads = None, max_seq_len: SeqLen = None, backend: BackendOpt = None, json_out: JsonOut = None,
+    model: Model = None,
+    tokenizer: TokenizerOpt = None,
+    buffer_float_type: BufType = "f32",
+    nthreads: Threads = None,
+    max_seq_len: SeqLen = None,
+    backend: BackendOpt = None,
+    json_out: JsonOut = None,
 ) -> None:
     """Score every token after the first given all before it; print perplexity and average log-prob."""
     if (file is None) == (prompt is None):
@@ -168,8 +212,16 @@ def perplexity(
     print(f"   perplexity: {ppl:.4f}\n   avgLogProb: {avg:.5f}\n   bitPerToken: {-avg / math.log(2):.4f}")
     print(f"   nScored: {len(ids) - 1} ({len(ids) / dt:.1f} tokens/s)")
     if json_out:
-        _write_json(json_out, {"perplexity": ppl, "avg_logprob": avg, "n_scored": len(ids) - 1,
-                               "n_tokens": len(ids), "tokens_per_s": len(ids) / dt})
+        _write_json(
+            json_out,
+            {
+                "perplexity": ppl,
+                "avg_logprob": avg,
+                "n_scored": len(ids) - 1,
+                "n_tokens": len(ids),
+                "tokens_per_s": len(ids) / dt,
+            },
+        )
 
 
 def log_softmax_at(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -184,20 +236,37 @@ def log_softmax_at(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
 @app.command()
 def chat(
     ctx: typer.Context,
-    system: Annotated[str | None, typer.Option("--system", help="system prompt (asked for when interactive)")] = None,
-    chat_template: Annotated[str | None, typer.Option(
-        "--chat-template", help="llama2, llama3, chatml or deepseek (default: the model's own)")] = None,
+    system: Annotated[
+        str | None, typer.Option("--system", help="system prompt (asked for when interactive)")
+    ] = None,
+    chat_template: Annotated[
+        str | None,
+        typer.Option("--chat-template", help="llama2, llama3, chatml or deepseek (default: the model's own)"),
+    ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="longest reply in tokens")] = 1024,
-    model: Model = None, tokenizer: TokenizerOpt = None, buffer_float_type: BufType = "f32",
-    nthreads: Threads = None, max_seq_len: SeqLen = None, temperature: Temp = 0.8, topp: TopP = 0.9,
-    seed: Seed = None, backend: BackendOpt = None,
+    model: Model = None,
+    tokenizer: TokenizerOpt = None,
+    buffer_float_type: BufType = "f32",
+    nthreads: Threads = None,
+    max_seq_len: SeqLen = None,
+    temperature: Temp = 0.8,
+    topp: TopP = 0.9,
+    seed: Seed = None,
+    backend: BackendOpt = None,
 ) -> None:
     """Multi-turn conversation through the model's chat template; the KV cache is kept across turns."""
     from engine.chat import run_chat
 
     loaded = _load(ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len)
-    run_chat(loaded, system=system, template_name=chat_template, max_tokens=max_tokens,
-             temperature=temperature, topp=topp, seed=seed if seed is not None else time.time_ns())
+    run_chat(
+        loaded,
+        system=system,
+        template_name=chat_template,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        topp=topp,
+        seed=seed if seed is not None else time.time_ns(),
+    )
 
 
 # ---- convert ----
@@ -205,8 +274,12 @@ def chat(
 def convert(
     model: Annotated[str, typer.Option("--model", help="source GGUF file")],
     output: Annotated[str, typer.Option("--output", help="the .m file to write")],
-    weights_float_type: Annotated[str, typer.Option("--weights-float-type", help="f32, f16, q40 or q80")] = "q40",
-    tokenizer_output: Annotated[str | None, typer.Option("--tokenizer-output", help="also write this .t")] = None,
+    weights_float_type: Annotated[
+        str, typer.Option("--weights-float-type", help="f32, f16, q40 or q80")
+    ] = "q40",
+    tokenizer_output: Annotated[
+        str | None, typer.Option("--tokenizer-output", help="also write this .t")
+    ] = None,
 ) -> None:
     """Write a distributed-llama .m (and .t) from a GGUF file."""
     from engine.convert import convert_gguf

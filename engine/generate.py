@@ -40,9 +40,17 @@ class Metrics:
         return st.n_tokens / busy if busy > 0 else 0.0
 
 
-def generate(runner: Runner, tokenizer: Tokenizer, prompt_ids: Sequence[int], max_new_tokens: int,
-             sampler: Sampler, start_pos: int = 0, stop_at_eos: bool = True,
-             metrics: Metrics | None = None, reply_start: bool = False) -> Iterator[Event]:
+def generate(
+    runner: Runner,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    sampler: Sampler,
+    start_pos: int = 0,
+    stop_at_eos: bool = True,
+    metrics: Metrics | None = None,
+    reply_start: bool = False,
+) -> Iterator[Event]:
     """Prefill `prompt_ids` at `start_pos` (batches of runner.max_batch), then sample up to `max_new_tokens`.
 
     The first generated token comes from the last prompt token's logits; a sampled EOS ends generation and
@@ -52,7 +60,7 @@ def generate(runner: Runner, tokenizer: Tokenizer, prompt_ids: Sequence[int], ma
     m = metrics if metrics is not None else Metrics()
     pos, logits = start_pos, None
     for i in range(0, len(prompt_ids), runner.max_batch):
-        chunk = list(prompt_ids[i:i + runner.max_batch])
+        chunk = list(prompt_ids[i : i + runner.max_batch])
         st = ForwardStats()
         is_last = i + runner.max_batch >= len(prompt_ids)
         logits = runner.forward(chunk, pos, "last" if is_last else "none", st)

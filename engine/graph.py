@@ -118,8 +118,17 @@ def build_graph(cfg: ModelConfig, sl: NodeSlice, act: str = "f32", max_seq_len: 
     b.buf("pos", 1, "i32")  # positions
     b.buf("x", cfg.dim)  # residual stream, replicated on every node
     b.buf("zq", cfg.dim * sl.n_nodes, act)  # every node's partial sum, one dim-wide slot per node
-    for name, width in (("h", cfg.dim), ("q", n_q), ("k", n_kv), ("v", n_kv), ("att", n_q), ("y", cfg.dim),
-                        ("gate", n_ff), ("up", n_ff), ("logits", sl.vocab[1] - sl.vocab[0])):
+    for name, width in (
+        ("h", cfg.dim),
+        ("q", n_q),
+        ("k", n_kv),
+        ("v", n_kv),
+        ("att", n_q),
+        ("y", cfg.dim),
+        ("gate", n_ff),
+        ("up", n_ff),
+        ("logits", sl.vocab[1] - sl.vocab[0]),
+    ):
         b.buf(name, width)
     rope = dict(head_dim=hd, neox=cfg.rope_neox)
 
@@ -140,8 +149,16 @@ def build_graph(cfg: ModelConfig, sl: NodeSlice, act: str = "f32", max_seq_len: 
         b.op("rope", p + "rope_q", ["q", "pos"], ["q"], **rope)
         b.op("rope", p + "rope_k", ["k", "pos"], ["k"], **rope)
         b.op("kv_store", p + "kv_store", ["k", "v", "pos"], [], layer=layer)
-        b.op("attention", p + "attention", ["q", "pos"], ["att"], layer=layer,
-             n_heads=sl.n_heads, n_kv_heads=sl.n_kv_heads, head_dim=hd)
+        b.op(
+            "attention",
+            p + "attention",
+            ["q", "pos"],
+            ["att"],
+            layer=layer,
+            n_heads=sl.n_heads,
+            n_kv_heads=sl.n_kv_heads,
+            head_dim=hd,
+        )
         b.matmul(p + "wo", p + "attn_output.weight", "att", "y")
         b.partial(p + "attn_out", "y")
         # ---- feed-forward (SwiGLU) ----

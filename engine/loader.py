@@ -38,8 +38,14 @@ class Loaded:
     runner: Runner
 
 
-def load(model_path: str | None, tokenizer_path: str | None, backend: str = "cpu", act: str = "f32",
-         n_threads: int | None = None, max_seq_len: int | None = None) -> Loaded:
+def load(
+    model_path: str | None,
+    tokenizer_path: str | None,
+    backend: str = "cpu",
+    act: str = "f32",
+    n_threads: int | None = None,
+    max_seq_len: int | None = None,
+) -> Loaded:
     """Open the model (the embedded SmolLM2 when none is given) and its tokenizer, and compile the graph."""
     if act not in ACT_TYPES:
         raise DllamaError(f"unknown --buffer-float-type {act!r}: choose one of {', '.join(ACT_TYPES)}")

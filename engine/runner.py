@@ -31,8 +31,14 @@ class ForwardStats:
 class Runner:
     """Node 0's view of the model: builds the graph for its slice, compiles it, and runs forward passes."""
 
-    def __init__(self, model: Model, backend: Backend, act: str = "f32", max_seq_len: int | None = None,
-                 max_batch: int = MAX_BATCH):
+    def __init__(
+        self,
+        model: Model,
+        backend: Backend,
+        act: str = "f32",
+        max_seq_len: int | None = None,
+        max_batch: int = MAX_BATCH,
+    ):
         cfg = model.config
         self.model, self.backend, self.act, self.max_batch = model, backend, act, max_batch
         self.max_seq_len = min(cfg.context_len, max_seq_len or 4096)
@@ -44,13 +50,14 @@ class Runner:
         self.weight_bytes_per_token = sum(weights[name].nbytes for name in used)
         self.vocab_size = cfg.vocab_size
 
-    def forward(self, tokens: Sequence[int], start_pos: int, logits: str = "last",
-                stats: ForwardStats | None = None) -> np.ndarray | None:
+    def forward(
+        self, tokens: Sequence[int], start_pos: int, logits: str = "last", stats: ForwardStats | None = None
+    ) -> np.ndarray | None:
         """Run any number of tokens from `start_pos`; return the last token's logits (vocab,), every token's
         (n, vocab) with logits="all", or nothing with logits="none" (prefill of a chunk)."""
         out = []
         for i in range(0, len(tokens), self.max_batch):
-            chunk = tokens[i:i + self.max_batch]
+            chunk = tokens[i : i + self.max_batch]
             is_last = i + self.max_batch >= len(tokens)
             mode = "all" if logits == "all" else (logits if is_last else "none")
             out.append(self._forward_batch(chunk, start_pos + i, mode, stats))
@@ -58,8 +65,9 @@ class Runner:
             return np.concatenate(out)
         return None if logits == "none" else out[-1][0]
 
-    def _forward_batch(self, tokens: Sequence[int], start_pos: int, mode: str,
-                       stats: ForwardStats | None) -> np.ndarray | None:
+    def _forward_batch(
+        self, tokens: Sequence[int], start_pos: int, mode: str, stats: ForwardStats | None
+    ) -> np.ndarray | None:
         n = len(tokens)
         if start_pos + n > self.max_seq_len:
             raise DllamaError(

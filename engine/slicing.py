@@ -46,12 +46,15 @@ def node_slice(cfg: ModelConfig, node: int = 0, n_nodes: int = 1) -> NodeSlice:
     """Slice of node `node`; more nodes than KV heads is refused (a query head needs its whole KV head)."""
     if not 1 <= n_nodes <= cfg.n_kv_heads:
         raise DllamaError(
-            f"{n_nodes} nodes cannot share a model with {cfg.n_kv_heads} KV heads: use at most {cfg.n_kv_heads} nodes"
+            f"{n_nodes} nodes cannot share a model with {cfg.n_kv_heads} KV heads: "
+            f"use at most {cfg.n_kv_heads} nodes"
         )
     group = cfg.n_heads // cfg.n_kv_heads
     kv = split(cfg.n_kv_heads, n_nodes, node)
     ffn_blocks = split(cfg.hidden_dim // BLOCK, n_nodes, node) if cfg.hidden_dim % BLOCK == 0 else None
-    ffn = (ffn_blocks[0] * BLOCK, ffn_blocks[1] * BLOCK) if ffn_blocks else split(cfg.hidden_dim, n_nodes, node)
+    ffn = (
+        (ffn_blocks[0] * BLOCK, ffn_blocks[1] * BLOCK) if ffn_blocks else split(cfg.hidden_dim, n_nodes, node)
+    )
     vocab = split(cfg.vocab_size, n_nodes, node)
     return NodeSlice(node, n_nodes, kv, (kv[0] * group, kv[1] * group), ffn, vocab)
 

@@ -26,8 +26,8 @@ def row_bytes(dtype: str, cols: int) -> int:
 class Weight:
     """A 2-D (rows x cols, cols contiguous) or 1-D (rows = 1) tensor in its native encoding.
 
-    `data` layout by dtype: f32 -> float32 (rows, cols); f16 -> float16 (rows, cols); bf16 -> uint16 bit patterns
-    (rows, cols); q40/q41/q80 -> uint8 (rows, row_bytes) holding whole blocks.
+    `data` layout by dtype: f32 -> float32 (rows, cols); f16 -> float16 (rows, cols);
+    bf16 -> uint16 bit patterns (rows, cols); q40/q41/q80 -> uint8 (rows, row_bytes) holding whole blocks.
     """
 
     name: str

@@ -15,8 +15,10 @@ from engine.generate import Metrics, generate
 from engine.loader import load
 from engine.sampler import Sampler
 
-PROMPT = ("Distributed inference splits every weight matrix of a language model across several machines, "
-          "so that each one reads only its share of the weights for every generated token. ") * 3
+PROMPT = (
+    "Distributed inference splits every weight matrix of a language model across several machines, "
+    "so that each one reads only its share of the weights for every generated token. "
+) * 3
 
 
 def streaming_gbps(gib: float = 1.0, repeats: int = 5) -> float:

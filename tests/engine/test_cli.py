@@ -1,4 +1,4 @@
-"""The `dllama` command line end to end, in subprocesses: outputs, --json, and one-line errors for bad input."""
+"""The `dllama` command line end to end, in subprocesses: outputs, --json, one-line errors."""
 
 from __future__ import annotations
 
@@ -16,8 +16,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def dllama(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=ROOT, input=stdin, text=True,
-                          capture_output=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args],
+        cwd=ROOT,
+        input=stdin,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,20 +43,56 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None
 
 def test_inference_json(tiny, tmp_path):
     out = tmp_path / "r.json"
-    r = dllama("--backend", "cpu", "inference", "--model", str(tiny), "--prompt", "hello", "--steps", "6",
-               "--temperature", "0", "--ignore-eos", "--nthreads", "1", "--json", str(out))
+    r = dllama(
+        "--backend",
+        "cpu",
+        "inference",
+        "--model",
+        str(tiny),
+        "--prompt",
+        "hello",
+        "--steps",
+        "6",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--nthreads",
+        "1",
+        "--json",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
-    for key in ("prompt_ids", "generated_ids", "text", "prefill_tokens_per_s", "decode_tokens_per_s",
-                "decode_gbytes_per_s"):
+    for key in (
+        "prompt_ids",
+        "generated_ids",
+        "text",
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "decode_gbytes_per_s",
+    ):
         assert key in res
     assert len(res["generated_ids"]) == 6
     assert res["prompt_ids"] == [ord(c) for c in "hello"] or len(res["prompt_ids"]) == 5
     assert r.stdout.count("🔶 Pred") == 6 and "🔷️ Eval" in r.stdout
     assert "tokens/s" in r.stdout and "GB/s" in r.stdout
     # greedy is deterministic: the same run gives the same tokens; --backend after the command works too
-    r2 = dllama("inference", "--backend", "cpu", "--model", str(tiny), "--prompt", "hello", "--steps", "6",
-                "--temperature", "0", "--ignore-eos", "--json", str(out))
+    r2 = dllama(
+        "inference",
+        "--backend",
+        "cpu",
+        "--model",
+        str(tiny),
+        "--prompt",
+        "hello",
+        "--steps",
+        "6",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+        str(out),
+    )
     assert r2.returncode == 0 and json.loads(out.read_text())["generated_ids"] == res["generated_ids"]
 
 
@@ -65,20 +108,33 @@ def test_perplexity_json(tiny, tmp_path):
 
 
 def test_chat_reads_turns_until_eof(tiny):
-    r = dllama("chat", "--model", str(tiny), "--system", "be brief", "--temperature", "0", "--max-tokens", "5",
-               stdin="hi\nand again\n")
+    r = dllama(
+        "chat",
+        "--model",
+        str(tiny),
+        "--system",
+        "be brief",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "5",
+        stdin="hi\nand again\n",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("🤖 Assistant") == 2
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["inference", "--prompt", "x", "--steps", "-1"], ["--steps"]),
-    (["--backend", "metal", "inference", "--prompt", "x"], ["unknown backend", "metal"]),
-    (["--backend", "vulkan", "inference", "--prompt", "x"], ["vulkan", "not available"]),
-    (["inference", "--prompt", "x", "--buffer-float-type", "q7"], ["buffer-float-type", "q7"]),
-    (["inference", "--prompt", "x", "--model", "/nonexistent/model.gguf"], ["/nonexistent/model.gguf"]),
-    (["inference", "--prompt", "x", "--bogus-flag", "1"], ["bogus-flag"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["inference", "--prompt", "x", "--steps", "-1"], ["--steps"]),
+        (["--backend", "metal", "inference", "--prompt", "x"], ["unknown backend", "metal"]),
+        (["--backend", "vulkan", "inference", "--prompt", "x"], ["vulkan", "not available"]),
+        (["inference", "--prompt", "x", "--buffer-float-type", "q7"], ["buffer-float-type", "q7"]),
+        (["inference", "--prompt", "x", "--model", "/nonexistent/model.gguf"], ["/nonexistent/model.gguf"]),
+        (["inference", "--prompt", "x", "--bogus-flag", "1"], ["bogus-flag"]),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(args, needles):
     assert_one_line_error(dllama(*args), *needles)
 
@@ -93,8 +149,9 @@ def test_bad_files_are_one_line_exit_2(tiny, tmp_path):
     # a tokenizer with more tokens than the model has rows
     big = write_tiny_gguf(tmp_path / "big.gguf", vocab=320)
     small = write_tiny_gguf(tmp_path / "small.gguf", vocab=288)
-    assert_one_line_error(dllama("inference", "--prompt", "x", "--model", str(small), "--tokenizer", str(big)),
-                          "tokenizer")
+    assert_one_line_error(
+        dllama("inference", "--prompt", "x", "--model", str(small), "--tokenizer", str(big)), "tokenizer"
+    )
 
 
 RSS_PROBE = """
@@ -105,8 +162,13 @@ print("MAXRSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def _peak_rss(body: str) -> int:
-    r = subprocess.run([sys.executable, "-c", RSS_PROBE.format(body=body)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", RSS_PROBE.format(body=body)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     return int(r.stdout.rsplit("MAXRSS", 1)[1])
 

@@ -51,7 +51,8 @@ def test_last_logits(golden, runner):
     if runner.act == "f32":
         assert max(e.max() for e in errs) <= 1e-3
         assert all(top1)
-    else:  # Q80 activations move logits by design (notes/models.md): tolerance and top-1 where the margin is large
+    else:  # Q80 activations move logits by design (notes/models.md): a tolerance, and top-1 where
+        # the reference margin is large
         assert np.concatenate(errs).mean() <= 0.5
         assert top1[0]
 

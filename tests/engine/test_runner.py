@@ -27,7 +27,9 @@ def backend() -> CpuBackend:
 
 
 def _model(tmp_path, wtype: str, shape: str, **kw):
-    path = write_tiny_gguf(tmp_path / f"{shape}-{wtype}.gguf", wtype=wtype, seed=len(shape), **SHAPES[shape], **kw)
+    path = write_tiny_gguf(
+        tmp_path / f"{shape}-{wtype}.gguf", wtype=wtype, seed=len(shape), **SHAPES[shape], **kw
+    )
     return open_model(path), load_ref_model(path)
 
 

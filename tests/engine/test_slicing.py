@@ -8,8 +8,17 @@ from engine.config import ModelConfig
 from engine.errors import DllamaError
 from engine.slicing import node_slice, split
 
-CFG = ModelConfig("llama", dim=576, hidden_dim=1536, n_layers=1, n_heads=9, n_kv_heads=3, head_dim=64,
-                  vocab_size=49152, context_len=8192)
+CFG = ModelConfig(
+    "llama",
+    dim=576,
+    hidden_dim=1536,
+    n_layers=1,
+    n_heads=9,
+    n_kv_heads=3,
+    head_dim=64,
+    vocab_size=49152,
+    context_len=8192,
+)
 
 
 def test_split_covers_everything_once():
