@@ -43,7 +43,6 @@ class CpuProgram(Program):
             graph.max_seq_len,
         )
         self.att_scratch = np.zeros((max_batch * max(graph.slice.n_heads, 1), graph.max_seq_len), np.float32)
-        self.tmp = np.zeros((max_batch, cfg.dim), np.float32)
         self.segments: list[list[Step]] = [[self._bind(op) for op in seg.ops] for seg in graph.segments]
 
     def pipe(self, name: str) -> np.ndarray:
@@ -78,12 +77,7 @@ class CpuProgram(Program):
         if op.kind == "kv_store":
             k, v, pos = ins
             kc, vc = self.k_cache[p["layer"]], self.v_cache[p["layer"]]
-
-            def kv_store(n: int) -> None:
-                kc[pos[:n, 0]] = k[:n]
-                vc[pos[:n, 0]] = v[:n]
-
-            return kv_store
+            return lambda n: kernels.kv_store(kc, vc, pos[:n, 0], k[:n], v[:n])
         if op.kind == "attention":
             q, pos, out = ins[0], ins[1], outs[0]
             kc, vc = self.k_cache[p["layer"]], self.v_cache[p["layer"]]
@@ -113,17 +107,9 @@ class CpuProgram(Program):
 
     def _bind_merge_add(self, zq: np.ndarray, x: np.ndarray) -> Step:
         """x += every node's slot in node order (the same order everywhere keeps replicas bit-identical)."""
-        dim, n_slots, tmp = x.shape[1], self.graph.slice.n_nodes, self.tmp
         if zq.dtype == np.uint8:
-            rb = dim // BLOCK * BLOCK_BYTES["q80"]
-            slots = [zq[:, s * rb : (s + 1) * rb] for s in range(n_slots)]
-
-            def merge_q80(n: int) -> None:
-                for sl in slots:
-                    kernels.dequantize_q80(sl[:n], tmp[:n])
-                    kernels.add(x[:n], tmp[:n])
-
-            return merge_q80
+            return lambda n: kernels.merge_add_q80(x[:n], zq[:n])
+        dim, n_slots = x.shape[1], self.graph.slice.n_nodes
         slots = [zq[:, s * dim : (s + 1) * dim] for s in range(n_slots)]
 
         def merge(n: int) -> None:
