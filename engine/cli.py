@@ -14,6 +14,7 @@ import numpy as np
 import typer
 
 from engine.errors import DllamaError
+from net.protocol import NET_TIMEOUT
 
 app = typer.Typer(
     add_completion=False,
@@ -38,16 +39,48 @@ SeqLen = Annotated[
 Temp = Annotated[float, typer.Option("--temperature", help="0 = greedy")]
 TopP = Annotated[float, typer.Option("--topp", help="nucleus sampling mass")]
 Seed = Annotated[int | None, typer.Option("--seed", help="random seed (default: time)")]
-BackendOpt = Annotated[str | None, typer.Option("--backend", help="cpu (also accepted before the command)")]
+BackendOpt = Annotated[
+    str | None, typer.Option("--backend", help="cpu, vulkan or auto (also accepted before the command)")
+]
 JsonOut = Annotated[str | None, typer.Option("--json", help="write the results as one JSON object to FILE")]
+Workers = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--workers",
+        help="worker HOST:PORT addresses: several after one flag (`--workers a:9990 b:9990`), the flag "
+        "repeated, or comma-separated; this node becomes the root of the cluster",
+    ),
+]
+NetTimeout = Annotated[
+    float,
+    typer.Option("--net-timeout", help="how long a silent worker may stall a forward pass (s)"),
+]
+
+
+def _set_gpu_index(ctx: typer.Context, value: int | None) -> int | None:
+    """--gpu-index given after the command overrides one given before it (both land in ctx.obj)."""
+    if value is not None:
+        ctx.ensure_object(dict)["gpu_index"] = value
+    return value
+
+
+GpuIndex = Annotated[
+    int | None,
+    typer.Option("--gpu-index", callback=_set_gpu_index,
+                 help="Vulkan device for --backend vulkan/auto (0, 1, ...; default: the first)"),
+]
 
 
 @app.callback()
 def _global(
     ctx: typer.Context,
-    backend: Annotated[str, typer.Option("--backend", help="compute backend: cpu")] = "cpu",
+    backend: Annotated[
+        str, typer.Option("--backend", help="compute backend: cpu, vulkan (GLSL shaders through Kompute) or "
+                          "auto (the first Vulkan GPU, else cpu)")
+    ] = "cpu",
+    gpu_index: GpuIndex = None,
 ) -> None:
-    ctx.obj = {"backend": backend}
+    ctx.obj = {"backend": backend, "gpu_index": gpu_index}
     if ctx.invoked_subcommand is None:
         print(ctx.get_help())
 
@@ -56,10 +89,40 @@ def _backend(ctx: typer.Context, local: str | None) -> str:
     return local if local is not None else ctx.obj["backend"]
 
 
-def _load(ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len):
+def _worker_list(values: list[str] | None) -> list[str]:
+    """Every address of every --workers value (a value may hold several, comma or space separated)."""
+    return [a for v in values or [] for a in v.replace(",", " ").split()]
+
+
+def _expand_workers(argv: list[str]) -> list[str]:
+    """The original's `--workers a:p b:q` (every following word that is not an option) as repeated flags."""
+    out, i = [], 0
+    while i < len(argv):
+        out.append(argv[i])
+        i += 1
+        if out[-1] == "--workers":
+            n = 0
+            while i < len(argv) and not argv[i].startswith("-"):
+                out.extend(["--workers", argv[i]] if n else [argv[i]])
+                n, i = n + 1, i + 1
+    return out
+
+
+def _load(ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len, workers, net_timeout):
     from engine.loader import load
 
-    loaded = load(model, tokenizer, _backend(ctx, backend), buffer_float_type, nthreads, max_seq_len)
+    loaded = load(
+        model,
+        tokenizer,
+        _backend(ctx, backend),
+        buffer_float_type,
+        nthreads,
+        max_seq_len,
+        _worker_list(workers),
+        net_timeout,
+        gpu_index=ctx.obj.get("gpu_index"),
+    )
+    ctx.call_on_close(loaded.runner.close)  # workers are released however the command ends
     cfg, r = loaded.model.config, loaded.runner
     print(
         f"💡 Model {Path(loaded.model.path).name}: {cfg.arch}, dim {cfg.dim}, {cfg.n_layers} layers, "
@@ -107,7 +170,10 @@ def inference(
     topp: TopP = 0.9,
     seed: Seed = None,
     backend: BackendOpt = None,
+    gpu_index: GpuIndex = None,
     json_out: JsonOut = None,
+    workers: Workers = None,
+    net_timeout: NetTimeout = NET_TIMEOUT,
     ignore_eos: Annotated[
         bool, typer.Option("--ignore-eos", help="keep generating past end-of-sequence")
     ] = False,
@@ -118,7 +184,9 @@ def inference(
 
     if steps < 1:
         raise DllamaError(f"--steps must be at least 1 (got {steps})")
-    loaded = _load(ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len)
+    loaded = _load(
+        ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len, workers, net_timeout
+    )
     tok, runner = loaded.tokenizer, loaded.runner
     ids = tok.encode(prompt)
     if not ids:
@@ -143,6 +211,12 @@ def inference(
     print("Prediction")
     print(f"    nTokens: {len(m.generated)} ({m.decode.n_tokens} decode passes)")
     print(f"   tokens/s: {Metrics.rate(m.decode):.2f} ({_ms_per(m.decode):.2f} ms/tok)")
+    if runner.n_nodes > 1:
+        dec, d = m.decode, max(m.decode.n_tokens, 1)
+        print(
+            f"  per token: eval {dec.eval_s * 1e3 / d:.2f} ms, sync {dec.sync_s * 1e3 / d:.2f} ms, "
+            f"sent {dec.sent / d / 1024:.1f} kB, recv {dec.recv / d / 1024:.1f} kB ({runner.n_nodes} nodes)"
+        )
     print(f"       GB/s: {gbps:.2f} (weights read per token {runner.weight_bytes_per_token / 1e6:.1f} MB)")
     print(f"Output\n{prompt}{text}")
     if json_out:
@@ -164,6 +238,11 @@ def inference(
                 "weight_bytes_per_token": runner.weight_bytes_per_token,
                 "sent_bytes": m.prefill.sent + m.decode.sent,
                 "recv_bytes": m.prefill.recv + m.decode.recv,
+                "nodes": runner.n_nodes,
+                "decode_eval_s": m.decode.eval_s,
+                "decode_sync_s": m.decode.sync_s,
+                "decode_sent_bytes_per_token": m.decode.sent / m.decode.n_tokens if m.decode.n_tokens else 0,
+                "decode_recv_bytes_per_token": m.decode.recv / m.decode.n_tokens if m.decode.n_tokens else 0,
             },
         )
 
@@ -184,7 +263,10 @@ def perplexity(
     nthreads: Threads = None,
     max_seq_len: SeqLen = None,
     backend: BackendOpt = None,
+    gpu_index: GpuIndex = None,
     json_out: JsonOut = None,
+    workers: Workers = None,
+    net_timeout: NetTimeout = NET_TIMEOUT,
 ) -> None:
     """Score every token after the first given all before it; print perplexity and average log-prob."""
     if (file is None) == (prompt is None):
@@ -196,7 +278,9 @@ def perplexity(
             raise DllamaError(f"cannot read {file}: {getattr(e, 'strerror', None) or e}") from None
     else:
         text = prompt
-    loaded = _load(ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len)
+    loaded = _load(
+        ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len, workers, net_timeout
+    )
     ids = loaded.tokenizer.encode(text)
     if len(ids) < 2:
         raise DllamaError("the text has fewer than 2 tokens: nothing to score")
@@ -253,11 +337,16 @@ def chat(
     topp: TopP = 0.9,
     seed: Seed = None,
     backend: BackendOpt = None,
+    gpu_index: GpuIndex = None,
+    workers: Workers = None,
+    net_timeout: NetTimeout = NET_TIMEOUT,
 ) -> None:
     """Multi-turn conversation through the model's chat template; the KV cache is kept across turns."""
     from engine.chat import run_chat
 
-    loaded = _load(ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len)
+    loaded = _load(
+        ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len, workers, net_timeout
+    )
     run_chat(
         loaded,
         system=system,
@@ -289,10 +378,82 @@ def convert(
     convert_gguf(model, output, weights_float_type, tokenizer_output)
 
 
+# ---- worker ----
+@app.command()
+def worker(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option("--port", help="TCP port to listen on (0: any free port)")] = 9990,
+    host: Annotated[str, typer.Option("--host", help="address to bind (default: all)")] = "0.0.0.0",
+    nthreads: Threads = None,
+    backend: BackendOpt = None,
+    gpu_index: GpuIndex = None,
+) -> None:
+    """Serve roots one at a time: receive a model slice, compute it for every token, free it afterwards."""
+    from engine.loader import make_backend
+    from net.worker import serve
+
+    if not 0 <= port <= 65535:
+        raise DllamaError(f"--port {port} is out of range (0..65535)")
+    serve(host, port, make_backend(_backend(ctx, backend), nthreads, ctx.obj.get("gpu_index")))
+
+
+# ---- api: the OpenAI-compatible HTTP server (also installed as `dllama-api`) ----
+@app.command()
+def api(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option("--host", help="address to serve on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port (0: any free port)")] = 9990,
+    queue_size: Annotated[
+        int, typer.Option("--queue-size", help="requests that may wait for the engine; more get HTTP 429")
+    ] = 64,
+    chat_template: Annotated[
+        str | None,
+        typer.Option("--chat-template", help="llama2, llama3, chatml or deepseek (default: the model's own)"),
+    ] = None,
+    model: Model = None,
+    tokenizer: TokenizerOpt = None,
+    buffer_float_type: BufType = "f32",
+    nthreads: Threads = None,
+    max_seq_len: SeqLen = None,
+    temperature: Temp = 0.8,
+    topp: TopP = 0.9,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="seed of requests that give none (default: random each)")
+    ] = None,
+    backend: BackendOpt = None,
+    gpu_index: GpuIndex = None,
+    workers: Workers = None,
+    net_timeout: NetTimeout = NET_TIMEOUT,
+) -> None:
+    """Serve the model over OpenAI's HTTP API (chat and text completions, streaming, models, health)."""
+    from engine.server.main import ServerOptions, serve
+
+    serve(
+        ServerOptions(
+            model=model,
+            tokenizer=tokenizer,
+            backend=_backend(ctx, backend),
+            gpu_index=ctx.obj.get("gpu_index"),
+            act=buffer_float_type,
+            n_threads=nthreads,
+            max_seq_len=max_seq_len,
+            workers=_worker_list(workers),
+            net_timeout=net_timeout,
+            temperature=temperature,
+            top_p=topp,
+            seed=seed,
+            chat_template=chat_template,
+            host=host,
+            port=port,
+            queue_size=queue_size,
+        )
+    )
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
-        app(args=argv, prog_name="dllama", standalone_mode=False)
+        args = _expand_workers(sys.argv[1:] if argv is None else list(argv))
+        app(args=args, prog_name="dllama", standalone_mode=False)
     except typer.TyperException as e:  # usage errors of the command-line parser
         ctx = getattr(e, "ctx", None)
         cmd = ctx.command_path if ctx else "dllama"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +19,30 @@ from engine.weights import Model
 BACKENDS = ("cpu", "vulkan", "auto")
 
 
-def make_backend(name: str, n_threads: int | None) -> Backend:
-    """The backend a user asked for; only the CPU backend exists in this version."""
+def make_backend(name: str, n_threads: int | None, gpu_index: int | None = None) -> Backend:
+    """The backend a user asked for: cpu; vulkan (device `gpu_index`, default the first); or auto: device
+    `gpu_index`, else the first Vulkan device that is not a CPU implementation, else the CPU backend."""
     if name not in BACKENDS:
         raise DllamaError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
-    if name != "cpu":
-        raise DllamaError(f"the {name} backend is not available in this version of dllama: use --backend cpu")
     if n_threads is not None and not 1 <= n_threads <= (os.cpu_count() or 1):
         raise DllamaError(f"--nthreads {n_threads} is out of range: this machine has {os.cpu_count()} cores")
+    if gpu_index is not None and gpu_index < 0:
+        raise DllamaError(f"--gpu-index {gpu_index} is invalid: Vulkan devices are numbered 0, 1, ...")
+    if gpu_index is not None and name == "cpu":
+        raise DllamaError(f"--gpu-index {gpu_index} selects a Vulkan device: add --backend vulkan (or auto)")
+    if name != "cpu":
+        from shaders.backend import VulkanBackend, available_devices, first_gpu
+
+        if name == "vulkan" or gpu_index is not None:
+            return VulkanBackend(gpu_index)
+        devices = available_devices()
+        gpu = first_gpu(devices)
+        if gpu is not None:
+            print(f"🌋 --backend auto chose {gpu.describe()}")
+            return VulkanBackend(gpu.index)
+        found = ", ".join(d.name for d in devices)
+        why = f"only CPU implementations of Vulkan ({found})" if devices else "no Vulkan device"
+        print(f"🌋 --backend auto found {why}: using the CPU backend")
     from cpu_fallback.backend import CpuBackend
 
     return CpuBackend(n_threads)
@@ -45,13 +62,17 @@ def load(
     act: str = "f32",
     n_threads: int | None = None,
     max_seq_len: int | None = None,
+    workers: Sequence[str] = (),
+    net_timeout: float | None = None,
+    gpu_index: int | None = None,
 ) -> Loaded:
-    """Open the model (the embedded SmolLM2 when none is given) and its tokenizer, and compile the graph."""
+    """Open the model (the embedded SmolLM2 when none is given) and its tokenizer, and compile the graph;
+    with `workers` (HOST:PORT) this node becomes the root of a cluster and streams them their slices."""
     if act not in ACT_TYPES:
         raise DllamaError(f"unknown --buffer-float-type {act!r}: choose one of {', '.join(ACT_TYPES)}")
     if max_seq_len is not None and max_seq_len < 1:
         raise DllamaError(f"--max-seq-len must be at least 1 (got {max_seq_len})")
-    be = make_backend(backend, n_threads)
+    be = make_backend(backend, n_threads, gpu_index)
     path = Path(model_path) if model_path else embedded_model_path()
     model = open_model(path)
     if tokenizer_path:
@@ -65,4 +86,5 @@ def load(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model {path.name} only "
             f"{model.config.vocab_size}: they do not belong together"
         )
-    return Loaded(model, tokenizer, Runner(model, be, act, max_seq_len))
+    runner = Runner(model, be, act, max_seq_len, workers=workers, net_timeout=net_timeout)
+    return Loaded(model, tokenizer, runner)

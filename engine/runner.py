@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from engine.backend import Backend
+from engine.backend import Backend, Program
 from engine.errors import DllamaError
-from engine.graph import build_graph
+from engine.graph import Graph, Segment, Sync, build_graph
 from engine.slicing import node_slice, slice_weights
 from engine.weights import Model
 
@@ -28,8 +28,52 @@ class ForwardStats:
     recv: int = 0
 
 
+def run_graph(
+    program: Program,
+    segments: Sequence[Segment],
+    n: int,
+    mode: str,
+    sync: Callable[[Sync, int], None] | None = None,
+) -> int:
+    """Run one forward pass of `n` rows on any node, calling `sync(step, rows)` after each segment that ends
+    in a network step; return the number of logits rows computed (0 for mode "none").
+
+    With mode "last" only the last row's logits are needed: rows n-1 of `x` and `zq` move to row 0 and the
+    final segment runs on one row. Every node of a cluster does the same, told the mode by the root.
+    """
+    last = len(segments) - 1
+    for index in range(last):
+        program.run_segment(index, n)
+        if sync is not None and segments[index].sync is not None:
+            sync(segments[index].sync, n)
+    if mode == "none":
+        return 0
+    rows = n
+    if mode == "last" and n > 1:
+        for name in ("x", "zq"):
+            program.pipe(name)[0] = program.pipe(name)[n - 1]
+        rows = 1
+    program.run_segment(last, rows)
+    if sync is not None and segments[last].sync is not None:
+        sync(segments[last].sync, rows)
+    return rows
+
+
+def warm_up(program: Program, graph: Graph, max_batch: int) -> None:
+    """Run the graph once on 1 and on 2 rows without the network, so that kernel compilation happens now
+    rather than inside the first forward pass, where cluster peers time each other."""
+    for n in sorted({1, min(2, max_batch)}):
+        program.pipe("tok")[:n, 0] = 0
+        program.pipe("pos")[:n, 0] = np.arange(n)
+        run_graph(program, graph.segments, n, "all")
+
+
 class Runner:
-    """Node 0's view of the model: builds the graph for its slice, compiles it, and runs forward passes."""
+    """Node 0 of 1 + len(workers): builds the graph for its slice, compiles it, and runs forward passes.
+
+    With workers (HOST:PORT strings) it connects them, streams each its weight slices and synchronises with
+    them after every segment; `close()` (also on errors) releases them for the next root.
+    """
 
     def __init__(
         self,
@@ -38,17 +82,41 @@ class Runner:
         act: str = "f32",
         max_seq_len: int | None = None,
         max_batch: int = MAX_BATCH,
+        workers: Sequence[str] = (),
+        net_timeout: float | None = None,
+        log: Callable[[str], None] = print,
     ):
         cfg = model.config
         self.model, self.backend, self.act, self.max_batch = model, backend, act, max_batch
         self.max_seq_len = min(cfg.context_len, max_seq_len or 4096)
-        self.slice = node_slice(cfg, 0, 1)
+        self.n_nodes = 1 + len(workers)
+        self.slice = node_slice(cfg, 0, self.n_nodes)  # too many nodes: refused before any connection
         self.graph = build_graph(cfg, self.slice, act, self.max_seq_len)
-        weights = slice_weights(model, self.slice)
-        self.program = backend.compile(self.graph, weights, max_batch)
+        self.cluster = None
+        if workers:
+            from net.protocol import NET_TIMEOUT
+            from net.root import RootCluster
+
+            self.cluster = RootCluster(
+                model, workers, act, self.max_seq_len, max_batch, backend, net_timeout or NET_TIMEOUT, log
+            )
+        try:
+            weights = slice_weights(model, self.slice)
+            self.program = backend.compile(self.graph, weights, max_batch)
+            if self.cluster is not None:
+                warm_up(self.program, self.graph, max_batch)
+                self.cluster.start(self.program, self.graph)
+        except BaseException:
+            self.close()
+            raise
         used = {op.weight for op in self.graph.ops() if op.kind == "matmul"}
         self.weight_bytes_per_token = sum(weights[name].nbytes for name in used)
         self.vocab_size = cfg.vocab_size
+
+    def close(self) -> None:
+        """Send the workers home (they free their slices and wait for the next root); idempotent."""
+        if self.cluster is not None:
+            self.cluster.close()
 
     def forward(
         self, tokens: Sequence[int], start_pos: int, logits: str = "last", stats: ForwardStats | None = None
@@ -73,23 +141,25 @@ class Runner:
             raise DllamaError(
                 f"the context is full: {start_pos + n} tokens do not fit in --max-seq-len {self.max_seq_len}"
             )
-        p = self.program
+        p, net = self.program, self.cluster
         p.pipe("tok")[:n, 0] = tokens
         p.pipe("pos")[:n, 0] = np.arange(start_pos, start_pos + n)
         t0 = time.perf_counter()
-        last = len(self.graph.segments) - 1
-        for index in range(last):
-            p.run_segment(index, n)
-        logits = None
-        if mode != "none":
-            rows = n
-            if mode == "last" and n > 1:  # only the last token's logits are needed: move its row first
-                for name in ("x", "zq"):
-                    p.pipe(name)[0] = p.pipe(name)[n - 1]
-                rows = 1
-            p.run_segment(last, rows)
-            logits = p.pipe("logits")[:rows].copy()
+        if net is None:
+            rows = run_graph(p, self.graph.segments, n, mode)
+            logits = p.pipe("logits")[:rows].copy() if rows else None
+            sync_s, sent, recv = 0.0, 0, 0
+        else:
+            sync0, sent0, recv0 = net.totals()
+            with net.forward(start_pos, n, mode):
+                rows = run_graph(p, self.graph.segments, n, mode, net.sync)
+            logits = net.logits(rows) if rows else None
+            sync1, sent1, recv1 = net.totals()
+            sync_s, sent, recv = sync1 - sync0, sent1 - sent0, recv1 - recv0
         if stats is not None:
             stats.n_tokens += n
-            stats.eval_s += time.perf_counter() - t0
+            stats.eval_s += time.perf_counter() - t0 - sync_s
+            stats.sync_s += sync_s
+            stats.sent += sent
+            stats.recv += recv
         return logits

@@ -129,7 +129,6 @@ def test_chat_reads_turns_until_eof(tiny):
     [
         (["inference", "--prompt", "x", "--steps", "-1"], ["--steps"]),
         (["--backend", "metal", "inference", "--prompt", "x"], ["unknown backend", "metal"]),
-        (["--backend", "vulkan", "inference", "--prompt", "x"], ["vulkan", "not available"]),
         (["inference", "--prompt", "x", "--buffer-float-type", "q7"], ["buffer-float-type", "q7"]),
         (["inference", "--prompt", "x", "--model", "/nonexistent/model.gguf"], ["/nonexistent/model.gguf"]),
         (["inference", "--prompt", "x", "--bogus-flag", "1"], ["bogus-flag"]),

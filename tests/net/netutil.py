@@ -1,0 +1,182 @@
+"""Helpers of the cluster tests: worker subprocesses and their logs, a pool that replaces dead workers,
+the 8-KV-head tiny model shape, and greedy decoding through any Runner. Every wait is bounded."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+IDLE = ("Listening on", "Waiting for a root")
+# 8 KV heads of head_dim 32 (any split keeps whole 32-blocks); 10 FFN blocks split unevenly on 3, 4 nodes
+TINY8 = dict(dim=256, hidden_dim=320, n_layers=2, n_heads=8, n_kv_heads=8, vocab=288)
+
+
+class WorkerProc:
+    """A `dllama worker` subprocess on 127.0.0.1 (port 0 = any free port) and its collected log lines."""
+
+    def __init__(self, backend: str = "cpu"):
+        self.backend = backend
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "--backend", backend, "worker",
+             "--host", "127.0.0.1", "--port", "0", "--nthreads", "1"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        m = self.wait_for(r"Listening on (\S+):(\d+)\.\.\.", 0, timeout=60)
+        self.host, self.port = m.group(1), int(m.group(2))
+        self.address = f"{self.host}:{self.port}"
+        self.stopped = False
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def mark(self) -> int:
+        """Index of the next log line, for waiting on lines written after this point."""
+        with self._cond:
+            return len(self.lines)
+
+    def wait_for(self, pattern: str, start: int, timeout: float = 20) -> re.Match:
+        """The first log line from `start` on matching `pattern`; fails the test after `timeout` s."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            i = start
+            while True:
+                while i < len(self.lines):
+                    m = rx.search(self.lines[i])
+                    if m:
+                        return m
+                    i += 1
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and i >= len(self.lines)):
+                    raise AssertionError(f"worker never logged {pattern!r}; log:\n" + "\n".join(self.lines))
+                self._cond.wait(min(left, 0.5))
+
+    def idle(self) -> bool:
+        """Alive, not stopped, and its last session (if any) is over."""
+        with self._cond:
+            last = next((ln for ln in reversed(self.lines) if ln.startswith(("⭕", "Listening", "🚀"))), "")
+        return self.proc.poll() is None and not self.stopped and any(s in last for s in IDLE)
+
+    def rss(self) -> int:
+        """Resident memory of the worker process in bytes (Linux /proc)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+        self.stopped = sig == signal.SIGSTOP
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+class WorkerPool:
+    """Idle workers on demand; a dead or stopped worker is replaced by a fresh process."""
+
+    def __init__(self):
+        self.workers: list[WorkerProc] = []
+
+    def get(self, n: int, backend: str = "cpu") -> list[WorkerProc]:
+        out: list[WorkerProc] = []
+        for w in list(self.workers):
+            if len(out) == n:
+                break
+            if w.proc.poll() is not None or w.stopped:
+                self.workers.remove(w)
+                w.close()
+                continue
+            deadline = time.monotonic() + 10
+            while not w.idle() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if w.idle() and w.backend == backend:
+                out.append(w)
+        while len(out) < n:
+            w = WorkerProc(backend)
+            self.workers.append(w)
+            out.append(w)
+        return out
+
+    def close(self) -> None:
+        for w in self.workers:
+            if w.stopped:
+                w.proc.send_signal(signal.SIGCONT)
+            w.close()
+
+
+def greedy(runner, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens after `prompt` (positions from 0), token by token."""
+    logits = runner.forward(prompt, 0)
+    out, pos = [], len(prompt)
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        logits = runner.forward([out[-1]], pos)
+        pos += 1
+    return out
+
+
+def _split(total: int, n_nodes: int, node: int) -> tuple[int, int]:
+    base, extra = divmod(total, n_nodes)
+    start = node * base + min(node, extra)
+    return start, start + base + (node < extra)
+
+
+def ref_forward_nodes(m, tokens: list[int], n_nodes: int) -> np.ndarray:
+    """float64 logits of an n-node cluster with Q80 sync (spec 4.6): every node's partial sum of the attention
+    output and of the FFN goes through a Q80 round trip before the nodes add them up in node order.
+
+    Node n owns the KV heads of an even split (the first nodes one more) with their query heads, and FFN
+    rows in whole 32-blocks split the same way.
+    """
+    from reference import _rmsnorm, _rope, q80_roundtrip, rope_frequencies
+
+    w, n_tok, hd = m.weights, len(tokens), m.head_dim
+    qz = q80_roundtrip
+    angles = np.arange(n_tok, dtype=np.float64)[:, None] * rope_frequencies(m)[None, :]
+    cos, sin = np.cos(angles), np.sin(angles)
+    mask = np.triu(np.full((n_tok, n_tok), -np.inf), k=1)
+    group = m.n_heads // m.n_kv_heads
+    hidden = w["blk.0.ffn_gate.weight"].shape[0]
+    heads = [tuple(h * group * hd for h in _split(m.n_kv_heads, n_nodes, k)) for k in range(n_nodes)]
+    ffn = [tuple(b * 32 for b in _split(hidden // 32, n_nodes, k)) for k in range(n_nodes)]
+    x = w["token_embd.weight"][np.asarray(tokens)]
+    for layer in range(m.n_layers):
+        p = f"blk.{layer}."
+        h = qz(_rmsnorm(x, w[p + "attn_norm.weight"], m.norm_eps))
+        q = (h @ w[p + "attn_q.weight"].T).reshape(n_tok, m.n_heads, hd)
+        k = (h @ w[p + "attn_k.weight"].T).reshape(n_tok, m.n_kv_heads, hd)
+        v = (h @ w[p + "attn_v.weight"].T).reshape(n_tok, m.n_kv_heads, hd)
+        q, k = _rope(q, cos, sin, m.rope_neox), _rope(k, cos, sin, m.rope_neox)
+        k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+        scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
+        att = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        att /= att.sum(axis=-1, keepdims=True)
+        o = qz(np.einsum("hts,shd->thd", att, v).reshape(n_tok, m.n_heads * hd))
+        wo = w[p + "attn_output.weight"]
+        x = x + sum(qz(o[:, a:b] @ wo[:, a:b].T) for a, b in heads)
+        h = qz(_rmsnorm(x, w[p + "ffn_norm.weight"], m.norm_eps))
+        gate, up = h @ w[p + "ffn_gate.weight"].T, h @ w[p + "ffn_up.weight"].T
+        d = qz(gate / (1 + np.exp(-gate)) * up)
+        w2 = w[p + "ffn_down.weight"]
+        x = x + sum(qz(d[:, a:b] @ w2[:, a:b].T) for a, b in ffn)
+    h = qz(_rmsnorm(x, w["output_norm.weight"], m.norm_eps))
+    return h @ w.get("output.weight", w["token_embd.weight"]).T
