@@ -1,0 +1,321 @@
+"""The FastAPI application: OpenAI's routes and response shapes over a Scheduler.
+
+Handlers validate and tokenize (so bad requests, prompts longer than the context and a full queue are
+answered with a proper status even for streaming requests), queue a Job, then either collect its events into
+one JSON response or forward them as `chat.completion.chunk` / `text_completion` SSE events. A client that
+goes away cancels its job, which the engine notices before the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from engine.errors import DllamaError
+from engine.server.errors import ApiError, error_body
+from engine.server.scheduler import Event, Failed, Finished, Job, ModelInfo, Piece, Scheduler
+from engine.server.schemas import ChatRequest, CompletionRequest, SamplingRequest, parse_body
+from engine.tokenizer import Tokenizer
+
+MAX_BODY = 8 << 20  # bytes; a larger request body is answered with 413
+SEED_MASK = (1 << 64) - 1
+
+
+@dataclass
+class Defaults:
+    """Sampling used where a request says nothing (the command line's --temperature, --topp, --seed)."""
+
+    temperature: float
+    top_p: float
+    seed: int | None
+
+
+def create_app(scheduler: Scheduler, defaults: Defaults) -> FastAPI:
+    """The ASGI app; starting it starts the scheduler's thread, stopping it stops the scheduler."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(scheduler.stop)
+
+    app = FastAPI(title="dllama-api", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    started = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+        if e.status_code == 404:
+            message = f"no such route: {request.method} {request.url.path}"
+        elif e.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(e.detail)
+        return JSONResponse(error_body(e.status_code, message), status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, e: Exception) -> JSONResponse:  # logged by uvicorn as well
+        message = f"internal error: {type(e).__name__}: {e}"
+        return JSONResponse(error_body(500, message, code="internal_error"), status_code=500)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        running, waiting = scheduler.load_counts()
+        load = {"running": running, "waiting": waiting}
+        if scheduler.state == "ready" and scheduler.info is not None:
+            info = scheduler.info
+            return JSONResponse({"status": "ok", "model": info.name, "nodes": info.n_nodes, **load})
+        return JSONResponse({"status": scheduler.state, "message": scheduler.detail, **load}, status_code=503)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(_info(scheduler), started)]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> dict[str, Any]:
+        info = _info(scheduler)
+        if model_id != info.name:
+            raise ApiError(
+                404, f"model {model_id!r} does not exist: this server serves {info.name!r}", "model"
+            )
+        return _model_card(info, started)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = parse_body(ChatRequest, await _read_body(request))
+        messages = [m.as_template_input() for m in req.messages]
+        ids = await run_in_threadpool(_encode_chat, scheduler, messages)
+        return await _run(request, scheduler, defaults, req, ids, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = parse_body(CompletionRequest, await _read_body(request))
+        ids = await run_in_threadpool(_encode_text, scheduler, req.prompt)
+        return await _run(request, scheduler, defaults, req, ids, chat=False)
+
+    return app
+
+
+def _info(scheduler: Scheduler) -> ModelInfo:
+    if scheduler.info is None:
+        raise ApiError(503, scheduler.detail, code="unavailable")
+    return scheduler.info
+
+
+def _model_card(info: ModelInfo, created: int) -> dict[str, Any]:
+    return {
+        "id": info.name,
+        "object": "model",
+        "created": created,
+        "owned_by": "dllama",
+        "context_length": info.context_length,
+        "n_nodes": info.n_nodes,
+    }
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request body, refused with 413 past MAX_BODY bytes."""
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > MAX_BODY:
+        raise ApiError(413, f"the request body has {size} bytes, more than the {MAX_BODY} allowed")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > MAX_BODY:
+            raise ApiError(413, f"the request body is larger than the {MAX_BODY} bytes allowed")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _ready_tokenizer(scheduler: Scheduler) -> Tokenizer:
+    loaded = scheduler.loaded
+    if loaded is None or scheduler.state != "ready":
+        raise ApiError(503, scheduler.detail, code="unavailable")
+    return loaded.tokenizer
+
+
+def _encode_chat(scheduler: Scheduler, messages: list[dict[str, str]]) -> list[int]:
+    tok = _ready_tokenizer(scheduler)
+    assert scheduler.template is not None
+    try:
+        return scheduler.template.encode(tok, messages)
+    except DllamaError as e:  # the model's template refused the conversation (e.g. roles out of order)
+        raise ApiError(400, str(e), "messages") from None
+
+
+def _encode_text(scheduler: Scheduler, prompt: str) -> list[int]:
+    return _ready_tokenizer(scheduler).encode(prompt)
+
+
+async def _run(
+    request: Request,
+    scheduler: Scheduler,
+    defaults: Defaults,
+    req: SamplingRequest,
+    ids: list[int],
+    chat: bool,
+) -> Response:
+    """Queue the generation and answer with its result (JSON) or its events (SSE)."""
+    info = _info(scheduler)
+    if not ids:
+        raise ApiError(400, "the prompt is empty", "messages" if chat else "prompt")
+    if len(ids) >= info.context_length:
+        raise ApiError(
+            400,
+            f"the prompt has {len(ids)} tokens but the context holds only {info.context_length} tokens "
+            "(--max-seq-len); shorten the prompt",
+            "messages" if chat else "prompt",
+            "context_length_exceeded",
+        )
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+
+    def emit(ev: Event) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
+            pass
+
+    seed = req.seed if req.seed is not None else defaults.seed
+    shape = _Shape(
+        ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), int(time.time()), info.name, chat
+    )
+    job = Job(
+        id=shape.id,
+        prompt=ids,
+        max_tokens=req.token_limit,
+        temperature=req.temperature if req.temperature is not None else defaults.temperature,
+        top_p=req.top_p if req.top_p is not None else defaults.top_p,
+        seed=seed & SEED_MASK if seed is not None else None,
+        stops=req.stop or [],
+        reply_start=chat,
+        emit=emit,
+    )
+    scheduler.submit(job)
+    if req.stream:
+        return EventSourceResponse(_stream(events, job, shape, req.include_usage), sep="\n")
+    return await _collect(request, events, job, shape)
+
+
+@dataclass
+class _Shape:
+    """What every response or chunk of one request carries."""
+
+    id: str
+    created: int
+    model: str
+    chat: bool
+
+    def head(self, chunk: bool) -> dict[str, Any]:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def choice(self, text: str | None, finish: str | None, chunk: bool) -> dict[str, Any]:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        if not chunk:
+            message = {"role": "assistant", "content": text}
+            return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        return {
+            "index": 0,
+            "delta": {} if text is None else {"content": text},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
+
+
+def _usage(f: Finished) -> dict[str, Any]:
+    return {
+        "prompt_tokens": f.prompt_tokens,
+        "completion_tokens": f.completion_tokens,
+        "total_tokens": f.prompt_tokens + f.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": f.cached_tokens},
+    }
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Return when the client closes the connection (the body has been read, so only that can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(request: Request, events: asyncio.Queue[Event], job: Job, shape: _Shape) -> Response:
+    """A non-streaming answer; the job is cancelled if the client disconnects while it waits."""
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    pieces: list[str] = []
+    try:
+        while True:
+            nxt = asyncio.ensure_future(events.get())
+            await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                nxt.cancel()
+                return Response(status_code=499)  # nobody will read it
+            ev = nxt.result()
+            if isinstance(ev, Piece):
+                pieces.append(ev.text)
+            elif isinstance(ev, Finished):
+                body = shape.head(chunk=False)
+                body["choices"] = [shape.choice("".join(pieces), ev.reason, chunk=False)]
+                body["usage"] = _usage(ev)
+                return JSONResponse(body)
+            else:
+                raise ApiError(ev.status, ev.message, code=ev.code)
+    finally:
+        gone.cancel()
+        job.cancel.set()  # a no-op once finished; stops the engine if this handler was cancelled
+
+
+async def _stream(
+    events: asyncio.Queue[Event], job: Job, shape: _Shape, include_usage: bool
+) -> AsyncIterator[str]:
+    """SSE data lines: an opening chunk (chat: the assistant role), one chunk per piece, the finish chunk,
+    optionally the usage chunk, then [DONE]; a failure ends the stream with an error object instead."""
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        body = shape.head(chunk=True)
+        body["choices"] = choices
+        if include_usage:
+            body["usage"] = usage
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+    try:
+        if shape.chat:
+            first = shape.choice("", None, chunk=True)
+            first["delta"] = {"role": "assistant", "content": ""}
+            yield chunk([first])
+        while True:
+            ev = await events.get()
+            if isinstance(ev, Piece):
+                yield chunk([shape.choice(ev.text, None, chunk=True)])
+            elif isinstance(ev, Finished):
+                yield chunk([shape.choice(None, ev.reason, chunk=True)])
+                if include_usage:
+                    yield chunk([], _usage(ev))
+                yield "[DONE]"
+                return
+            else:
+                assert isinstance(ev, Failed)
+                error = error_body(ev.status, ev.message, code=ev.code)
+                yield json.dumps(error, ensure_ascii=False, separators=(",", ":"))
+                return
+    finally:
+        job.cancel.set()

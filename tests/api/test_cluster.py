@@ -1,0 +1,62 @@
+"""dllama-api as the root of a cluster (root + one worker on loopback): it serves; a worker killed mid-stream
+fails that request with a 503 error event and turns /health to 503; once the worker is back the server
+rebuilds the cluster by itself and serves again."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from apiserver import ApiServer, Worker
+
+STORY = [{"role": "user", "content": "Write a very long story about a brave knight and a dragon."}]
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.mark.slow
+def test_cluster_fails_with_503_and_recovers(tmp_path):
+    worker = Worker(0, tmp_path / "worker1.log")
+    server = None
+    try:
+        server = ApiServer(["--workers", f"127.0.0.1:{worker.port}"], tmp_path / "server.log")
+        health = server.wait_health(200)
+        assert health["nodes"] == 2
+        models = httpx.get(server.url + "/v1/models", timeout=10).json()
+        assert models["data"][0]["n_nodes"] == 2
+        r = server.post("/v1/chat/completions", {"messages": QUESTION, "temperature": 0, "max_tokens": 12})
+        assert r.status_code == 200, r.text
+        assert "Paris" in r.json()["choices"][0]["message"]["content"]
+
+        # the worker dies while a reply is being streamed
+        body = {"messages": STORY, "stream": True, "temperature": 0, "max_tokens": 400}
+        events = []
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as stream:
+            assert stream.status_code == 200
+            for line in stream.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                if len(events) == 3:
+                    worker.proc.kill()
+                    worker.proc.wait(10)
+        assert events[-1] != "[DONE]"
+        error = json.loads(events[-1])["error"]
+        assert error["code"] == "unavailable" and "503" not in error["message"]
+        assert error["type"] == "service_unavailable"
+        health = server.wait_health(503, timeout=30)
+        assert health["status"] == "unavailable" and "worker 1" in health["message"]
+        r = server.post("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+
+        # the worker comes back on the same address: the server rebuilds the cluster without a restart
+        worker.stop()
+        worker = Worker(worker.port, tmp_path / "worker2.log")
+        assert server.wait_health(200, timeout=180)["nodes"] == 2
+        r = server.post("/v1/chat/completions", {"messages": QUESTION, "temperature": 0, "max_tokens": 12})
+        assert r.status_code == 200, r.text
+        assert "Paris" in r.json()["choices"][0]["message"]["content"]
+    finally:
+        if server is not None:
+            server.stop()
+        worker.stop()
