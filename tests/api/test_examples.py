@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from apiserver import ROOT
@@ -41,3 +42,14 @@ def test_openai_client_example(api, reference):
     assert r.returncode == 0, r.stderr
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     assert r.stdout == reference.greedy(reference.chat_ids(messages), 32) + "\n"
+
+
+def test_readme_quotes_the_examples_verbatim():
+    """The README shows exactly the files the tests run (without the curl script's shebang/comments)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    examples = Path(__file__).resolve().parents[2] / "docs" / "api-examples"
+    client = (examples / "openai-client.py").read_text()
+    curl = "".join(line for line in (examples / "curl-chat.sh").read_text().splitlines(keepends=True)
+                   if not line.startswith("#"))
+    assert client.strip() in readme
+    assert curl.strip() in readme
