@@ -1,0 +1,480 @@
+"""Vulkan backend: every graph op is a GLSL compute shader dispatched through Kompute (kp).
+
+Weights are uploaded once into device-only buffers (same-role weights of many layers share a buffer, so one
+pipeline serves every layer with the layer index as a push constant). The ops of a segment are recorded into
+one kp sequence per (segment, token count) and replayed; the token count is a push constant and positions /
+token ids sit in small host-visible buffers. Pipes (tok, pos, x, zq, logits) live in host-visible coherent
+memory, so the host reads and writes them directly between segments. Dependent dispatches are ordered by the
+patched kp build (tools/kp-0.9.0-dllama.patch): a global shader/transfer-write -> compute barrier before every
+dispatch, and a shader-write -> host-read barrier on the written pipes at the end of each segment.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.backend import Backend, Program
+from engine.config import ModelConfig
+from engine.errors import DllamaError
+from engine.graph import Graph, Op
+from engine.weights import BLOCK, Weight
+from shaders.compile import spirv
+from shaders.devices import DeviceInfo, check_device, list_devices, pick_device
+from shaders.weights import (
+    Part,
+    WeightChunk,
+    array_part,
+    group_weights,
+    release_file_pages,
+    vector_f32,
+    weight_parts,
+)
+
+PIPES = ("tok", "pos", "x", "zq", "logits")
+STAGING_WORDS = 4 << 20  # 16 MiB upload chunks
+BUFFER_LIMIT = 1 << 30  # bytes per multi-layer buffer (kept well inside 32-bit word indexing)
+MAX_GROUPS_X = 65535
+ELEMENTWISE_WG = 128
+
+
+def import_kompute():
+    """The kp module, refusing a build without dllama's barrier patch (its dispatches race on real GPUs)."""
+    try:
+        import kp
+    except ImportError as e:
+        raise DllamaError(f"Kompute (kp) cannot be loaded ({e}): run tools/setup.sh") from None
+    version = importlib.metadata.version("kp")
+    if "+dllama" not in version:
+        raise DllamaError(f"kp {version} lacks dllama's synchronisation patch: run tools/setup.sh to rebuild")
+    return kp
+
+
+def rope_table(cfg: ModelConfig, freq_factors: np.ndarray | None, max_seq: int) -> np.ndarray:
+    """(max_seq, head_dim/2, 2) float32 (cos, sin) of pos * freq_j, with Llama 3.1 scaling and rope_freqs.
+
+    The angle is a float32 product, as in distributed-llama's cache and the CPU backend.
+    """
+    half = cfg.head_dim // 2
+    freq = cfg.rope_theta ** (-2.0 * np.arange(half, dtype=np.float64) / cfg.head_dim)
+    s = cfg.rope_scaling
+    if s is not None and s.factor != 1:
+        wavelen = 2 * np.pi / freq
+        mix = (s.orig_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        mid = (1 - mix) * freq / s.factor + mix * freq
+        freq = np.where(
+            wavelen < s.orig_max_seq_len / s.high_freq_factor,
+            freq,
+            np.where(wavelen > s.orig_max_seq_len / s.low_freq_factor, freq / s.factor, mid),
+        )
+    if freq_factors is not None:
+        freq = freq / freq_factors.astype(np.float64)
+    angle = np.arange(max_seq, dtype=np.float32)[:, None] * freq.astype(np.float32)[None, :]
+    angle = angle.astype(np.float64)
+    return np.stack([np.cos(angle), np.sin(angle)], axis=-1).astype(np.float32)
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _grid(groups: int) -> tuple[int, int, int]:
+    """A workgroup count folded into (x, y) so that x stays within the guaranteed 65535."""
+    groups = max(groups, 1)
+    gx = min(groups, MAX_GROUPS_X)
+    return gx, _ceil(groups, gx), 1
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How the shaders split their work. Matmul (see matmul.glsl): `split` (a workgroup shares a row group,
+    for GPUs) or not (each invocation owns one, for CPU implementations), `rows` per group, `batch` rows of
+    the batch per pass. `reduce_wg`: workgroup size of the row-reducing shaders (rmsnorm, attention)."""
+
+    split: bool
+    rows: int
+    batch: int
+    reduce_wg: int
+
+    @staticmethod
+    def for_device(dev: DeviceInfo) -> Tuning:
+        """Wide workgroups on GPUs; on CPU implementations, where idle lanes, barriers and every buffer load
+        are expensive, invocations that each own whole rows."""
+        if dev.is_cpu:
+            return Tuning(split=False, rows=4, batch=2, reduce_wg=16)
+        return Tuning(
+            split=True, rows=2, batch=2, reduce_wg=min(256, _pow2_floor(dev.max_workgroup_invocations))
+        )
+
+
+class VulkanBackend(Backend):
+    """One Vulkan device through Kompute. `subgroups` forces (True) or forbids (False) subgroup reductions and
+    `tuning` overrides the device's default work split (tests run the GPU split on lavapipe with it)."""
+
+    name = "vulkan"
+
+    def __init__(
+        self, gpu_index: int | None = None, subgroups: bool | None = None, tuning: Tuning | None = None
+    ):
+        self.device: DeviceInfo = pick_device(list_devices(), gpu_index)
+        check_device(self.device, 0)
+        if subgroups and not self.device.subgroup_arithmetic:
+            raise DllamaError(
+                f"{self.device.name} lacks subgroup arithmetic in compute shaders, "
+                "which the subgroup variant of the shaders requires"
+            )
+        self.subgroups = self.device.subgroup_arithmetic if subgroups is None else subgroups
+        self.kp = import_kompute()
+        try:
+            self.manager = self.kp.Manager(self.device.index)
+        except RuntimeError as e:
+            raise DllamaError(
+                f"cannot open Vulkan device {self.device.index} ({self.device.name}): {e}"
+            ) from None
+        self.max_wg = min(256, _pow2_floor(self.device.max_workgroup_invocations))
+        self.tuning = tuning or Tuning.for_device(self.device)
+        self.share_x = (
+            not self.tuning.split
+            and self.subgroups
+            and self.device.subgroup_ballot
+            and self.device.subgroup_size >= 8
+        )
+        self.buffer_limit = min(BUFFER_LIMIT, self.device.max_storage_buffer_range)
+        reduce = f"subgroups of {self.device.subgroup_size}" if self.subgroups else "shared-memory reductions"
+        kind = "CPU emulation" if self.device.is_cpu else self.device.kind
+        self.description = f"Vulkan {self.device.name} ({kind}; {reduce})"
+
+    def shader(self, name: str, act_q80: bool = False) -> bytes:
+        """SPIR-V of a shader in this backend's variant (subgroups or not; Q80 activations for matmul)."""
+        defines = {"USE_SUBGROUPS": 1} if self.subgroups else {}
+        if act_q80:
+            defines["ACT_Q80"] = 1
+        if self.share_x and name.startswith("matmul_"):
+            defines["SHARE_X"] = 1
+        return spirv(name, defines)
+
+    def compile(self, graph: Graph, weights: dict[str, Weight], max_batch: int) -> Program:
+        return VulkanProgram(self, graph, weights, max_batch)
+
+
+def _push(n: int = 0, aux: int = 0, rows: int = 0) -> np.ndarray:
+    """The push constants every shader declares (common.glsl): tokens, layer or offset, matrix rows."""
+    return np.array([n, aux, rows], np.uint32)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One recorded dispatch: the algorithm and its per-dispatch push constants."""
+
+    algo: object  # kp.Algorithm
+    aux: int = 0
+    rows: int = 0
+
+
+@dataclass(frozen=True)
+class _Layers:
+    """Per-layer buffers (KV caches) stored as chunks of consecutive layers."""
+
+    tensors: list
+    per_chunk: int
+
+    def at(self, layer: int) -> tuple[object, int]:
+        return self.tensors[layer // self.per_chunk], layer % self.per_chunk
+
+
+class VulkanProgram(Program):
+    """Device buffers, uploaded weights, one kp algorithm per distinct dispatch, the recorded sequences.
+
+    Attributes tests may use: `bufs` (graph buffer -> kp tensor), `k_cache`/`v_cache` (_Layers).
+    """
+
+    def __init__(self, be: VulkanBackend, graph: Graph, weights: dict[str, Weight], max_batch: int):
+        self.be, self.graph, self.max_batch = be, graph, max_batch
+        self.kp, self.mgr = be.kp, be.manager
+        cfg, sl = graph.config, graph.slice
+        if cfg.head_dim > 256 or cfg.head_dim % 2:
+            raise DllamaError(
+                f"the Vulkan attention shader needs an even head_dim <= 256 (got {cfg.head_dim})"
+            )
+        self.weights = {op.weight: weights[op.weight] for op in graph.ops() if op.weight}
+        self.chunks, self.slots = group_weights(self.weights, be.buffer_limit)
+        self.kv_width = sl.n_kv_heads * cfg.head_dim
+        layer_bytes = graph.max_seq_len * self.kv_width * 4
+        self.layers_per_kv = max(1, min(cfg.n_layers, be.buffer_limit // max(layer_bytes, 1)))
+        self._check_memory(max_batch)
+        self._precompile()
+
+        self.bufs: dict[str, object] = {}
+        self.views: dict[str, np.ndarray] = {}
+        for name, spec in graph.buffers.items():
+            self._alloc_buffer(name, spec.dtype, spec.width, spec.row_bytes)
+        kv_chunks = range(_ceil(cfg.n_layers, self.layers_per_kv))
+        kv_words = self.layers_per_kv * graph.max_seq_len * self.kv_width
+        self.k_cache = _Layers([self._storage(kv_words, "key cache") for _ in kv_chunks], self.layers_per_kv)
+        self.v_cache = _Layers(
+            [self._storage(kv_words, "value cache") for _ in kv_chunks], self.layers_per_kv
+        )
+        self.scores = self._storage(max_batch * max(sl.n_heads, 1) * graph.max_seq_len, "attention scores")
+
+        factors = weights.get("rope_freqs.weight")
+        table = array_part(
+            rope_table(cfg, None if factors is None else vector_f32(factors), graph.max_seq_len)
+        )
+        largest = max([table.words] + [p.words for c in self.chunks for p in weight_parts(c.weights[0])])
+        up = _Uploader(self, min(largest, STAGING_WORDS))
+        self.rope = self._storage(table.words, "RoPE table")
+        up.upload(table, self.rope, 0)
+        self.chunk_tensors = [self._upload_chunk(up, c) for c in self.chunks]
+        up.close()
+        for chunk in self.chunks:  # again: the kernel's fault-around maps neighbours of later reads back in
+            for w in chunk.weights:
+                release_file_pages(w.data)
+        emb = self.weights.get("token_embd.weight")
+        self.vocab = emb.rows if emb is not None else 0
+
+        self._algos: dict[tuple, object] = {}
+        self.pipe_writes = [
+            sorted({o for op in seg.ops for o in op.outputs if o in PIPES}) for seg in graph.segments
+        ]
+        self.sequences: dict[tuple[int, int], object] = {}
+
+    # ---- memory ----
+    def _check_memory(self, max_batch: int) -> None:
+        """Refuse what cannot fit, before allocating: a buffer beyond the binding range, too little memory."""
+        g, dev = self.graph, self.be.device
+        kv = self.layers_per_kv * g.max_seq_len * self.kv_width * 4
+        sizes = [max_batch * spec.row_bytes for spec in g.buffers.values()]
+        sizes += [kv] * (2 * _ceil(g.config.n_layers, self.layers_per_kv))
+        sizes += [
+            max_batch * max(g.slice.n_heads, 1) * g.max_seq_len * 4,
+            g.max_seq_len * g.config.head_dim * 4,
+        ]
+        sizes += [4 * w for c in self.chunks for w in c.part_words]
+        total = sum(sizes)
+        if total > dev.device_local_bytes:
+            raise DllamaError(
+                f"the model needs {total / 2**20:.0f} MiB of device memory but {dev.name} has "
+                f"{dev.device_local_bytes / 2**20:.0f} MiB: lower --max-seq-len, use more nodes or the CPU"
+            )
+        check_device(dev, max(sizes))
+
+    def _tensor(self, init: np.ndarray, host: bool, what: str):
+        kind = self.kp.TensorTypes.host if host else self.kp.TensorTypes.storage
+        try:
+            return self.mgr.tensor_t(init, kind)
+        except RuntimeError as e:
+            raise DllamaError(
+                f"Vulkan could not allocate the {what} ({init.nbytes / 2**20:.1f} MiB) on "
+                f"{self.be.device.name}: {e}"
+            ) from None
+
+    def _storage(self, words: int, what: str):
+        """A device-only buffer; its host-side initialiser is never touched (kp ignores it for storage)."""
+        return self._tensor(np.zeros(max(words, 1), np.uint32), False, what)
+
+    def _alloc_buffer(self, name: str, dtype: str, width: int, row_bytes: int) -> None:
+        words = _ceil(self.max_batch * row_bytes, 4)
+        if name not in PIPES:
+            self.bufs[name] = self._storage(words, f"{name} buffer")
+            return
+        np_type = {"f32": np.float32, "i32": np.int32, "q80": np.uint32}[dtype]
+        t = self._tensor(np.zeros(words, np_type), True, f"{name} pipe")
+        self.bufs[name] = t
+        data = t.data()
+        if dtype == "q80":
+            data = data.view(np.uint8)[: self.max_batch * row_bytes]
+            self.views[name] = data.reshape(self.max_batch, row_bytes)
+        else:
+            self.views[name] = data.reshape(self.max_batch, width)
+
+    def _upload_chunk(self, up: _Uploader, chunk: WeightChunk) -> list:
+        w0 = chunk.weights[0]
+        tensors = [self._storage(words, f"{w0.name} buffer") for words in chunk.part_words]
+        for k, w in enumerate(chunk.weights):
+            for part, t in zip(weight_parts(w), tensors, strict=True):
+                up.upload(part, t, k * part.words)
+            release_file_pages(w.data)
+        return tensors
+
+    # ---- shaders ----
+    def _precompile(self) -> None:
+        """Compile (or load from the cache) every shader variant the graph uses, in parallel."""
+        keys = {self._shader_key(op) for op in self.graph.ops()} | {("copy_words", False)}
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda k: self.be.shader(*k), sorted(keys)))
+
+    def _shader_key(self, op: Op) -> tuple[str, bool]:
+        g = self.graph
+        if op.kind == "matmul":
+            return f"matmul_{self.weights[op.weight].dtype}", g.buffers[op.inputs[0]].dtype == "q80"
+        if op.kind == "embedding":
+            return f"embedding_{self.weights[op.weight].dtype}", False
+        q80_pipe = g.buffers["zq"].dtype == "q80"
+        if op.kind == "to_pipe":
+            return ("quantize_q80" if q80_pipe else "copy_slot"), False
+        if op.kind == "merge_add":
+            return ("merge_add_q80" if q80_pipe else "merge_add_f32"), False
+        if op.kind in ("rmsnorm", "quantize_q80", "rope", "kv_store", "attention", "silu_mul"):
+            return op.kind, False
+        raise DllamaError(f"the Vulkan backend has no shader for op kind {op.kind!r}")
+
+    def _algo(self, op: Op, tensors: list, groups: int, wg: int, spec: list[int]):
+        """The kp algorithm for a shader, buffers and constants; identical ones (other layers) are shared."""
+        name, act_q80 = self._shader_key(op)
+        key = (name, act_q80, tuple(id(t) for t in tensors), groups, wg, tuple(spec))
+        if key not in self._algos:
+            spirv_code = self.be.shader(name, act_q80)
+            spec_consts = np.array([wg, *spec], np.uint32)
+            self._algos[key] = self.mgr.algorithm(tensors, spirv_code, _grid(groups), spec_consts, _push())
+        return self._algos[key]
+
+    def _weight(self, name: str) -> tuple[list, int]:
+        chunk, index = self.slots[name]
+        return self.chunk_tensors[chunk], index
+
+    def _bind(self, op: Op, rows: int) -> _Step:
+        """One op as a dispatch, with a grid for up to `rows` tokens.
+
+        Decode gets grids sized for one token: surplus workgroups exit at once, but on CPU implementations
+        even an empty workgroup costs microseconds.
+        """
+        p, g, B, ew = op.params, self.graph, rows, ELEMENTWISE_WG
+        t = {name: self.bufs[name] for name in (*op.inputs, *op.outputs)}
+        src, dst = t[op.inputs[0]], (t[op.outputs[0]] if op.outputs else None)
+        width = g.buffers[op.inputs[0]].width
+        if op.kind == "embedding":
+            w, (parts, i) = self.weights[op.weight], self._weight(op.weight)
+            groups = _ceil(B * (w.cols // BLOCK), ew)
+            return _Step(self._algo(op, [src, dst, *parts], groups, ew, [w.cols]), i, w.rows)
+        if op.kind == "rmsnorm":
+            parts, i = self._weight(op.weight)
+            eps = int(np.float32(p["eps"]).view(np.uint32))
+            return _Step(self._algo(op, [src, dst, *parts], B, self.be.tuning.reduce_wg, [width, eps]), i)
+        if op.kind == "matmul":
+            w, (parts, i), m = self.weights[op.weight], self._weight(op.weight), self.be.tuning
+            wg = min(self.be.max_wg, max(32, _pow2_floor(w.cols // BLOCK))) if m.split else 64
+            groups = _ceil(w.rows, m.rows) if m.split else _ceil(w.rows, m.rows * wg)
+            spec = [w.cols, m.rows, int(m.split), m.batch]
+            return _Step(self._algo(op, [src, dst, *parts], groups, wg, spec), i, w.rows)
+        if op.kind == "quantize_q80":
+            nb = width // BLOCK
+            return _Step(self._algo(op, [src, dst], _ceil(_ceil(B * nb, 2), 64), 64, [nb, nb, 0]))
+        if op.kind == "rope":
+            spec = [width, p["head_dim"], int(p["neox"])]
+            return _Step(self._algo(op, [src, t["pos"], self.rope], _ceil(B * width // 2, ew), ew, spec))
+        if op.kind == "kv_store":
+            (kc, i), (vc, _) = self.k_cache.at(p["layer"]), self.v_cache.at(p["layer"])
+            kv = [t["k"], t["v"], t["pos"], kc, vc]
+            return _Step(
+                self._algo(op, kv, _ceil(B * self.kv_width, ew), ew, [self.kv_width, g.max_seq_len]), i
+            )
+        if op.kind == "attention":
+            (kc, i), (vc, _) = self.k_cache.at(p["layer"]), self.v_cache.at(p["layer"])
+            nh, wg = p["n_heads"], min(128, self.be.tuning.reduce_wg)
+            spec = [nh, p["n_kv_heads"], p["head_dim"], g.max_seq_len]
+            return _Step(self._algo(op, [src, t["pos"], kc, vc, dst, self.scores], B * nh, wg, spec), i)
+        if op.kind == "silu_mul":
+            return _Step(self._algo(op, [src, t[op.inputs[1]]], _ceil(B * width, ew), ew, [width]))
+        if op.kind == "to_pipe":
+            slots, slot = g.slice.n_nodes, p["slot"]
+            if g.buffers["zq"].dtype == "q80":
+                nb = width // BLOCK
+                groups = _ceil(_ceil(B * slots * nb, 2), 64)
+                return _Step(self._algo(op, [src, dst], groups, 64, [nb, nb * slots, nb * slot]))
+            return _Step(self._algo(op, [src, dst], _ceil(B * width, ew), ew, [width, slots, slot]))
+        if op.kind == "merge_add":
+            dim = g.buffers[op.outputs[0]].width
+            return _Step(self._algo(op, [src, dst], _ceil(B * dim, ew), ew, [dim, g.slice.n_nodes]))
+        raise DllamaError(f"the Vulkan backend has no shader for op kind {op.kind!r}")
+
+    # ---- running ----
+    def pipe(self, name: str) -> np.ndarray:
+        return self.views[name]
+
+    def run_segment(self, index: int, n_tokens: int) -> None:
+        if not self.graph.segments[index].ops:
+            return
+        if not 1 <= n_tokens <= self.max_batch:
+            raise DllamaError(f"{n_tokens} tokens do not fit a batch of {self.max_batch}")
+        if any(op.kind == "embedding" for op in self.graph.segments[index].ops):
+            tok = self.views["tok"][:n_tokens, 0]
+            bad = tok[(tok < 0) | (tok >= self.vocab)]
+            if bad.size:
+                raise DllamaError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.vocab - 1})")
+        seq = self.sequences.get((index, n_tokens))
+        if seq is None:
+            seq = self.sequences[(index, n_tokens)] = self._record(index, n_tokens)
+        seq.eval()
+
+    def _record(self, index: int, n_tokens: int):
+        """The segment's dispatches for n_tokens rows, then the barrier handing written pipes to the host."""
+        kp = self.kp
+        seq = self.mgr.sequence()
+        rows = 1 if n_tokens == 1 else self.max_batch
+        for op in self.graph.segments[index].ops:
+            step = self._bind(op, rows)
+            seq.record(kp.OpAlgoDispatch(step.algo, _push(n_tokens, step.aux, step.rows)))
+        if self.pipe_writes[index]:
+            seq.record(kp.OpTensorSyncLocal([self.bufs[name] for name in self.pipe_writes[index]]))
+        return seq
+
+
+class _Uploader:
+    """Fills device-only buffers through one reusable host-visible staging buffer and copy_words."""
+
+    def __init__(self, prog: VulkanProgram, words: int):
+        self.prog, self.words = prog, words
+        self.staging = None
+        self.view: np.ndarray | None = None
+        self.algos: dict[tuple[int, int], object] = {}
+
+    def upload(self, part: Part, dst, offset: int) -> None:
+        """Write `part` into `dst` from word `offset` on, a staging buffer's worth of rows at a time."""
+        prog, kp = self.prog, self.prog.kp
+        if part.row_words > self.words:
+            raise DllamaError(f"a weight row of {part.row_words * 4} bytes exceeds the upload buffer")
+        if self.staging is None:
+            self.staging = prog._tensor(np.zeros(self.words, np.uint32), True, "upload staging buffer")
+            self.view = self.staging.data()
+        groups = _ceil(min(part.words, self.words), 256)
+        algo = self.algos.get((id(dst), groups))
+        if algo is None:
+            code, wg = prog.be.shader("copy_words"), np.array([256], np.uint32)
+            algo = self.algos[(id(dst), groups)] = prog.mgr.algorithm(
+                [self.staging, dst], code, _grid(groups), wg, _push()
+            )
+        chunk_rows = self.words // max(part.row_words, 1)
+        for r0 in range(0, part.rows, chunk_rows):
+            words = part.pack(r0, min(part.rows, r0 + chunk_rows))
+            self.view[: words.size] = words
+            seq = prog.mgr.sequence()  # a fresh one: kp's command pools cannot reset a recorded buffer
+            seq.record(kp.OpAlgoDispatch(algo, _push(words.size, offset + r0 * part.row_words)))
+            seq.eval()
+            seq.destroy()
+
+    def close(self) -> None:
+        for algo in self.algos.values():
+            algo.destroy()
+        if self.staging is not None:
+            self.staging.destroy()
+            self.staging = self.view = None
+
+
+def available_devices() -> list[DeviceInfo]:
+    """The Vulkan devices in loader order (an empty list, not an error, when there is no loader or driver)."""
+    try:
+        return list_devices()
+    except DllamaError:
+        return []
+
+
+def first_gpu(devices: list[DeviceInfo]) -> DeviceInfo | None:
+    """The first device that is not a CPU implementation (what `--backend auto` picks)."""
+    return next((d for d in devices if not d.is_cpu), None)

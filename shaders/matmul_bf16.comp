@@ -1,0 +1,8 @@
+#version 450
+// Matrix-vector / matrix-matrix product with BF16 weights; f32 activations, or Q80 ones with -DACT_Q80.
+#extension GL_GOOGLE_include_directive : require
+#include "common.glsl"
+#include "reduce.glsl"
+#include "weights_head.glsl"
+#include "wt_bf16.glsl"
+#include "matmul.glsl"

@@ -1,0 +1,6 @@
+// Shape of a weight matrix (pc.rows x COLS, COLS a multiple of 32) as read by the matmul and embedding
+// shaders, which work a 32-value block at a time: wvec(blk, k) are the weights of block positions 4k..4k+3.
+// A buffer may hold the matrices of several layers back to back; pc.aux selects one (row pc.aux * rows + r).
+layout(constant_id = 1) const uint COLS = 32;
+const uint NB = COLS / 32u;          // blocks per row
+const uint NBH = (NB + 1u) / 2u;     // words per row of fp16 block scales (two per word, rows padded)

@@ -1,0 +1,19 @@
+// bf16 weights: rows of COLS bfloat16 bit patterns, two per word, 4 uvec4 per block.
+layout(std430, binding = 2) readonly buffer W { uvec4 w16[]; };
+
+struct WBlock { uvec4 q[4]; };
+
+WBlock load_block(uint r, uint j) {
+    WBlock b;
+    uint o = 4u * (r * NB + j);
+    for (uint k = 0u; k < 4u; k++) b.q[k] = w16[o + k];
+    return b;
+}
+
+vec2 bf16x2(uint w) { return vec2(uintBitsToFloat(w << 16), uintBitsToFloat(w & 0xFFFF0000u)); }
+
+vec4 wvec(WBlock b, uint k) {
+    uvec4 q = b.q[k >> 1];
+    return (k & 1u) == 0u ? vec4(bf16x2(q.x), bf16x2(q.y)) : vec4(bf16x2(q.z), bf16x2(q.w));
+}
+float wscale(WBlock b) { return 1.0; }

@@ -1,0 +1,18 @@
+// f16 weights: rows of COLS IEEE halves, two per word, 4 uvec4 per block.
+layout(std430, binding = 2) readonly buffer W { uvec4 w16[]; };
+
+struct WBlock { uvec4 q[4]; };
+
+WBlock load_block(uint r, uint j) {
+    WBlock b;
+    uint o = 4u * (r * NB + j);
+    for (uint k = 0u; k < 4u; k++) b.q[k] = w16[o + k];
+    return b;
+}
+
+vec4 wvec(WBlock b, uint k) {
+    uvec4 q = b.q[k >> 1];
+    return (k & 1u) == 0u ? vec4(unpackHalf2x16(q.x), unpackHalf2x16(q.y))
+                          : vec4(unpackHalf2x16(q.z), unpackHalf2x16(q.w));
+}
+float wscale(WBlock b) { return 1.0; }

@@ -1,0 +1,17 @@
+// Q4_0 blocks, re-packed at upload into two aligned arrays of the same total size: the 16 nibble bytes of
+// every block (one uvec4, block after block) and the fp16 scales (two per word, each row padded to a word).
+// Byte j of a block holds value j (low nibble) and value j + 16 (high nibble); value = d * (nibble - 8).
+layout(std430, binding = 2) readonly buffer WQ { uvec4 wq[]; };
+layout(std430, binding = 3) readonly buffer WD { uint wd[]; };
+
+struct WBlock { uvec4 q; float d; };
+
+WBlock load_block(uint r, uint j) {
+    return WBlock(wq[r * NB + j], half_at(wd[r * NBH + (j >> 1)], j & 1u));
+}
+
+vec4 wvec(WBlock b, uint k) {
+    uint w = b.q[k & 3u] >> (4u * (k >> 2));
+    return vec4(uvec4(w, w >> 8, w >> 16, w >> 24) & 0xFu) - 8.0;
+}
+float wscale(WBlock b) { return b.d; }

@@ -1,0 +1,20 @@
+// Q4_1 blocks, re-packed at upload into two aligned arrays of the same total size: the 16 nibble bytes of
+// every block (one uvec4) and one word per block holding its fp16 scale d (low half) and minimum m (high half).
+// Byte j of a block holds value j (low nibble) and value j + 16 (high nibble); value = d * nibble + m.
+#define HAS_MIN
+layout(std430, binding = 2) readonly buffer WQ { uvec4 wq[]; };
+layout(std430, binding = 3) readonly buffer WD { uint wdm[]; };
+
+struct WBlock { uvec4 q; vec2 dm; };
+
+WBlock load_block(uint r, uint j) {
+    uint i = r * NB + j;
+    return WBlock(wq[i], unpackHalf2x16(wdm[i]));
+}
+
+vec4 wvec(WBlock b, uint k) {
+    uint w = b.q[k & 3u] >> (4u * (k >> 2));
+    return vec4(uvec4(w, w >> 8, w >> 16, w >> 24) & 0xFu);
+}
+float wscale(WBlock b) { return b.dm.x; }
+float wmin(WBlock b) { return b.dm.y; }

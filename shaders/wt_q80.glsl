@@ -1,0 +1,14 @@
+// Q8_0 blocks, re-packed at upload into two aligned arrays of the same total size: the 32 int8 values of
+// every block (two uvec4) and the fp16 scales (two per word, each row padded to a word). value = d * q.
+layout(std430, binding = 2) readonly buffer WQ { uvec4 wq[]; };
+layout(std430, binding = 3) readonly buffer WD { uint wd[]; };
+
+struct WBlock { uvec4 q0; uvec4 q1; float d; };
+
+WBlock load_block(uint r, uint j) {
+    uint i = r * NB + j;
+    return WBlock(wq[2u * i], wq[2u * i + 1u], half_at(wd[r * NBH + (j >> 1)], j & 1u));
+}
+
+vec4 wvec(WBlock b, uint k) { return i8x4(k < 4u ? b.q0[k] : b.q1[k - 4u]); }
+float wscale(WBlock b) { return b.d; }

@@ -1,0 +1,44 @@
+"""Run by test_sync.py under the Khronos validation layer: forward passes, then a deliberate hazard.
+
+Usage: python vk_sync_script.py MODEL.gguf. Everything the layer reports before the CONTROL line comes from
+the engine; the control proves that the layer and its synchronisation checks are live in this process.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from engine.model_file import open_model
+from engine.runner import Runner
+from shaders.backend import Tuning, VulkanBackend
+
+TOKENS = [5, 17, 200, 3, 99, 42, 7, 150, 11]
+
+
+def main(path: str) -> None:
+    model = open_model(path)
+    gpu_split = Tuning(split=True, rows=2, batch=2, reduce_wg=128)
+    for be in (
+        VulkanBackend(),
+        VulkanBackend(tuning=gpu_split),
+        VulkanBackend(subgroups=False, tuning=gpu_split),
+    ):
+        for act in ("f32", "q80"):
+            runner = Runner(model, be, act, max_seq_len=32, max_batch=4)
+            runner.forward(TOKENS, 0, "all")  # prefill batches of 4, 4 and 1 tokens
+            runner.forward([1], len(TOKENS))  # decode steps
+            runner.forward([2], len(TOKENS) + 1)
+            print(f"ran {be.description} {act}", flush=True)
+    print("=== CONTROL ===", flush=True)
+    kp = be.kp
+    mgr = be.manager
+    a, b, c = (mgr.tensor_t(np.ones(64, np.float32), kp.TensorTypes.host) for _ in range(3))
+    seq = mgr.sequence()
+    seq.record(kp.OpTensorCopy([a, c])).record(kp.OpTensorCopy([b, c])).eval()  # two unordered writes
+    print("=== END ===", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
