@@ -449,6 +449,26 @@ def api(
         )
     )
 
+# ---- bench-shaders: tools/shader_bench.py of a source checkout ----
+@app.command(
+    "bench-shaders",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def bench_shaders(ctx: typer.Context) -> None:
+    """Time every Vulkan shader against the CPU backend and the device's copy bandwidth (options: --help)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "shader_bench.py"
+    if not path.is_file():
+        raise DllamaError(f"bench-shaders needs a source checkout: {path} is missing")
+    spec = importlib.util.spec_from_file_location("shader_bench", path)
+    tool = sys.modules["shader_bench"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    gpu = ctx.obj.get("gpu_index")
+    tool.main((["--gpu-index", str(gpu)] if gpu is not None else []) + list(ctx.args))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:

@@ -1,0 +1,71 @@
+"""tools/shader_bench.py --quick in a subprocess: report structure, byte accounting, copy fractions, PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SHADERS = [
+    "matmul_f32",
+    "matmul_f16",
+    "matmul_bf16",
+    "matmul_q40",
+    "matmul_q41",
+    "matmul_q80",
+    "matmul_q40/q80",
+    "matmul_q41/q80",
+    "matmul_q80/q80",
+    "rmsnorm",
+    "rope",
+    "attention@256",
+    "silu_mul",
+    "quantize_q80",
+    "merge_add_f32",
+    "merge_add_q80",
+    "embedding_q40",
+]
+
+
+def test_quick_bench_writes_json_and_plot(tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    cmd = [sys.executable, "tools/shader_bench.py", "--quick", "--json", str(out), "--plot", str(png)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(out.read_text())
+
+    assert report["quick"] is True and report["skipped"] == []
+    dev = report["device"]
+    if "llvmpipe" in dev["name"]:
+        assert "CPU emulation (lavapipe)" in dev["label"] and dev["emulated"] is True
+    assert dev["label"] in res.stdout  # the table's title names the device
+    copy = report["copy_gbps"]
+    assert copy > 0
+
+    rows = {r["shader"]: r for r in report["results"]}
+    assert sorted(rows) == sorted(SHADERS)
+    for name, r in rows.items():
+        assert r["model"] == "SmolLM2-135M"
+        for key in ("gpu_us", "gpu_gbps", "gpu_gflops", "cpu_us", "cpu_gbps"):
+            assert r[key] > 0, (name, key)
+        assert math.isclose(r["gpu_gbps"], r["bytes"] / (r["gpu_us"] * 1e3), rel_tol=1e-9)
+        assert math.isclose(r["cpu_gbps"], r["bytes"] / (r["cpu_us"] * 1e3), rel_tol=1e-9)
+        assert math.isclose(r["gpu_gflops"], r["flops"] / (r["gpu_us"] * 1e3), rel_tol=1e-9)
+        if name.startswith("matmul_"):
+            assert math.isclose(r["copy_fraction"], r["gpu_gbps"] / copy, rel_tol=1e-9)
+            assert f"{100 * r['copy_fraction']:.0f}%" in res.stdout
+        else:
+            assert "copy_fraction" not in r
+
+    # hand-computed accounting for the 1536x576 FFN matrix: Q4_0 blocks of 18 bytes, f32 in, f32 out
+    q40 = rows["matmul_q40"]
+    assert q40["bytes"] == 1536 * 576 // 32 * 18 + 576 * 4 + 1536 * 4
+    assert q40["flops"] == 2 * 1536 * 576
+    assert rows["matmul_q41/q80"]["bytes"] == 1536 * 576 // 32 * 20 + 576 // 32 * 34 + 1536 * 4
+    # decode attention at position 256: q and out (9 heads x 64), 257 K and V rows of 3 x 64
+    assert rows["attention@256"]["bytes"] == (2 * 9 * 64 + 2 * 257 * 3 * 64) * 4
+
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
