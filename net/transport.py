@@ -118,8 +118,9 @@ class Transfer:
 
     def __init__(self, link: Link, out: bytes | memoryview | None = None, into: memoryview | None = None):
         self.link = link
+        # flat byte views: a 2-D view would be sliced and measured in rows while out_at/into_at count bytes
         self.out = memoryview(out).cast("B") if out is not None else None
-        self.into = into.cast("B") if into is not None and into.format != "B" else into
+        self.into = memoryview(into).cast("B") if into is not None else None
         self.out_at = self.into_at = 0
         self.last = 0.0
 
