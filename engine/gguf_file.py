@@ -16,7 +16,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from engine.config import ModelConfig, RopeScaling
 from engine.errors import DllamaError
-from engine.weights import Model, Weight, row_bytes
+from engine.weights import Model, Weight, map_file, row_bytes
 
 GGUF_MAGIC = b"GGUF"
 
@@ -87,12 +87,7 @@ class _Cursor:
 def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTensorInfo], np.memmap]:
     """Parse a GGUF file: (metadata, tensor infos by name, read-only memory map of the whole file)."""
     path = str(path)
-    try:
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
-    except FileNotFoundError:
-        raise DllamaError(f"{path}: no such file") from None
-    except (OSError, ValueError) as e:
-        raise DllamaError(f"{path}: cannot read ({e})") from None
+    mm = map_file(path)
     if len(mm) < 4 or bytes(mm[:4]) != GGUF_MAGIC:
         raise DllamaError(f"{path}: not a GGUF file (wrong magic)")
     cur = _Cursor(memoryview(mm), path)

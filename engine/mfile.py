@@ -13,7 +13,7 @@ from engine.atomic_file import atomic_write
 from engine.config import ModelConfig, RopeScaling
 from engine.errors import DllamaError
 from engine.quants import dequantize, quantize
-from engine.weights import BLOCK, Model, Weight, row_bytes
+from engine.weights import BLOCK, Model, Weight, map_file, row_bytes
 
 M_MAGIC = 0x0A00ABCD
 OLD_M_MAGICS = (0xABCD00, 0xABCD01)
@@ -125,12 +125,7 @@ def _config(h: dict[str, int], path: str) -> tuple[ModelConfig, str]:
 def read_m(path: str | Path) -> Model:
     """Load a distributed-llama `.m` file; tensors are views of its memory map under GGUF-style names."""
     path = str(path)
-    try:
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
-    except FileNotFoundError:
-        raise DllamaError(f"{path}: no such file") from None
-    except (OSError, ValueError) as e:
-        raise DllamaError(f"{path}: cannot read ({e})") from None
+    mm = map_file(path)
     header, offset = _header(mm, path)
     cfg, wtype = _config(header, path)
     plan = [(n, wtype if kind == "wt" else kind, r, c) for n, kind, r, c in stream_plan(cfg)]

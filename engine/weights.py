@@ -8,11 +8,22 @@ from typing import Any
 import numpy as np
 
 from engine.config import ModelConfig
+from engine.errors import DllamaError
 
 BLOCK = 32  # elements per quantized block (Q40, Q41, Q80)
 BLOCK_BYTES = {"q40": 18, "q41": 20, "q80": 34}
 ELEM_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
 WEIGHT_TYPES = ("f32", "f16", "bf16", "q40", "q41", "q80")
+
+
+def map_file(path: str) -> np.memmap:
+    """A read-only memory map of a whole model file; a missing or unreadable file is a DllamaError."""
+    try:
+        return np.memmap(path, dtype=np.uint8, mode="r")
+    except FileNotFoundError:
+        raise DllamaError(f"{path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise DllamaError(f"{path}: cannot read ({e})") from None
 
 
 def row_bytes(dtype: str, cols: int) -> int:
