@@ -7,8 +7,6 @@ outputs; the Python wrappers only check shapes and pick the compiled kernel.
 
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 from llvmlite import ir
@@ -796,18 +794,6 @@ def _attention_ser(q, k_cache, v_cache, positions, n_heads, group, head_dim, out
     return -1
 
 
-@_kernel
-def _logsoftmax_at(logits, ids, out):
-    for b in range(logits.shape[0]):
-        row = logits[b]
-        top = -np.inf
-        for v in row:
-            top = max(top, np.float64(v))
-        total = 0.0
-        for v in row:
-            total += math.exp(np.float64(v) - top)
-        out[b] = np.float64(row[ids[b]]) - top - math.log(total)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Public API
@@ -1034,12 +1020,3 @@ def add(x: np.ndarray, y: np.ndarray) -> None:
     if x.shape != y.shape:
         raise DllamaError(f"add shapes disagree: x {x.shape}, y {y.shape}")
     _add(x, y)
-
-
-def logsoftmax_at(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """float64 log p(ids[b]) under softmax(logits[b]) for each row b."""
-    if ids.shape[0] != logits.shape[0] or (ids.size and (ids.min() < 0 or ids.max() >= logits.shape[1])):
-        raise DllamaError(f"logsoftmax_at: ids {ids.tolist()} do not index logits of shape {logits.shape}")
-    out = np.empty(logits.shape[0], np.float64)
-    _logsoftmax_at(logits, ids, out)
-    return out

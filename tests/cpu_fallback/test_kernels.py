@@ -285,18 +285,6 @@ def test_silu_mul_and_add(rng):
     assert np.array_equal(gate, before + y)
 
 
-def test_logsoftmax_at(rng):
-    logits = (rng.standard_normal((3, 1000)) * 5).astype(np.float32)
-    ids = np.array([5, 999, 0])
-    l64 = logits.astype(np.float64)
-    lse = np.log(np.exp(l64 - l64.max(axis=1, keepdims=True)).sum(axis=1)) + l64.max(axis=1)
-    assert np.allclose(K.logsoftmax_at(logits, ids), l64[np.arange(3), ids] - lse, rtol=0, atol=1e-10)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# RoPE
-# ----------------------------------------------------------------------------------------------------------
-
 def llama31_freq(freq: float, factor: float, low: float, high: float, orig: int) -> float:
     """Spec 4.8, one frequency at a time."""
     wavelen = 2 * math.pi / freq
