@@ -60,7 +60,7 @@ class Graph:
 
     config: ModelConfig
     slice: NodeSlice
-    act: str  # "f32" or "q80": the activation / sync number format
+    act: str  # "f32" or "q80": the number format of matmul inputs and of the network syncs
     max_seq_len: int
     buffers: dict[str, BufferSpec] = field(default_factory=dict)
     segments: list[Segment] = field(default_factory=list)
@@ -117,7 +117,9 @@ def build_graph(cfg: ModelConfig, sl: NodeSlice, act: str = "f32", max_seq_len: 
     b.buf("tok", 1, "i32")  # token ids (root)
     b.buf("pos", 1, "i32")  # positions
     b.buf("x", cfg.dim)  # residual stream, replicated on every node
-    b.buf("zq", cfg.dim * sl.n_nodes, act)  # every node's partial sum, one dim-wide slot per node
+    # every node's partial sum, one dim-wide slot per node; Q80 only where it crosses the network: a single
+    # node keeps its residual updates in f32 (the residual stream is never quantised locally)
+    b.buf("zq", cfg.dim * sl.n_nodes, act if sl.n_nodes > 1 else "f32")
     for name, width in (
         ("h", cfg.dim),
         ("q", n_q),

@@ -111,7 +111,8 @@ def _rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 
 
 def ref_forward(m: RefModel, tokens: list[int], q80: bool = False) -> np.ndarray:
-    """Causal forward over the whole sequence: float64 logits [T, vocab]; q80 mimics dllama's Q80 buffers."""
+    """Causal forward over the whole sequence: float64 logits [T, vocab]; q80 mimics one dllama node with
+    Q80 activations (every matmul input rounded through Q80, the residual stream and its updates in f32)."""
     w, n_tok, hd = m.weights, len(tokens), m.head_dim
     qz = q80_roundtrip if q80 else (lambda a: a)
     angles = np.arange(n_tok, dtype=np.float64)[:, None] * rope_frequencies(m)[None, :]
@@ -134,9 +135,9 @@ def ref_forward(m: RefModel, tokens: list[int], q80: bool = False) -> np.ndarray
         att = np.exp(scores - scores.max(axis=-1, keepdims=True))
         att /= att.sum(axis=-1, keepdims=True)
         o = np.einsum("hts,shd->thd", att, v).reshape(n_tok, m.n_heads * hd)
-        x = x + qz(qz(o) @ w[p + "attn_output.weight"].T)
+        x = x + qz(o) @ w[p + "attn_output.weight"].T
         h = qz(_rmsnorm(x, w[p + "ffn_norm.weight"], m.norm_eps))
         gate, up = h @ w[p + "ffn_gate.weight"].T, h @ w[p + "ffn_up.weight"].T
-        x = x + qz(qz(gate / (1 + np.exp(-gate)) * up) @ w[p + "ffn_down.weight"].T)
+        x = x + qz(gate / (1 + np.exp(-gate)) * up) @ w[p + "ffn_down.weight"].T
     h = qz(_rmsnorm(x, w["output_norm.weight"], m.norm_eps))
     return h @ w.get("output.weight", w["token_embd.weight"]).T

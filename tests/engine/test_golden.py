@@ -51,10 +51,10 @@ def test_last_logits(golden, runner):
     if runner.act == "f32":
         assert max(e.max() for e in errs) <= 1e-3
         assert all(top1)
-    else:  # Q80 activations move logits by design (notes/models.md): a tolerance, and top-1 where
-        # the reference margin is large
-        assert np.concatenate(errs).mean() <= 0.5
-        assert top1[0]
+    else:  # Q80 activations move logits by design: a tolerance, and top-1 where the reference margin is
+        # large. llama.cpp's Q8 activations move these logits by 0.25 on average (notes/models.md): no worse
+        assert np.concatenate(errs).mean() <= 0.25
+        assert all(ok for ok, case in zip(top1, meta["cases"], strict=True) if case["greedy_margins"][0] >= 0.5)
 
 
 def test_greedy_prefix(golden, model):
@@ -77,5 +77,5 @@ def test_perplexity(golden, runner, model, shared):
     ppl, n = _ppl(runner, tokenizer_from_gguf(model.metadata), (shared / "ppl_text.txt").read_text())
     assert n == want["n_scored"]
     ref = want["ppl"]
-    tol = 0.001 if runner.act == "f32" else 0.03
+    tol = 0.001 if runner.act == "f32" else 0.02
     assert abs(ppl - ref) / ref <= tol

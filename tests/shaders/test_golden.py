@@ -46,8 +46,9 @@ def test_last_logits(golden, runner):
         assert max(e.max() for e in errs) <= 1e-3
         assert all(top1)
     else:  # the CPU backend's tolerances for Q80 activations (tests/engine/test_golden.py)
-        assert np.concatenate(errs).mean() <= 0.5
-        assert top1[0]
+        # llama.cpp's Q8 activations move these logits by 0.25 on average (notes/models.md): no worse
+        assert np.concatenate(errs).mean() <= 0.25
+        assert all(ok for ok, case in zip(top1, meta["cases"], strict=True) if case["greedy_margins"][0] >= 0.5)
 
 
 def test_perplexity(golden, runner, model, shared):
@@ -57,7 +58,7 @@ def test_perplexity(golden, runner, model, shared):
     logits = runner.forward(ids, 0, "all")
     ppl = math.exp(-float(log_softmax_at(logits[:-1], np.asarray(ids[1:])).mean()))
     assert len(ids) - 1 == want["n_scored"]
-    tol = 0.001 if runner.act == "f32" else 0.03
+    tol = 0.001 if runner.act == "f32" else 0.02
     assert abs(ppl - want["ppl"]) / want["ppl"] <= tol
 
 
