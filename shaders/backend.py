@@ -35,7 +35,7 @@ from shaders.weights import (
 )
 
 PIPES = ("tok", "pos", "x", "zq", "logits")
-STAGING_WORDS = 4 << 20  # 16 MiB upload chunks
+STAGING_WORDS = 1 << 20  # 4 MiB upload chunks: bounds the host memory an upload adds
 BUFFER_LIMIT = 1 << 30  # bytes per multi-layer buffer (kept well inside 32-bit word indexing)
 MAX_GROUPS_X = 65535
 ELEMENTWISE_WG = 128
@@ -192,7 +192,8 @@ class _Layers:
 class VulkanProgram(Program):
     """Device buffers, uploaded weights, one kp algorithm per distinct dispatch, the recorded sequences.
 
-    Attributes tests may use: `bufs` (graph buffer -> kp tensor), `k_cache`/`v_cache` (_Layers).
+    Attributes tests may use: `bufs` (graph buffer -> kp tensor), `k_cache`/`v_cache` (_Layers),
+    `device_bytes` (what the device-only buffers take).
     """
 
     def __init__(self, be: VulkanBackend, graph: Graph, weights: dict[str, Weight], max_batch: int):
@@ -257,7 +258,7 @@ class VulkanProgram(Program):
             g.max_seq_len * g.config.head_dim * 4,
         ]
         sizes += [4 * w for c in self.chunks for w in c.part_words]
-        total = sum(sizes)
+        total = self.device_bytes = sum(sizes)
         if total > dev.device_local_bytes:
             raise DllamaError(
                 f"the model needs {total / 2**20:.0f} MiB of device memory but {dev.name} has "
