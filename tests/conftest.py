@@ -1,10 +1,12 @@
-"""Shared fixtures: the ../shared reference folder and the embedded model."""
+"""Shared fixtures: the ../shared reference folder, its golden outputs and the embedded model."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 TESTS = Path(__file__).resolve().parent
@@ -27,3 +29,18 @@ def smollm2_path() -> Path:
     from engine.embedded import embedded_model_path
 
     return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def golden(shared: Path) -> tuple[dict, dict]:
+    """The golden SmolLM2 outputs: (the json's cases and perplexity, the npz's prompt ids and logits)."""
+    meta = json.loads((shared / "smollm2_golden.json").read_text())
+    return meta, dict(np.load(shared / "smollm2_golden.npz"))
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path: Path):
+    """The embedded model, opened once."""
+    from engine.model_file import open_model
+
+    return open_model(smollm2_path)

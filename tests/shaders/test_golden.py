@@ -1,68 +1,33 @@
-"""The embedded SmolLM2-135M on the Vulkan backend against the golden HF-transformers outputs."""
+"""The embedded SmolLM2-135M on the Vulkan backend against the golden HF-transformers outputs, and the host
+memory a Vulkan run takes."""
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+from golden_checks import check_last_logits, check_perplexity
 
-from engine.cli import log_softmax_at
 from engine.model_file import open_model
 from engine.runner import Runner
-from engine.tokenizer import tokenizer_from_gguf
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def golden(shared):
-    return json.loads((shared / "smollm2_golden.json").read_text()), np.load(shared / "smollm2_golden.npz")
-
-
-@pytest.fixture(scope="module")
-def model(smollm2_path):
-    return open_model(smollm2_path)
-
-
 @pytest.fixture(scope="module", params=["f32", "q80"])
-def runner(request, model, vk):
-    return Runner(model, vk, request.param, max_seq_len=512)
+def runner(request, smollm2, vk):
+    return Runner(smollm2, vk, request.param, max_seq_len=512)
 
 
 def test_last_logits(golden, runner):
-    meta, npz = golden
-    errs, top1 = [], []
-    for case in meta["cases"]:
-        i = case["case"]
-        got = runner.forward(list(npz[f"case{i}_prompt_ids"]), 0)
-        want = npz[f"case{i}_last_logits"]
-        errs.append(np.abs(got - want))
-        top1.append(int(np.argmax(got)) == int(np.argmax(want)))
-    if runner.act == "f32":
-        assert max(e.max() for e in errs) <= 1e-3
-        assert all(top1)
-    else:  # the CPU backend's tolerances for Q80 activations (tests/engine/test_golden.py)
-        # llama.cpp's Q8 activations move these logits by 0.25 on average (notes/models.md): no worse
-        assert np.concatenate(errs).mean() <= 0.25
-        wide = [case["greedy_margins"][0] >= 0.5 for case in meta["cases"]]
-        assert all(ok for ok, w in zip(top1, wide, strict=True) if w)
+    check_last_logits(golden, runner)
 
 
-def test_perplexity(golden, runner, model, shared):
-    meta, _ = golden
-    want = meta["perplexity"]
-    ids = tokenizer_from_gguf(model.metadata).encode((shared / "ppl_text.txt").read_text())
-    logits = runner.forward(ids, 0, "all")
-    ppl = math.exp(-float(log_softmax_at(logits[:-1], np.asarray(ids[1:])).mean()))
-    assert len(ids) - 1 == want["n_scored"]
-    tol = 0.001 if runner.act == "f32" else 0.02
-    assert abs(ppl - want["ppl"]) / want["ppl"] <= tol
+def test_perplexity(golden, runner, smollm2, shared):
+    check_perplexity(golden, runner, smollm2, shared)
 
 
 def _resident(path: str) -> int:

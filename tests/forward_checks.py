@@ -1,0 +1,83 @@
+"""Forward passes of tiny random models against the float64 reference, shared by every backend's tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from reference import RefModel, load_ref_model, ref_forward
+from tinymodel import write_tiny_gguf
+
+from engine.backend import Backend
+from engine.config import RopeScaling
+from engine.model_file import open_model
+from engine.runner import Runner
+from engine.weights import Model
+
+SHAPES = {  # dim, hidden, heads, kv heads: GQA, odd head counts, MQA, MHA
+    "gqa4x2": dict(dim=64, hidden_dim=96, n_heads=4, n_kv_heads=2),
+    "mqa3x1": dict(dim=96, hidden_dim=160, n_heads=3, n_kv_heads=1),
+    "mha5x5": dict(dim=160, hidden_dim=224, n_heads=5, n_kv_heads=5),
+}
+TOKENS = [5, 17, 200, 3, 99, 42, 7, 150, 11]
+
+
+def tiny_model(tmp_path: Path, wtype: str, shape: str, **kw) -> tuple[Model, RefModel]:
+    """A random GGUF of one of SHAPES, opened by the engine and by the reference."""
+    path = write_tiny_gguf(
+        tmp_path / f"{shape}-{wtype}.gguf", wtype=wtype, seed=len(shape), **SHAPES[shape], **kw
+    )
+    return open_model(path), load_ref_model(path)
+
+
+def assert_matches(got: np.ndarray, expected: np.ndarray) -> None:
+    """f32 activations reproduce the float64 reference to 1e-4 of the largest logit."""
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-4 * max(np.abs(expected).max(), 1.0)
+
+
+def check_reference(tmp_path: Path, backend: Backend, wtype: str, shape: str) -> None:
+    """Every row's logits, prefilled in batches of 4, 4 and 1."""
+    model, ref = tiny_model(tmp_path, wtype, shape)
+    runner = Runner(model, backend, "f32", max_seq_len=64, max_batch=4)
+    assert_matches(runner.forward(TOKENS, 0, "all"), ref_forward(ref, TOKENS))
+
+
+def check_q80_activations(tmp_path: Path, backend: Backend, wtype: str) -> None:
+    """The engine reproduces the reference's Q80 numerics much more closely than the f32 model does."""
+    model, ref = tiny_model(tmp_path, wtype, "gqa4x2")
+    expected = ref_forward(ref, TOKENS, q80=True)
+    plain = ref_forward(ref, TOKENS)
+    got = Runner(model, backend, "q80", max_seq_len=64).forward(TOKENS, 0, "all")
+    err = np.abs(got - expected).max()
+    assert err <= 2e-3 * np.abs(expected).max()
+    assert err < np.abs(plain - expected).max() / 4
+
+
+def check_prefill_equals_decode(tmp_path: Path, backend: Backend) -> None:
+    """One batched prefill, token-by-token decoding and a last-row-only prefill give the same logits."""
+    model, _ = tiny_model(tmp_path, "q41", "gqa4x2")
+    batched = Runner(model, backend, max_seq_len=32).forward(TOKENS, 0, "all")
+    stepper = Runner(model, backend, max_seq_len=32)
+    single = np.stack([stepper.forward([t], i) for i, t in enumerate(TOKENS)])
+    np.testing.assert_allclose(single, batched, atol=1e-5, rtol=1e-5)
+    last = Runner(model, backend, max_seq_len=32).forward(TOKENS, 0)
+    np.testing.assert_allclose(last, batched[-1], atol=1e-5, rtol=1e-5)
+
+
+def check_llama31_rope_scaling(tmp_path: Path, backend: Backend, store: str) -> None:
+    """Llama 3.1 frequency scaling (GGUF keys or a rope_freqs tensor), past the original context."""
+    rs = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, orig_max_seq_len=32)
+    model, ref = tiny_model(tmp_path, "f32", "gqa4x2", rope_scaling=rs, rope_store=store, rope_theta=500000.0)
+    assert ref.rope_scaling is not None or "rope_freqs.weight" in ref.weights
+    tokens = TOKENS * 3
+    assert_matches(Runner(model, backend, max_seq_len=64).forward(tokens, 0, "all"), ref_forward(ref, tokens))
+
+
+def check_tied_embeddings(tmp_path: Path, backend: Backend) -> Runner:
+    """A model without output.weight classifies with its token embeddings; returns the runner."""
+    model, ref = tiny_model(tmp_path, "q80", "gqa4x2", tied=True)
+    assert "output.weight" not in model.weights
+    runner = Runner(model, backend, max_seq_len=64)
+    assert_matches(runner.forward(TOKENS, 0, "all"), ref_forward(ref, TOKENS))
+    return runner
