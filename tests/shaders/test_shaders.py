@@ -309,10 +309,14 @@ def test_rope(vk, neox):
     close(ops.read("q")[:5], want)
 
 
-@pytest.mark.parametrize("heads,kv_heads,hd", [(9, 3, 64), (5, 5, 32), (6, 2, 16)])
-def test_kv_store_and_attention(any_vk, heads, kv_heads, hd):
-    """A 7-token prefill at positions 20..26 of layer 1 over 20 cached rows: causal within the batch."""
-    seq, n, p0, layer = 64, 7, 20, 1
+@pytest.mark.parametrize(
+    "heads,kv_heads,hd,seq,p0",
+    [(9, 3, 64, 64, 20), (5, 5, 32, 64, 20), (6, 2, 16, 64, 20), (3, 1, 64, 4096, 4000)],
+)
+def test_kv_store_and_attention(any_vk, heads, kv_heads, hd, seq, p0):
+    """A 7-token prefill at positions p0.. of layer 1 over p0 cached rows: causal within the batch; the last
+    case fills a 4096-long context almost to the end."""
+    n, layer = 7, 1
     cfg = config(dim=heads * hd, n_heads=heads, n_kv_heads=kv_heads, head_dim=hd, n_layers=2)
     kvw = kv_heads * hd
     att = dict(layer=layer, n_heads=heads, n_kv_heads=kv_heads, head_dim=hd)
