@@ -248,10 +248,12 @@ class VulkanProgram(Program):
 
     # ---- memory ----
     def _check_memory(self, max_batch: int) -> None:
-        """Refuse what cannot fit, before allocating: a buffer beyond the binding range, too little memory."""
+        """Refuse what cannot fit, before allocating: a buffer beyond the binding range, too little device
+        memory (device-only buffers; the host-visible pipes live in host memory on a discrete GPU)."""
         g, dev = self.graph, self.be.device
         kv = self.layers_per_kv * g.max_seq_len * self.kv_width * 4
-        sizes = [max_batch * spec.row_bytes for spec in g.buffers.values()]
+        pipes = [max_batch * spec.row_bytes for name, spec in g.buffers.items() if name in PIPES]
+        sizes = [max_batch * spec.row_bytes for name, spec in g.buffers.items() if name not in PIPES]
         sizes += [kv] * (2 * _ceil(g.config.n_layers, self.layers_per_kv))
         sizes += [
             max_batch * max(g.slice.n_heads, 1) * g.max_seq_len * 4,
@@ -264,7 +266,7 @@ class VulkanProgram(Program):
                 f"the model needs {total / 2**20:.0f} MiB of device memory but {dev.name} has "
                 f"{dev.device_local_bytes / 2**20:.0f} MiB: lower --max-seq-len, use more nodes or the CPU"
             )
-        check_device(dev, max(sizes))
+        check_device(dev, max(sizes + pipes))
 
     def _tensor(self, init: np.ndarray, host: bool, what: str):
         kind = self.kp.TensorTypes.host if host else self.kp.TensorTypes.storage
