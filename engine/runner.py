@@ -60,8 +60,9 @@ def run_graph(
 
 
 def warm_up(program: Program, graph: Graph, max_batch: int) -> None:
-    """Run the graph once on 1 and on 2 rows without the network, so that kernel compilation happens now
-    rather than inside the first forward pass, where cluster peers time each other."""
+    """Run the graph once on 1 and on 2 rows without the network, so that kernel compilation and the first
+    touch of every weight page happen at load rather than inside the first, timed forward pass (where cluster
+    peers also time each other). The KV rows it writes are overwritten by the first real tokens."""
     for n in sorted({1, min(2, max_batch)}):
         program.pipe("tok")[:n, 0] = 0
         program.pipe("pos")[:n, 0] = np.arange(n)
@@ -103,8 +104,8 @@ class Runner:
         try:
             weights = slice_weights(model, self.slice)
             self.program = backend.compile(self.graph, weights, max_batch)
+            warm_up(self.program, self.graph, max_batch)
             if self.cluster is not None:
-                warm_up(self.program, self.graph, max_batch)
                 self.cluster.start(self.program, self.graph)
         except BaseException:
             self.close()

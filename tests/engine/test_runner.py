@@ -7,6 +7,7 @@ import pytest
 from forward_checks import (
     SHAPES,
     TOKENS,
+    assert_matches,
     check_llama31_rope_scaling,
     check_prefill_equals_decode,
     check_q80_activations,
@@ -14,6 +15,7 @@ from forward_checks import (
     check_tied_embeddings,
     tiny_model,
 )
+from reference import ref_forward
 from tinymodel import write_tiny_gguf
 
 from cpu_fallback.backend import CpuBackend
@@ -80,3 +82,21 @@ def test_m_file_round_trip_gives_the_same_logits(tmp_path, backend, src, dst):
     new_id = {tm.token_bytes(j): j for j in range(tm.vocab_size)}
     assert len(new_id) == tg.vocab_size
     np.testing.assert_array_equal(a, b[:, [new_id[tg.token_bytes(i)] for i in range(tg.vocab_size)]])
+
+
+def test_loading_runs_the_graph_once_so_the_first_timed_pass_is_not_a_warm_up(tmp_path, backend):
+    """Kernel compilation and first-touch page faults belong to loading: before any forward pass the graph has
+    run on 1 and 2 rows, and the warm-up leaves no trace in the logits of the first real tokens."""
+    runs = []
+
+    class Recording(CpuBackend):
+        def compile(self, graph, weights, max_batch):
+            program = super().compile(graph, weights, max_batch)
+            run = program.run_segment
+            program.run_segment = lambda index, n: (runs.append(n), run(index, n))[1]
+            return program
+
+    model, ref = tiny_model(tmp_path, "q40", "gqa4x2")
+    runner = Runner(model, Recording(2), max_seq_len=16)
+    assert sorted(set(runs)) == [1, 2]
+    assert_matches(runner.forward(TOKENS[:3], 0, "all"), ref_forward(ref, TOKENS[:3]))
