@@ -21,6 +21,12 @@ class Program(ABC):
     def run_segment(self, index: int, n_tokens: int) -> None:
         """Run the ops of segment `index` on the first `n_tokens` rows; pipes are host-coherent on return."""
 
+    def run_segments(self, start: int, stop: int, n_tokens: int) -> None:
+        """Run segments start..stop-1 with no host step between them (one node, no network); a backend may
+        submit them as one unit of work. Pipes are host-coherent on return."""
+        for index in range(start, stop):
+            self.run_segment(index, n_tokens)
+
 
 class Backend(ABC):
     """Compiles graphs; knows nothing of models, files or the network."""

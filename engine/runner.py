@@ -42,10 +42,13 @@ def run_graph(
     final segment runs on one row. Every node of a cluster does the same, told the mode by the root.
     """
     last = len(segments) - 1
-    for index in range(last):
-        program.run_segment(index, n)
-        if sync is not None and segments[index].sync is not None:
-            sync(segments[index].sync, n)
+    if sync is None:  # one node: nothing happens between segments, so a backend may run them as one
+        program.run_segments(0, last, n)
+    else:
+        for index in range(last):
+            program.run_segment(index, n)
+            if segments[index].sync is not None:
+                sync(segments[index].sync, n)
     if mode == "none":
         return 0
     rows = n
@@ -59,14 +62,15 @@ def run_graph(
     return rows
 
 
-def warm_up(program: Program, graph: Graph, max_batch: int) -> None:
+def warm_up(program: Program, graph: Graph, max_batch: int, networked: bool = False) -> None:
     """Run the graph once on 1 and on 2 rows without the network, so that kernel compilation and the first
     touch of every weight page happen at load rather than inside the first, timed forward pass (where cluster
-    peers also time each other). The KV rows it writes are overwritten by the first real tokens."""
+    peers also time each other). `networked`: segment by segment, as a cluster node will run it. The KV rows
+    it writes are overwritten by the first real tokens."""
     for n in sorted({1, min(2, max_batch)}):
         program.pipe("tok")[:n, 0] = 0
         program.pipe("pos")[:n, 0] = np.arange(n)
-        run_graph(program, graph.segments, n, "all")
+        run_graph(program, graph.segments, n, "all", (lambda step, rows: None) if networked else None)
 
 
 class Runner:
@@ -104,7 +108,7 @@ class Runner:
         try:
             weights = slice_weights(model, self.slice)
             self.program = backend.compile(self.graph, weights, max_batch)
-            warm_up(self.program, self.graph, max_batch)
+            warm_up(self.program, self.graph, max_batch, networked=self.cluster is not None)
             if self.cluster is not None:
                 self.cluster.start(self.program, self.graph)
         except BaseException:

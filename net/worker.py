@@ -266,7 +266,7 @@ class _Session:
         self._receive_weights(sc, expected_weights(graph), idle)
         with _keepalive(self.root, sc.heartbeat):
             self.program = self.server.backend.compile(graph, self.weights, sc.max_batch)
-            warm_up(self.program, graph, sc.max_batch)
+            warm_up(self.program, graph, sc.max_batch, networked=True)
         self.root.send(pack_frame(Msg.OK, a=Msg.WEIGHTS_DONE), sc.timeout)
         self._expect(Msg.MESH, idle)
         self._build_mesh(sc)

@@ -244,7 +244,7 @@ class VulkanProgram(Program):
         self.pipe_writes = [
             sorted({o for op in seg.ops for o in op.outputs if o in PIPES}) for seg in graph.segments
         ]
-        self.sequences: dict[tuple[int, int], object] = {}
+        self.sequences: dict[tuple[int, int, int], object] = {}  # (start, stop, tokens) -> kp.Sequence
 
     # ---- memory ----
     def _check_memory(self, max_batch: int) -> None:
@@ -402,30 +402,37 @@ class VulkanProgram(Program):
         return self.views[name]
 
     def run_segment(self, index: int, n_tokens: int) -> None:
-        if not self.graph.segments[index].ops:
+        self.run_segments(index, index + 1, n_tokens)
+
+    def run_segments(self, start: int, stop: int, n_tokens: int) -> None:
+        """One recorded sequence per (segments, token count), replayed: one submit and fence wait."""
+        segments = self.graph.segments[start:stop]
+        if not any(seg.ops for seg in segments):
             return
         if not 1 <= n_tokens <= self.max_batch:
             raise DllamaError(f"{n_tokens} tokens do not fit a batch of {self.max_batch}")
-        if any(op.kind == "embedding" for op in self.graph.segments[index].ops):
+        if any(op.kind == "embedding" for seg in segments for op in seg.ops):
             tok = self.views["tok"][:n_tokens, 0]
             bad = tok[(tok < 0) | (tok >= self.vocab)]
             if bad.size:
                 raise DllamaError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.vocab - 1})")
-        seq = self.sequences.get((index, n_tokens))
+        seq = self.sequences.get((start, stop, n_tokens))
         if seq is None:
-            seq = self.sequences[(index, n_tokens)] = self._record(index, n_tokens)
+            seq = self.sequences[(start, stop, n_tokens)] = self._record(start, stop, n_tokens)
         seq.eval()
 
-    def _record(self, index: int, n_tokens: int):
-        """The segment's dispatches for n_tokens rows, then the barrier handing written pipes to the host."""
+    def _record(self, start: int, stop: int, n_tokens: int):
+        """The segments' dispatches for n_tokens rows, then the barrier handing written pipes to the host."""
         kp = self.kp
         seq = self.mgr.sequence()
         rows = 1 if n_tokens == 1 else self.max_batch
-        for op in self.graph.segments[index].ops:
-            step = self._bind(op, rows)
-            seq.record(kp.OpAlgoDispatch(step.algo, _push(n_tokens, step.aux, step.rows)))
-        if self.pipe_writes[index]:
-            seq.record(kp.OpTensorSyncLocal([self.bufs[name] for name in self.pipe_writes[index]]))
+        for index in range(start, stop):
+            for op in self.graph.segments[index].ops:
+                step = self._bind(op, rows)
+                seq.record(kp.OpAlgoDispatch(step.algo, _push(n_tokens, step.aux, step.rows)))
+        written = sorted({name for index in range(start, stop) for name in self.pipe_writes[index]})
+        if written:
+            seq.record(kp.OpTensorSyncLocal([self.bufs[name] for name in written]))
         return seq
 
 

@@ -63,6 +63,18 @@ def test_tied_embeddings_are_uploaded_once(tmp_path, vk):
     assert prog.slots["output.weight"] == prog.slots["token_embd.weight"]
 
 
+def test_one_node_runs_a_token_as_two_submissions(tmp_path, vk):
+    """Without a network nothing happens between segments: everything before the classifier is one recorded
+    sequence (one submit and fence wait), the classifier another (it may run on the last row only)."""
+    model, ref = tiny_model(tmp_path, "q40", "gqa4x2")
+    runner = Runner(model, vk, max_seq_len=16, max_batch=4)
+    last = len(runner.graph.segments) - 1
+    runner.program.sequences.clear()
+    got = np.stack([runner.forward([t], i) for i, t in enumerate(TOKENS[:3])])
+    assert sorted(runner.program.sequences) == [(0, last, 1), (last, last + 1, 1)]
+    assert_matches(got, ref_forward(ref, TOKENS[:3]))
+
+
 def test_layers_split_over_several_buffers(tmp_path, vk, monkeypatch):
     """With a small per-buffer limit each role's layers land in separate buffers; results do not change."""
     model, ref = tiny_model(tmp_path, "q41", "gqa4x2", n_layers=3)
