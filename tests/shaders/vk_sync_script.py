@@ -1,4 +1,5 @@
-"""Run by test_sync.py under the Khronos validation layer: forward passes, then a deliberate hazard.
+"""Run by test_sync.py under the Khronos validation layer: forward passes (one node's fused submissions and a
+cluster node's per-segment ones), then a deliberate hazard.
 
 Usage: python vk_sync_script.py MODEL.gguf. Everything the layer reports before the CONTROL line comes from
 the engine; the control proves that the layer and its synchronisation checks are live in this process.
@@ -11,7 +12,7 @@ import sys
 import numpy as np
 
 from engine.model_file import open_model
-from engine.runner import Runner
+from engine.runner import Runner, run_graph
 from shaders.backend import Tuning, VulkanBackend
 
 TOKENS = [5, 17, 200, 3, 99, 42, 7, 150, 11]
@@ -30,6 +31,8 @@ def main(path: str) -> None:
             runner.forward(TOKENS, 0, "all")  # prefill batches of 4, 4 and 1 tokens
             runner.forward([1], len(TOKENS))  # decode steps
             runner.forward([2], len(TOKENS) + 1)
+            # a cluster node's way: one submission per segment (the network steps between them left out)
+            run_graph(runner.program, runner.graph.segments, 3, "all", lambda step, rows: None)
             print(f"ran {be.description} {act}", flush=True)
     print("=== CONTROL ===", flush=True)
     kp = be.kp
