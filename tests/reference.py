@@ -110,11 +110,27 @@ def _rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def ref_forward(m: RefModel, tokens: list[int], q80: bool = False) -> np.ndarray:
+def ref_forward(
+    m: RefModel,
+    tokens: list[int],
+    q80: bool = False,
+    node_columns: tuple[list[tuple[int, int]], list[tuple[int, int]]] | None = None,
+) -> np.ndarray:
     """Causal forward over the whole sequence: float64 logits [T, vocab]; q80 mimics one dllama node with
-    Q80 activations (every matmul input rounded through Q80, the residual stream and its updates in f32)."""
+    Q80 activations (every matmul input rounded through Q80, the residual stream and its updates in f32).
+
+    node_columns = (attention-output columns, FFN columns) of each node mimics a cluster with Q80 sync
+    (spec 4.6): every node's partial sum of a residual update goes through a Q80 round trip before the nodes
+    add them up in node order.
+    """
     w, n_tok, hd = m.weights, len(tokens), m.head_dim
     qz = q80_roundtrip if q80 else (lambda a: a)
+
+    def update(a: np.ndarray, weight: np.ndarray, part: int) -> np.ndarray:
+        if node_columns is None:
+            return a @ weight.T
+        return sum(q80_roundtrip(a[:, lo:hi] @ weight[:, lo:hi].T) for lo, hi in node_columns[part])
+
     angles = np.arange(n_tok, dtype=np.float64)[:, None] * rope_frequencies(m)[None, :]
     cos, sin = np.cos(angles), np.sin(angles)
     mask = np.triu(np.full((n_tok, n_tok), -np.inf), k=1)
@@ -135,9 +151,9 @@ def ref_forward(m: RefModel, tokens: list[int], q80: bool = False) -> np.ndarray
         att = np.exp(scores - scores.max(axis=-1, keepdims=True))
         att /= att.sum(axis=-1, keepdims=True)
         o = np.einsum("hts,shd->thd", att, v).reshape(n_tok, m.n_heads * hd)
-        x = x + qz(o) @ w[p + "attn_output.weight"].T
+        x = x + update(qz(o), w[p + "attn_output.weight"], 0)
         h = qz(_rmsnorm(x, w[p + "ffn_norm.weight"], m.norm_eps))
         gate, up = h @ w[p + "ffn_gate.weight"].T, h @ w[p + "ffn_up.weight"].T
-        x = x + qz(gate / (1 + np.exp(-gate)) * up) @ w[p + "ffn_down.weight"].T
+        x = x + update(qz(gate / (1 + np.exp(-gate)) * up), w[p + "ffn_down.weight"], 1)
     h = qz(_rmsnorm(x, w["output_norm.weight"], m.norm_eps))
     return h @ w.get("output.weight", w["token_embd.weight"]).T

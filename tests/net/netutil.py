@@ -141,42 +141,15 @@ def _split(total: int, n_nodes: int, node: int) -> tuple[int, int]:
 
 
 def ref_forward_nodes(m, tokens: list[int], n_nodes: int) -> np.ndarray:
-    """float64 logits of an n-node cluster with Q80 sync (spec 4.6): every node's partial sum of the attention
-    output and of the FFN goes through a Q80 round trip before the nodes add them up in node order.
+    """float64 logits of an n-node cluster with Q80 sync (tests/reference.py ref_forward with node_columns).
 
     Node n owns the KV heads of an even split (the first nodes one more) with their query heads, and FFN
     rows in whole 32-blocks split the same way.
     """
-    from reference import _rmsnorm, _rope, q80_roundtrip, rope_frequencies
+    from reference import ref_forward
 
-    w, n_tok, hd = m.weights, len(tokens), m.head_dim
-    qz = q80_roundtrip
-    angles = np.arange(n_tok, dtype=np.float64)[:, None] * rope_frequencies(m)[None, :]
-    cos, sin = np.cos(angles), np.sin(angles)
-    mask = np.triu(np.full((n_tok, n_tok), -np.inf), k=1)
-    group = m.n_heads // m.n_kv_heads
-    hidden = w["blk.0.ffn_gate.weight"].shape[0]
+    group, hd = m.n_heads // m.n_kv_heads, m.head_dim
+    hidden = m.weights["blk.0.ffn_gate.weight"].shape[0]
     heads = [tuple(h * group * hd for h in _split(m.n_kv_heads, n_nodes, k)) for k in range(n_nodes)]
     ffn = [tuple(b * 32 for b in _split(hidden // 32, n_nodes, k)) for k in range(n_nodes)]
-    x = w["token_embd.weight"][np.asarray(tokens)]
-    for layer in range(m.n_layers):
-        p = f"blk.{layer}."
-        h = qz(_rmsnorm(x, w[p + "attn_norm.weight"], m.norm_eps))
-        q = (h @ w[p + "attn_q.weight"].T).reshape(n_tok, m.n_heads, hd)
-        k = (h @ w[p + "attn_k.weight"].T).reshape(n_tok, m.n_kv_heads, hd)
-        v = (h @ w[p + "attn_v.weight"].T).reshape(n_tok, m.n_kv_heads, hd)
-        q, k = _rope(q, cos, sin, m.rope_neox), _rope(k, cos, sin, m.rope_neox)
-        k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-        scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
-        att = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        att /= att.sum(axis=-1, keepdims=True)
-        o = qz(np.einsum("hts,shd->thd", att, v).reshape(n_tok, m.n_heads * hd))
-        wo = w[p + "attn_output.weight"]
-        x = x + sum(qz(o[:, a:b] @ wo[:, a:b].T) for a, b in heads)
-        h = qz(_rmsnorm(x, w[p + "ffn_norm.weight"], m.norm_eps))
-        gate, up = h @ w[p + "ffn_gate.weight"].T, h @ w[p + "ffn_up.weight"].T
-        d = qz(gate / (1 + np.exp(-gate)) * up)
-        w2 = w[p + "ffn_down.weight"]
-        x = x + sum(qz(d[:, a:b] @ w2[:, a:b].T) for a, b in ffn)
-    h = qz(_rmsnorm(x, w["output_norm.weight"], m.norm_eps))
-    return h @ w.get("output.weight", w["token_embd.weight"]).T
+    return ref_forward(m, tokens, q80=True, node_columns=(heads, ffn))
