@@ -17,9 +17,9 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shapes and constants of a Llama-family decoder; q/k rows follow the interleaved-RoPE convention."""
+    """Shapes and constants of a decoder-only transformer; `arch` names its description in engine/arch/."""
 
-    arch: str  # "llama"
+    arch: str  # "llama", "qwen2", "qwen3", "qwen3moe"
     dim: int
     hidden_dim: int
     n_layers: int
@@ -32,6 +32,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_neox: bool = False  # False: interleaved pairs (Llama); True: half-split (NeoX/Falcon)
     rope_scaling: RopeScaling | None = None
+    n_experts: int = 0  # mixture of experts: experts per layer (0: a dense FFN of hidden_dim)
+    n_active_experts: int = 0  # experts each token is routed to
+    moe_hidden_dim: int = 0  # FFN width of one expert
 
     @property
     def q_dim(self) -> int:
