@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from engine.backend import Backend
-from engine.embedded import embedded_model_path
+from engine.catalog import resolve_model
 from engine.errors import DllamaError
 from engine.graph import ACT_TYPES
 from engine.model_file import open_model
@@ -66,14 +65,15 @@ def load(
     net_timeout: float | None = None,
     gpu_index: int | None = None,
 ) -> Loaded:
-    """Open the model (the embedded SmolLM2 when none is given) and its tokenizer, and compile the graph;
-    with `workers` (HOST:PORT) this node becomes the root of a cluster and streams them their slices."""
+    """Open the model (a file or a catalogue name; the embedded SmolLM2 when none is given) and its
+    tokenizer, and compile the graph; with `workers` (HOST:PORT) this node becomes the root of a cluster and
+    streams them their slices."""
     if act not in ACT_TYPES:
         raise DllamaError(f"unknown --buffer-float-type {act!r}: choose one of {', '.join(ACT_TYPES)}")
     if max_seq_len is not None and max_seq_len < 1:
         raise DllamaError(f"--max-seq-len must be at least 1 (got {max_seq_len})")
     be = make_backend(backend, n_threads, gpu_index)
-    path = Path(model_path) if model_path else embedded_model_path()
+    path = resolve_model(model_path)
     model = open_model(path)
     if tokenizer_path:
         tokenizer = load_tokenizer(tokenizer_path)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the ../shared reference folder, its golden outputs and the embedded model."""
+"""Shared fixtures: the ../shared reference folder, its golden outputs, the embedded model, Qwen2.5-Coder."""
 
 from __future__ import annotations
 
@@ -26,9 +26,18 @@ def shared() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    from engine.embedded import embedded_model_path
+    from engine.catalog import resolve_model
 
-    return embedded_model_path()
+    return resolve_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def qwen25_path() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct from the user cache, fetched through the catalogue if it is not there yet
+    (`make test` fetches it before the tests start)."""
+    from engine.catalog import resolve_model
+
+    return resolve_model("qwen2.5-coder")
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +45,22 @@ def golden(shared: Path) -> tuple[dict, dict]:
     """The golden SmolLM2 outputs: (the json's cases and perplexity, the npz's prompt ids and logits)."""
     meta = json.loads((shared / "smollm2_golden.json").read_text())
     return meta, dict(np.load(shared / "smollm2_golden.npz"))
+
+
+@pytest.fixture(scope="session")
+def qwen25_tokenizer(qwen25_path: Path):
+    """Qwen2.5-Coder's tokenizer from the file's metadata (the model itself is not loaded)."""
+    from engine.gguf_file import read_gguf
+    from engine.tokenizer import tokenizer_from_gguf
+
+    return tokenizer_from_gguf(read_gguf(qwen25_path)[0])
+
+
+@pytest.fixture(scope="session")
+def qwen25_golden(shared: Path) -> tuple[dict, dict]:
+    """The golden Qwen2.5-Coder outputs: (the json's cases and perplexity, the npz's ids and logits)."""
+    meta = json.loads((shared / "qwen25_golden.json").read_text())
+    return meta, dict(np.load(shared / "qwen25_golden.npz"))
 
 
 @pytest.fixture(scope="session")
