@@ -1,4 +1,4 @@
-"""engine.quants against the original project's golden bytes, hand-computed blocks and gguf's own codecs."""
+"""engine.quants against the original project's golden bytes, hand-made blocks and gguf-py's own codecs."""
 
 from __future__ import annotations
 
@@ -23,6 +23,49 @@ GOLDEN_Q40 = (
     "cb78736ba09759bb0e34a6274e827b957d7a67dfa86846955660d234b6d9d78a378094a8a8708a7a774ae92f8a36b8c999a9b77a"
     "7d958a69747c807963941235379886d69a7a8767b3a6a4ac71999760"
 )
+
+# GGML id, values and bytes per block and the byte offsets of the f16 scale fields, from the GGML layouts.
+LAYOUT = {
+    "q40": (GT.Q4_0, 32, 18, (0,)),
+    "q41": (GT.Q4_1, 32, 20, (0, 2)),
+    "q50": (GT.Q5_0, 32, 22, (0,)),
+    "q51": (GT.Q5_1, 32, 24, (0, 2)),
+    "q80": (GT.Q8_0, 32, 34, (0,)),
+    "q4k": (GT.Q4_K, 256, 144, (0, 2)),
+    "q5k": (GT.Q5_K, 256, 176, (0, 2)),
+    "q6k": (GT.Q6_K, 256, 210, (208,)),
+}
+# Relative RMS error of quantize -> dequantize on standard normal values (measured: 0.086, 0.078, 0.043,
+# 0.038, 0.0054, 0.074, 0.036, 0.019, f16 2e-4, bf16 1.7e-3), with a little headroom.
+REL_RMS = {
+    "f32": 0.0,
+    "f16": 3e-4,
+    "bf16": 2.5e-3,
+    "q40": 0.095,
+    "q41": 0.085,
+    "q50": 0.048,
+    "q51": 0.042,
+    "q80": 0.006,
+    "q4k": 0.08,
+    "q5k": 0.04,
+    "q6k": 0.021,
+}
+GGUF_QUANTIZERS = {
+    "q40": GT.Q4_0,
+    "q41": GT.Q4_1,
+    "q50": GT.Q5_0,
+    "q51": GT.Q5_1,
+    "q80": GT.Q8_0,
+    "bf16": GT.BF16,
+}
+
+
+def rel_rms(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((got - want) ** 2) / np.mean(want**2)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distributed-llama's Q40 / Q80 rules, byte for byte
 
 
 def test_q40_golden_bytes() -> None:
@@ -59,34 +102,149 @@ def test_q80_hand_computed_ties_round_half_even() -> None:
     assert list(b[2:7].view(np.int8)) == [127, 0, 2, 2, -2]
 
 
-def test_q40_q80_match_gguf_quantizers_on_random_data() -> None:
+# ----------------------------------------------------------------------------------------------------------
+# Decoding: gguf-py's dequantize is the oracle
+
+
+def random_blocks(dtype: str, n_blocks: int, seed: int) -> np.ndarray:
+    """Random bytes in every field, then finite f16 scales of a sensible range over the scale fields."""
+    _, _, nbytes, scale_at = LAYOUT[dtype]
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 256, (n_blocks, nbytes), dtype=np.uint8)
+    for at in scale_at:
+        scale = (rng.uniform(-1, 1, n_blocks) * 10.0 ** rng.uniform(-4, 0, n_blocks)).astype("<f2")
+        b[:, at : at + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return b
+
+
+@pytest.mark.parametrize("dtype", list(LAYOUT))
+def test_dequantize_random_blocks_matches_gguf(dtype: str) -> None:
+    gt, values, _, _ = LAYOUT[dtype]
+    rows, cols = 6, 4 * values
+    b = random_blocks(dtype, rows * 4, seed=len(dtype) + values).reshape(rows, -1)
+    got = dequantize(b, dtype, rows, cols)
+    assert got.shape == (rows, cols) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, gguf.quants.dequantize(b, gt).reshape(rows, cols))
+
+
+@pytest.mark.parametrize(("dtype", "elem"), [("f32", "<f4"), ("f16", "<f2")])
+def test_dequantize_plain_floats(dtype: str, elem: str) -> None:
+    x = np.random.default_rng(4).standard_normal((3, 8)).astype(elem)
+    got = dequantize(x, dtype, 3, 8)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, x.astype(np.float32))
+
+
+def test_dequantize_bf16_bits_by_hand() -> None:
+    bits = np.array([[0x3FC0, 0x3E80, 0xC000, 0x0000]], dtype=np.uint16)  # 1.5, 0.25, -2, 0
+    np.testing.assert_array_equal(dequantize(bits, "bf16", 1, 4), [[1.5, 0.25, -2.0, 0.0]])
+
+
+def test_dequantize_strided_expert_stack() -> None:
+    """Weight data of an expert stack may be a strided view; each expert decodes as its own bytes."""
+    stack = random_blocks("q4k", 4 * 3 * 2, seed=9).reshape(4, 3, 2 * 144)
+    every_other = stack[::2]
+    assert not every_other.flags.c_contiguous
+    got = dequantize(every_other, "q4k", 2 * 3, 512).reshape(2, 3, 512)
+    for k, e in enumerate((0, 2)):
+        np.testing.assert_array_equal(got[k], gguf.quants.dequantize(stack[e], GT.Q4_K).reshape(3, 512))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoding: accuracy, exact round trips, agreement with gguf-py's quantizers
+
+
+@pytest.mark.parametrize("dtype", list(REL_RMS))
+def test_quantize_round_trip_error(dtype: str) -> None:
+    x = np.random.default_rng(0).standard_normal((16, 512)).astype(np.float32)
+    q = quantize(x, dtype)
+    got = dequantize(q, dtype, 16, 512)
+    assert rel_rms(got, x) <= REL_RMS[dtype]
+    if dtype in LAYOUT:  # and gguf-py decodes the blocks to the same values
+        oracle = gguf.quants.dequantize(q.view(np.uint8), LAYOUT[dtype][0]).reshape(16, 512)
+        np.testing.assert_array_equal(got, oracle)
+
+
+@pytest.mark.parametrize("dtype", ["q4k", "q5k"])
+def test_k_quant_sub_blocks_keep_their_own_scale(dtype: str) -> None:
+    """Sub-blocks of 32 down to 1/20 of the super-block's largest: each keeps a small relative error."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((32, 512)).astype(np.float32)
+    x *= np.exp(rng.uniform(-3, 0, (32, 16))).repeat(32, axis=1).astype(np.float32)
+    got = dequantize(quantize(x, dtype), dtype, 32, 512)
+    err = np.sqrt(np.mean((got - x).reshape(-1, 32) ** 2, axis=1) / np.mean(x.reshape(-1, 32) ** 2, axis=1))
+    assert err.max() <= (0.15 if dtype == "q4k" else 0.08)
+
+
+def representable(dtype: str, rng: np.random.Generator) -> np.ndarray:
+    """One row of values that `dtype` can store exactly (power-of-two scales, every code and extreme used)."""
+    if dtype in ("q40", "q50", "q41", "q51"):
+        top = {"q40": 15, "q50": 31, "q41": 15, "q51": 31}[dtype]
+        codes = np.concatenate([rng.permutation(np.resize(np.arange(top + 1), 32)) for _ in range(2)])
+        if dtype in ("q41", "q51"):  # min -1.5 and max both occur in every block: d = 0.25
+            return -1.5 + 0.25 * codes
+        return 2.0**-5 * (codes - (top + 1) // 2)  # the extreme is the negative one: d = 2^-5
+    if dtype == "q80":
+        codes = rng.integers(-127, 128, 64)
+        codes[[0, 40]] = [127, -127]
+        return 2.0**-6 * codes
+    if dtype == "q6k":
+        sc = rng.integers(-127, 128, 16)
+        sc[3] = 127  # d = max |scale| / 127
+        codes = rng.integers(0, 64, (16, 16))
+        codes[:, 0] = 0  # each sub-block's extreme -32·d·sc fixes its scale
+        return (2.0**-8 * sc[:, None] * (codes - 32)).reshape(-1)
+    top = 15 if dtype == "q4k" else 31
+    sc, mn = rng.integers(1, 64, 8), rng.integers(0, 64, 8)
+    sc[2], mn[5] = 63, 63
+    codes = rng.integers(0, top + 1, (8, 32))
+    codes[:, 0], codes[:, 1] = 0, top
+    return (2.0**-7 * sc[:, None] * codes - 2.0**-6 * mn[:, None]).reshape(-1)
+
+
+@pytest.mark.parametrize("dtype", list(LAYOUT))
+def test_quantize_exact_where_representable(dtype: str) -> None:
+    rng = np.random.default_rng(11)
+    x = np.stack([representable(dtype, rng) for _ in range(4)]).astype(np.float32)
+    q = quantize(x, dtype)
+    decoded = gguf.quants.dequantize(q.view(np.uint8), LAYOUT[dtype][0]).reshape(x.shape)
+    np.testing.assert_array_equal(decoded, x)
+
+
+def test_quantize_plain_floats_exact() -> None:
+    x = np.array([[1.5, -0.25, 2.0**-15, 65504.0]], dtype=np.float32)
+    for dtype in ("f32", "f16"):
+        np.testing.assert_array_equal(dequantize(quantize(x, dtype), dtype, 1, 4), x)
+    assert quantize(x[:, :2], "bf16").tolist() == [0x3FC0, 0xBE80]
+    assert quantize(np.float32([1 + 2**-8, 1 + 3 * 2**-8]), "bf16").tolist() == [
+        0x3F80,
+        0x3F82,
+    ]  # ties to even
+
+
+@pytest.mark.parametrize("dtype", list(GGUF_QUANTIZERS))
+def test_quantize_matches_gguf_quantizer_bytes(dtype: str) -> None:
     x = np.random.default_rng(7).standard_normal((64, 256)).astype(np.float32)
-    assert np.array_equal(quantize_q40(x), gguf.quants.quantize(x, GT.Q4_0).reshape(-1))
-    assert np.array_equal(quantize_q80(x), gguf.quants.quantize(x, GT.Q8_0).reshape(-1))
+    want = gguf.quants.quantize(x, GGUF_QUANTIZERS[dtype]).reshape(-1).view(np.uint8)
+    assert np.array_equal(quantize(x, dtype).view(np.uint8), want)
 
 
-@pytest.mark.parametrize(
-    ("dtype", "gt"), [("q40", GT.Q4_0), ("q41", GT.Q4_1), ("q80", GT.Q8_0), ("bf16", GT.BF16)]
-)
-def test_dequantize_matches_gguf(dtype: str, gt: GT) -> None:
-    x = (np.random.default_rng(3).standard_normal((24, 96)) * 0.7).astype(np.float32)
-    q = gguf.quants.quantize(x, gt)
-    got = dequantize(q, dtype, 24, 96)
-    assert got.shape == (24, 96) and got.dtype == np.float32
-    assert np.array_equal(got, gguf.quants.dequantize(q, gt).reshape(24, 96))
-    assert np.abs(got - x).max() < 0.2  # and it is a decoding of x, not of something else
+# ----------------------------------------------------------------------------------------------------------
+# Bad input
 
 
-def test_dequantize_f32_f16() -> None:
-    x = np.random.default_rng(4).standard_normal((3, 8)).astype(np.float32)
-    assert np.array_equal(dequantize(x, "f32", 3, 8), x)
-    half = x.astype(np.float16)
-    assert np.array_equal(dequantize(half, "f16", 3, 8), half.astype(np.float32))
-
-
-def test_quantize_dispatch_round_trip() -> None:
-    x = np.random.default_rng(5).standard_normal((4, 64)).astype(np.float32)
-    for dtype, tol in (("f32", 0.0), ("f16", 2e-3), ("q80", 0.03), ("q40", 0.5)):
-        assert np.abs(dequantize(quantize(x, dtype), dtype, 4, 64) - x).max() <= tol
-    with pytest.raises(DllamaError, match="q41"):
-        quantize(x, "q41")
+def test_bad_sizes_and_types_are_user_errors() -> None:
+    x = np.zeros((2, 288), dtype=np.float32)  # 288 values: 9 blocks of 32, not whole 256-value super-blocks
+    assert quantize(x, "q50").size == 2 * 9 * 22
+    with pytest.raises(DllamaError, match="multiple of the block size 256"):
+        quantize(x, "q6k")
+    with pytest.raises(DllamaError, match="multiple of the block size 32"):
+        quantize(np.zeros((4, 48), dtype=np.float32), "q41")  # 192 values, but rows of 48
+    with pytest.raises(DllamaError, match="needs 288 bytes, got 287"):
+        dequantize(np.zeros(287, dtype=np.uint8), "q4k", 2, 256)
+    with pytest.raises(DllamaError, match="whole number of Q6_K blocks"):
+        dequantize(np.zeros(210, dtype=np.uint8), "q6k", 1, 200)
+    with pytest.raises(DllamaError, match="unknown weight type 'q3k'"):
+        quantize(x, "q3k")
+    with pytest.raises(DllamaError, match="unknown weight type 'q2k'"):
+        dequantize(np.zeros(84, dtype=np.uint8), "q2k", 1, 256)
