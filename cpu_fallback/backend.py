@@ -10,7 +10,7 @@ import numpy as np
 from cpu_fallback import kernels
 from engine.backend import Backend, Program
 from engine.graph import Graph, Op
-from engine.weights import BLOCK, BLOCK_BYTES, Weight
+from engine.weights import Weight, vector_f32
 
 Step = Callable[[int], None]
 
@@ -39,7 +39,7 @@ class CpuProgram(Program):
             cfg.rope_theta,
             cfg.rope_neox,
             scaling,
-            None if factors is None else np.ascontiguousarray(factors.data.reshape(-1), np.float32),
+            None if factors is None else vector_f32(factors),
             graph.max_seq_len,
         )
         self.att_scratch = np.zeros((max_batch * max(graph.slice.n_heads, 1), graph.max_seq_len), np.float32)
@@ -54,59 +54,85 @@ class CpuProgram(Program):
 
     # ---- op binding: one closure per op, no lookups at run time ----
     def _bind(self, op: Op) -> Step:
-        b, p = self.bufs, op.params
+        binder = BINDERS.get(op.kind)
+        if binder is None:
+            raise ValueError(f"CPU backend has no kernel for op kind {op.kind!r}")
         w = self.weights[op.weight] if op.weight else None
-        ins = [b[i] for i in op.inputs]
-        outs = [b[o] for o in op.outputs]
-        if op.kind == "embedding":
-            tok, x = ins[0], outs[0]
-            return lambda n: kernels.embedding(w.data, w.dtype, tok[:n, 0], x[:n])
-        if op.kind == "rmsnorm":
-            x, out, wv, eps = ins[0], outs[0], np.ascontiguousarray(w.data.reshape(-1), np.float32), p["eps"]
-            return lambda n: kernels.rmsnorm(x[:n], wv, eps, out[:n])
-        if op.kind == "quantize_q80":
-            x, out = ins[0], outs[0]
-            return lambda n: kernels.quantize_q80(x[:n], out[:n])
-        if op.kind == "matmul":
-            x, out = ins[0], outs[0]
-            mm = kernels.matmul_q80 if x.dtype == np.uint8 else kernels.matmul
-            return lambda n: mm(w.data, w.dtype, x[:n], out[:n])
-        if op.kind == "rope":
-            x, pos, cos, sin, hd, neox = ins[0], ins[1], self.cos, self.sin, p["head_dim"], p["neox"]
-            return lambda n: kernels.rope(x[:n], pos[:n, 0], cos, sin, hd, neox)
-        if op.kind == "kv_store":
-            k, v, pos = ins
-            kc, vc = self.k_cache[p["layer"]], self.v_cache[p["layer"]]
-            return lambda n: kernels.kv_store(kc, vc, pos[:n, 0], k[:n], v[:n])
-        if op.kind == "attention":
-            q, pos, out = ins[0], ins[1], outs[0]
-            kc, vc = self.k_cache[p["layer"]], self.v_cache[p["layer"]]
-            nh, nkv, hd, scratch = p["n_heads"], p["n_kv_heads"], p["head_dim"], self.att_scratch
-            return lambda n: kernels.attention(q[:n], kc, vc, pos[:n, 0], nh, nkv, hd, out[:n], scratch)
-        if op.kind == "silu_mul":
-            gate, up = ins
-            return lambda n: kernels.silu_mul(gate[:n], up[:n])
-        if op.kind == "to_pipe":
-            return self._bind_to_pipe(ins[0], outs[0], p["slot"])
-        if op.kind == "merge_add":
-            return self._bind_merge_add(ins[0], outs[0])
-        raise ValueError(f"CPU backend has no kernel for op kind {op.kind!r}")
+        ins = [self.bufs[i] for i in op.inputs]
+        outs = [self.bufs[o] for o in op.outputs]
+        return binder(self, op, w, ins, outs)
 
-    def _bind_to_pipe(self, y: np.ndarray, zq: np.ndarray, slot: int) -> Step:
-        dim = y.shape[1]
+    def _embedding(self, op: Op, w: Weight, ins: list, outs: list) -> Step:
+        tok, x = ins[0], outs[0]
+        return lambda n: kernels.embedding(w.data, w.dtype, tok[:n, 0], x[:n])
+
+    def _rmsnorm(self, op: Op, w: Weight, ins: list, outs: list) -> Step:
+        x, out, wv, eps = ins[0], outs[0], vector_f32(w), op.params["eps"]
+        return lambda n: kernels.rmsnorm(x[:n], wv, eps, out[:n])
+
+    def _quantize_q80(self, op: Op, w: None, ins: list, outs: list) -> Step:
+        x, out = ins[0], outs[0]
+        return lambda n: kernels.quantize_q80(x[:n], out[:n])
+
+    def _matmul(self, op: Op, w: Weight, ins: list, outs: list) -> Step:
+        x, out = ins[0], outs[0]
+        mm = kernels.matmul_q80 if x.dtype == np.uint8 else kernels.matmul
+        return lambda n: mm(w.data, w.dtype, x[:n], out[:n])
+
+    def _add_bias(self, op: Op, w: Weight, ins: list, outs: list) -> Step:
+        x, bias = outs[0], vector_f32(w)
+        return lambda n: kernels.add_bias(x[:n], bias)
+
+    def _rope(self, op: Op, w: None, ins: list, outs: list) -> Step:
+        x, pos, cos, sin = ins[0], ins[1], self.cos, self.sin
+        hd, neox = op.params["head_dim"], op.params["neox"]
+        return lambda n: kernels.rope(x[:n], pos[:n, 0], cos, sin, hd, neox)
+
+    def _kv_store(self, op: Op, w: None, ins: list, outs: list) -> Step:
+        k, v, pos = ins
+        kc, vc = self.k_cache[op.params["layer"]], self.v_cache[op.params["layer"]]
+        return lambda n: kernels.kv_store(kc, vc, pos[:n, 0], k[:n], v[:n])
+
+    def _attention(self, op: Op, w: None, ins: list, outs: list) -> Step:
+        p = op.params
+        q, pos, out = ins[0], ins[1], outs[0]
+        kc, vc = self.k_cache[p["layer"]], self.v_cache[p["layer"]]
+        nh, nkv, hd, scratch = p["n_heads"], p["n_kv_heads"], p["head_dim"], self.att_scratch
+        return lambda n: kernels.attention(q[:n], kc, vc, pos[:n, 0], nh, nkv, hd, out[:n], scratch)
+
+    def _silu_mul(self, op: Op, w: None, ins: list, outs: list) -> Step:
+        gate, up = ins
+        return lambda n: kernels.silu_mul(gate[:n], up[:n])
+
+    def _moe_route(self, op: Op, w: None, ins: list, outs: list) -> Step:
+        logits, (idx, weights) = ins[0], outs
+        k, normalize = op.params["k"], op.params["normalize"]
+        return lambda n: kernels.moe_route(logits[:n], k, normalize, idx[:n], weights[:n])
+
+    def _moe_matmul(self, op: Op, w: Weight, ins: list, outs: list) -> Step:
+        (x, idx), out = ins, outs[0]
+        mm = kernels.moe_matmul_q80 if x.dtype == np.uint8 else kernels.moe_matmul
+        return lambda n: mm(w.data, w.dtype, x[:n], idx[:n], out[:n])
+
+    def _moe_sum(self, op: Op, w: None, ins: list, outs: list) -> Step:
+        (ys, weights), y = ins, outs[0]
+        return lambda n: kernels.moe_sum(ys[:n], weights[:n], y[:n])
+
+    def _to_pipe(self, op: Op, w: None, ins: list, outs: list) -> Step:
+        y, zq, slot = ins[0], outs[0], op.params["slot"]
+        width = zq.shape[1] // self.graph.slice.n_nodes
+        dst = zq[:, slot * width : (slot + 1) * width]
         if zq.dtype == np.uint8:
-            rb = dim // BLOCK * BLOCK_BYTES["q80"]
-            dst = zq[:, slot * rb : (slot + 1) * rb]
             return lambda n: kernels.quantize_q80(y[:n], dst[:n])
-        dst = zq[:, slot * dim : (slot + 1) * dim]
 
         def copy(n: int) -> None:
             dst[:n] = y[:n]
 
         return copy
 
-    def _bind_merge_add(self, zq: np.ndarray, x: np.ndarray) -> Step:
+    def _merge_add(self, op: Op, w: None, ins: list, outs: list) -> Step:
         """x += every node's slot in node order (the same order everywhere keeps replicas bit-identical)."""
+        zq, x = ins[0], outs[0]
         if zq.dtype == np.uint8:
             return lambda n: kernels.merge_add_q80(x[:n], zq[:n])
         dim, n_slots = x.shape[1], self.graph.slice.n_nodes
@@ -117,6 +143,25 @@ class CpuProgram(Program):
                 kernels.add(x[:n], sl[:n])
 
         return merge
+
+
+BINDERS: dict[str, Callable[..., Step]] = {
+    "embedding": CpuProgram._embedding,
+    "rmsnorm": CpuProgram._rmsnorm,
+    "quantize_q80": CpuProgram._quantize_q80,
+    "matmul": CpuProgram._matmul,
+    "add_bias": CpuProgram._add_bias,
+    "rope": CpuProgram._rope,
+    "kv_store": CpuProgram._kv_store,
+    "attention": CpuProgram._attention,
+    "silu_mul": CpuProgram._silu_mul,
+    "moe_route": CpuProgram._moe_route,
+    "moe_matmul": CpuProgram._moe_matmul,
+    "moe_sum": CpuProgram._moe_sum,
+    "to_pipe": CpuProgram._to_pipe,
+    "merge_add": CpuProgram._merge_add,
+}
+OP_KINDS = frozenset(BINDERS)  # the op kinds this backend implements
 
 
 class CpuBackend(Backend):

@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from engine.config import ModelConfig, RopeScaling
+from engine.arch import get_arch
+from engine.arch.base import Meta
 from engine.errors import DllamaError
-from engine.weights import Model, Weight, map_file, row_bytes
+from engine.weight_types import from_ggml
+from engine.weights import Model, Weight, map_file, weight_from_bytes
 
 GGUF_MAGIC = b"GGUF"
 
@@ -124,138 +126,27 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTensorInf
     return meta, tensors, mm
 
 
-GGML_TO_DTYPE = {
-    GGMLQuantizationType.F32: "f32",
-    GGMLQuantizationType.F16: "f16",
-    GGMLQuantizationType.BF16: "bf16",
-    GGMLQuantizationType.Q8_0: "q80",
-    GGMLQuantizationType.Q4_0: "q40",
-    GGMLQuantizationType.Q4_1: "q41",
-}
-_NP_DTYPE = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
-LAYER_TENSORS = (
-    "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down",
-)
-
-
-def _f32(value: float) -> float:
-    """A float32 metadata value as the shortest decimal that rounds to it (1e-05, not 9.99999974e-06)."""
-    return float(str(np.float32(value)))
-
-
-def _int_key(meta: dict[str, Any], key: str, path: str, default: int | None = None) -> int:
-    value = meta.get(key, default)
-    if value is None:
-        raise DllamaError(f"{path}: GGUF metadata key {key} is missing")
-    if isinstance(value, list) or isinstance(value, bool) or not isinstance(value, int):
-        raise DllamaError(f"{path}: GGUF metadata key {key} = {value!r} is not a single integer")
-    return value
-
-
-def gguf_config(meta: dict[str, Any], path: str) -> ModelConfig:
-    """ModelConfig from the `llama.*` metadata keys of a GGUF file."""
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise DllamaError(f"{path}: architecture {arch!r} is not supported (only 'llama' GGUF models are)")
-    dim = _int_key(meta, "llama.embedding_length", path)
-    n_heads = _int_key(meta, "llama.attention.head_count", path)
-    if "llama.attention.key_length" in meta:
-        head_dim = _int_key(meta, "llama.attention.key_length", path)
-    elif "llama.rope.dimension_count" in meta:
-        head_dim = _int_key(meta, "llama.rope.dimension_count", path)
-    elif dim % n_heads == 0:
-        head_dim = dim // n_heads
-    else:
-        raise DllamaError(f"{path}: embedding_length {dim} is not a multiple of head_count {n_heads}")
-    if "llama.vocab_size" in meta:
-        vocab = _int_key(meta, "llama.vocab_size", path)
-    elif meta.get("tokenizer.ggml.tokens"):
-        vocab = len(meta["tokenizer.ggml.tokens"])
-    else:
-        raise DllamaError(f"{path}: neither llama.vocab_size nor tokenizer.ggml.tokens gives the vocab size")
-    scaling = None
-    stype = meta.get("llama.rope.scaling.type")
-    if stype == "llama3" and meta.get("llama.rope.scaling.factor", 1.0) != 1.0:
-        scaling = RopeScaling(
-            factor=_f32(meta.get("llama.rope.scaling.factor", 1.0)),
-            low_freq_factor=_f32(meta.get("llama.rope.scaling.low_freq_factor", 1.0)),
-            high_freq_factor=_f32(meta.get("llama.rope.scaling.high_freq_factor", 4.0)),
-            orig_max_seq_len=_int_key(meta, "llama.rope.scaling.original_context_length", path, 8192),
-        )
-    elif stype not in (None, "none"):
-        raise DllamaError(f"{path}: rope scaling type {stype!r} is not supported (only 'llama3' is)")
-    return ModelConfig(
-        arch="llama",
-        dim=dim,
-        hidden_dim=_int_key(meta, "llama.feed_forward_length", path),
-        n_layers=_int_key(meta, "llama.block_count", path),
-        n_heads=n_heads,
-        n_kv_heads=_int_key(meta, "llama.attention.head_count_kv", path, n_heads),
-        head_dim=head_dim,
-        vocab_size=vocab,
-        context_len=_int_key(meta, "llama.context_length", path),
-        norm_eps=_f32(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=_f32(meta.get("llama.rope.freq_base", 10000.0)),
-        rope_scaling=scaling,
-    )
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(rows, cols) of every tensor a Llama model needs, by GGUF name (1-D tensors have rows = 1)."""
-    shapes = {"token_embd.weight": (cfg.vocab_size, cfg.dim), "output_norm.weight": (1, cfg.dim)}
-    per_layer = {
-        "attn_norm": (1, cfg.dim), "attn_q": (cfg.q_dim, cfg.dim), "attn_k": (cfg.kv_dim, cfg.dim),
-        "attn_v": (cfg.kv_dim, cfg.dim), "attn_output": (cfg.dim, cfg.q_dim), "ffn_norm": (1, cfg.dim),
-        "ffn_gate": (cfg.hidden_dim, cfg.dim), "ffn_up": (cfg.hidden_dim, cfg.dim),
-        "ffn_down": (cfg.dim, cfg.hidden_dim),
-    }
-    for layer in range(cfg.n_layers):
-        for t in LAYER_TENSORS:
-            shapes[f"blk.{layer}.{t}.weight"] = per_layer[t]
-    return shapes
-
-
 def _weight(info: GGUFTensorInfo, mm: np.memmap, path: str) -> Weight:
-    dtype = GGML_TO_DTYPE.get(info.ggml_type)
-    if dtype is None:
-        raise DllamaError(
-            f"{path}: tensor {info.name} has type {info.ggml_type.name}, which is not supported "
-            f"(supported: {', '.join(t.name for t in GGML_TO_DTYPE)})"
-        )
-    if len(info.shape) not in (1, 2):
-        raise DllamaError(f"{path}: tensor {info.name} has {len(info.shape)} dimensions (expected 1 or 2)")
-    cols = info.shape[0]
-    rows = info.shape[1] if len(info.shape) == 2 else 1
+    wt = from_ggml(int(info.ggml_type), f"{path}: tensor {info.name}")
+    if not 1 <= len(info.shape) <= 3:
+        raise DllamaError(f"{path}: tensor {info.name} has {len(info.shape)} dimensions (expected 1 to 3)")
+    shape = tuple(reversed(info.shape))  # GGUF lists the contiguous dimension first
     raw = mm[info.offset : info.offset + info.nbytes]
-    if dtype in _NP_DTYPE:
-        data = raw.view(_NP_DTYPE[dtype]).reshape(rows, cols)
-    else:
-        data = raw.reshape(rows, row_bytes(dtype, cols))
-    return Weight(info.name, dtype, rows, cols, data)
+    return weight_from_bytes(info.name, wt.name, shape, raw)
 
 
 def load_gguf(path: str | Path) -> Model:
-    """Load a Llama GGUF: config from metadata, every tensor a view of the memory-mapped file (no copies)."""
+    """Load a GGUF model: config from its architecture's metadata keys, every tensor a view of the
+    memory-mapped file (no copies); tensors the architecture does not know are refused."""
     path = str(path)
     meta, infos, mm = read_gguf(path)
-    cfg = gguf_config(meta, path)
-    shapes = expected_shapes(cfg)
-    if "output.weight" in infos:
-        shapes["output.weight"] = (cfg.vocab_size, cfg.dim)
-    if "rope_freqs.weight" in infos:
-        shapes["rope_freqs.weight"] = (1, cfg.head_dim // 2)
-    weights: dict[str, Weight] = {}
-    for name, (rows, cols) in shapes.items():
-        info = infos.get(name)
-        if info is None:
-            raise DllamaError(f"{path}: required tensor {name} is missing")
-        w = _weight(info, mm, path)
-        if (w.rows, w.cols) != (rows, cols):
-            raise DllamaError(
-                f"{path}: tensor {name} is {w.rows}x{w.cols} (rows x cols), the config needs {rows}x{cols}"
-            )
-        weights[name] = w
-    freqs = weights.get("rope_freqs.weight")
-    if freqs is not None and freqs.dtype != "f32":
-        raise DllamaError(f"{path}: tensor rope_freqs.weight must be F32, not {freqs.dtype}")
+    arch = get_arch(meta.get("general.architecture"), path)
+    cfg = arch.config(Meta(meta, path, arch.name))
+    weights = arch.collect(cfg, lambda name: _weight(infos[name], mm, path) if name in infos else None, path)
+    unknown = sorted(set(infos) - set(weights))
+    if unknown:
+        raise DllamaError(
+            f"{path}: tensor {unknown[0]} ({len(unknown)} in all) is not part of the {arch.name} architecture: "
+            "this variant is not supported"
+        )
     return Model(cfg, weights, path, len(mm), "gguf", meta)

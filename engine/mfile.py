@@ -9,15 +9,17 @@ from typing import BinaryIO
 
 import numpy as np
 
+from engine.arch import arch_for_m_type, get_arch
+from engine.arch.base import as_weight_shape
 from engine.atomic_file import atomic_write
 from engine.config import ModelConfig, RopeScaling
 from engine.errors import DllamaError
 from engine.quants import dequantize, quantize
-from engine.weights import BLOCK, Model, Weight, map_file, row_bytes
+from engine.weight_types import from_m_code, row_bytes, weight_type
+from engine.weights import Model, Weight, map_file, weight_from_bytes
 
 M_MAGIC = 0x0A00ABCD
 OLD_M_MAGICS = (0xABCD00, 0xABCD01)
-ARCH_LLAMA, ARCH_QWEN3, ARCH_QWEN3_MOE = 0xABCD00, 0xABCD01, 0xABCD02
 ROPE_LLAMA, ROPE_FALCON, ROPE_LLAMA3_1 = 0, 1, 2
 HEADER_KEYS = (
     "version", "arch_type", "dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "n_experts",
@@ -26,31 +28,36 @@ HEADER_KEYS = (
     "rope_scaling_orig_max_seq_len", "rope_type", "head_dim", "norm_epsilon", "moe_hidden_dim",
 )
 KEY_ID = {name: i for i, name in enumerate(HEADER_KEYS)}
-FLOAT_TYPES = {0: "f32", 1: "f16", 2: "q40", 3: "q80"}
-FLOAT_CODES = {v: k for k, v in FLOAT_TYPES.items()}
 NORM_EPS = {5: 1e-5, 6: 1e-6}
 REQUIRED = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len")
-# .m stream order of the per-layer tensors, by the GGUF-style names used in engine.weights.
-LAYER_STREAM = (
-    ("attn_q", "wt"), ("attn_k", "wt"), ("attn_v", "wt"), ("attn_output", "wt"),
-    ("ffn_gate", "wt"), ("ffn_down", "wt"), ("ffn_up", "wt"), ("attn_norm", "f32"), ("ffn_norm", "f32"),
-)
-_NP = {"f32": np.float32, "f16": np.float16}
+NEOX_ARCHS = ("qwen3", "qwen3moe")  # distributed-llama forces NeoX ("Falcon") RoPE for these, whatever rope_type
 _CHUNK_VALUES = 1 << 22  # values converted at a time while writing (bounds the writer's memory)
 
 
-def stream_plan(cfg: ModelConfig) -> list[tuple[str, str, int, int]]:
-    """(name, dtype or "wt", rows, cols) of every tensor in .m stream order."""
-    d, q, kv, h, v = cfg.dim, cfg.q_dim, cfg.kv_dim, cfg.hidden_dim, cfg.vocab_size
-    shape = {
-        "attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, q), "ffn_gate": (h, d),
-        "ffn_down": (d, h), "ffn_up": (h, d), "attn_norm": (1, d), "ffn_norm": (1, d),
-    }
-    plan = [("token_embd.weight", "f32", v, d)]
-    for layer in range(cfg.n_layers):
-        plan += [(f"blk.{layer}.{t}.weight", kind, *shape[t]) for t, kind in LAYER_STREAM]
-    plan += [("output_norm.weight", "f32", 1, d), ("output.weight", "wt", v, d)]
-    return plan
+def stream_plan(cfg: ModelConfig, wtype: str) -> list[list[tuple[str, str, tuple[int, ...]]]]:
+    """The `.m` tensor stream: groups of (name, dtype, shape) in file order. A group of several expert
+    stacks is stored interleaved, expert by expert (gate_e, down_e, up_e for e = 0, 1, ...)."""
+    groups: list[list[tuple[str, str, tuple[int, ...]]]] = []
+    for name, spec in get_arch(cfg.arch).table(cfg):
+        if spec.m is None:
+            continue
+        entry = (name, "f32" if spec.m == "f32" else wtype, spec.shape(cfg))
+        if len(entry[2]) == 3 and groups and len(groups[-1][-1][2]) == 3:
+            groups[-1].append(entry)
+        else:
+            groups.append([entry])
+    return groups
+
+
+def _matrix_bytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of one matrix (one expert's, for a stack) of this shape."""
+    rows = shape[-2] if len(shape) > 1 else 1
+    return rows * row_bytes(dtype, shape[-1])
+
+
+def _group_bytes(group: list[tuple[str, str, tuple[int, ...]]]) -> int:
+    experts = group[0][2][0] if len(group[0][2]) == 3 else 1
+    return experts * sum(_matrix_bytes(dtype, shape) for _, dtype, shape in group)
 
 
 def _header(mm: np.ndarray, path: str) -> tuple[dict[str, int], int]:
@@ -73,22 +80,19 @@ def _header(mm: np.ndarray, path: str) -> tuple[dict[str, int], int]:
 
 
 def _config(h: dict[str, int], path: str) -> tuple[ModelConfig, str]:
-    arch = h.get("arch_type", 0)
-    if arch in (ARCH_QWEN3, ARCH_QWEN3_MOE):
-        name = "Qwen3" if arch == ARCH_QWEN3 else "Qwen3-MoE"
-        raise DllamaError(f"{path}: {name} .m models are not supported (only the Llama architecture is)")
-    if arch != ARCH_LLAMA:
-        raise DllamaError(f"{path}: unknown architecture {arch:#x} in the .m header (only Llama is)")
-    if h.get("n_experts", 0) != 0:
-        raise DllamaError(f"{path}: mixture-of-experts .m models are not supported")
+    arch = arch_for_m_type(h.get("arch_type", 0), path)
     if "weights_float_type" not in h:
         raise DllamaError(f"{path}: the .m header does not specify the weight type (key weights_float_type)")
-    wtype = FLOAT_TYPES.get(h["weights_float_type"])
-    if wtype is None:
-        raise DllamaError(f"{path}: unsupported weights_float_type {h['weights_float_type']} in the header")
-    for key in REQUIRED:
+    wtype = from_m_code(h["weights_float_type"], path).name
+    moe = h.get("n_experts", 0) > 0
+    for key in REQUIRED + (("n_active_experts", "moe_hidden_dim") if moe else ()):
         if h.get(key, 0) <= 0:
             raise DllamaError(f"{path}: the .m header lacks a positive {key}")
+    if moe != (arch.name == "qwen3moe") or (moe and h["n_active_experts"] > h["n_experts"]):
+        raise DllamaError(
+            f"{path}: {h.get('n_experts', 0)} experts ({h.get('n_active_experts', 0)} active) do not fit the "
+            f"{arch.name} architecture"
+        )
     eps = NORM_EPS.get(h.get("norm_epsilon", 5))
     if eps is None:
         raise DllamaError(f"{path}: unsupported norm_epsilon code {h['norm_epsilon']} (5 = 1e-5, 6 = 1e-6)")
@@ -105,7 +109,7 @@ def _config(h: dict[str, int], path: str) -> tuple[ModelConfig, str]:
             h.get("rope_scaling_orig_max_seq_len", 0),
         )
     cfg = ModelConfig(
-        arch="llama",
+        arch=arch.name,
         dim=h["dim"],
         hidden_dim=h["hidden_dim"],
         n_layers=h["n_layers"],
@@ -116,8 +120,11 @@ def _config(h: dict[str, int], path: str) -> tuple[ModelConfig, str]:
         context_len=h["max_seq_len"],
         norm_eps=eps,
         rope_theta=float(h.get("rope_theta", 10000)),
-        rope_neox=rope_type == ROPE_FALCON,
+        rope_neox=rope_type == ROPE_FALCON or arch.name in NEOX_ARCHS,
         rope_scaling=scaling,
+        n_experts=h.get("n_experts", 0),
+        n_active_experts=h.get("n_active_experts", 0) if moe else 0,
+        moe_hidden_dim=h.get("moe_hidden_dim", 0) if moe else 0,
     )
     return cfg, wtype
 
@@ -128,24 +135,34 @@ def read_m(path: str | Path) -> Model:
     mm = map_file(path)
     header, offset = _header(mm, path)
     cfg, wtype = _config(header, path)
-    plan = [(n, wtype if kind == "wt" else kind, r, c) for n, kind, r, c in stream_plan(cfg)]
-    for name, dtype, _, cols in plan:
-        if dtype in ("q40", "q80") and cols % BLOCK:
-            raise DllamaError(f"{path}: tensor {name}: {cols} columns is not a multiple of {BLOCK} ({dtype})")
-    expected = offset + sum(rows * row_bytes(dtype, cols) for _, dtype, rows, cols in plan)
+    plan = stream_plan(cfg, wtype)
+    for group in plan:
+        for name, dtype, shape in group:
+            if shape[-1] % weight_type(dtype).block_values:
+                raise DllamaError(f"{path}: tensor {name}: {shape[-1]} columns is not whole {dtype} blocks")
+    expected = offset + sum(_group_bytes(g) for g in plan)
     if expected != len(mm):
         raise DllamaError(
             f"{path}: wrong file size: the header and tensors need {expected} bytes, the file has {len(mm)}"
             + (" (truncated)" if len(mm) < expected else " (extra bytes at the end)")
         )
     weights: dict[str, Weight] = {}
-    for name, dtype, rows, cols in plan:
-        nbytes = rows * row_bytes(dtype, cols)
-        raw = mm[offset : offset + nbytes]
-        data = raw.view(_NP[dtype]).reshape(rows, cols) if dtype in _NP else raw.reshape(rows, -1)
-        weights[name] = Weight(name, dtype, rows, cols, data)
-        offset += nbytes
-    return Model(cfg, weights, path, len(mm), "m", {"header": header})
+    for group in plan:
+        size = _group_bytes(group)
+        if len(group[0][2]) == 3:  # expert stacks, interleaved: a strided view per stack
+            experts = group[0][2][0]
+            block = mm[offset : offset + size].reshape(experts, size // experts)
+            inner = 0
+            for name, dtype, shape in group:
+                n = _matrix_bytes(dtype, shape)
+                weights[name] = weight_from_bytes(name, dtype, shape, block[:, inner : inner + n])
+                inner += n
+        else:
+            ((name, dtype, shape),) = group
+            weights[name] = weight_from_bytes(name, dtype, shape, mm[offset : offset + size])
+        offset += size
+    found = get_arch(cfg.arch).collect(cfg, weights.get, path)
+    return Model(cfg, found, path, len(mm), "m", {"header": header})
 
 
 def _header_pairs(cfg: ModelConfig, wtype: str) -> list[tuple[str, int]]:
@@ -154,11 +171,11 @@ def _header_pairs(cfg: ModelConfig, wtype: str) -> list[tuple[str, int]]:
     if eps_code is None:
         raise DllamaError(f"norm epsilon {cfg.norm_eps} cannot be stored in a .m file (only 1e-5 and 1e-6)")
     pairs = [
-        ("version", 0), ("arch_type", ARCH_LLAMA), ("hidden_act", 1), ("dim", cfg.dim),
+        ("version", 0), ("arch_type", get_arch(cfg.arch).m_arch_type), ("hidden_act", 1), ("dim", cfg.dim),
         ("hidden_dim", cfg.hidden_dim), ("n_layers", cfg.n_layers), ("n_heads", cfg.n_heads),
-        ("n_kv_heads", cfg.n_kv_heads), ("weights_float_type", FLOAT_CODES[wtype]),
-        ("max_seq_len", cfg.context_len), ("vocab_size", cfg.vocab_size), ("n_experts", 0),
-        ("n_active_experts", 0), ("rope_theta", int(cfg.rope_theta)),
+        ("n_kv_heads", cfg.n_kv_heads), ("weights_float_type", weight_type(wtype).m_code),
+        ("max_seq_len", cfg.context_len), ("vocab_size", cfg.vocab_size), ("n_experts", cfg.n_experts),
+        ("n_active_experts", cfg.n_active_experts), ("rope_theta", int(cfg.rope_theta)),
     ]
     rs = cfg.rope_scaling
     if rs is not None:
@@ -168,23 +185,26 @@ def _header_pairs(cfg: ModelConfig, wtype: str) -> list[tuple[str, int]]:
             ("rope_scaling_high_freq_factory", int(rs.high_freq_factor)),
             ("rope_scaling_orig_max_seq_len", int(rs.orig_max_seq_len)), ("rope_type", ROPE_LLAMA3_1),
         ]
-    elif cfg.rope_neox:
+    elif cfg.rope_neox and cfg.arch not in NEOX_ARCHS:
         pairs.append(("rope_type", ROPE_FALCON))
     pairs += [("head_dim", cfg.head_dim), ("norm_epsilon", eps_code)]
+    if cfg.n_experts:
+        pairs.append(("moe_hidden_dim", cfg.moe_hidden_dim))
     return pairs
 
 
-def _write_tensor(f: BinaryIO, w: Weight, dtype: str, order: np.ndarray | None) -> None:
-    """Write `w` as `dtype`, rows permuted by `order`: same encoding -> bytes copied, else re-encoded."""
-    step = max(1, _CHUNK_VALUES // w.cols)
-    for start in range(0, w.rows, step):
-        stop = min(start + step, w.rows)
-        rows = w.data[start:stop] if order is None else w.data[order[start:stop]]
-        if w.dtype == dtype:
-            f.write(np.ascontiguousarray(rows).tobytes())
+def _write_matrix(f: BinaryIO, data: np.ndarray, src: str, dtype: str, cols: int, order: np.ndarray | None) -> None:
+    """Write a (rows, ...) matrix stored as `src` as `dtype`, rows permuted by `order`: same encoding ->
+    bytes copied, else re-encoded a chunk of rows at a time."""
+    rows = data.shape[0]
+    step = max(1, _CHUNK_VALUES // cols)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        chunk = data[start:stop] if order is None else data[order[start:stop]]
+        if src == dtype:
+            f.write(np.ascontiguousarray(chunk).tobytes())
         else:
-            values = dequantize(rows, w.dtype, stop - start, w.cols)
-            f.write(quantize(values, dtype).tobytes())
+            f.write(quantize(dequantize(chunk, src, stop - start, cols), dtype).tobytes())
 
 
 def write_m(
@@ -198,33 +218,45 @@ def write_m(
 
     `vocab_order[new_id] = old_id` permutes the rows of the embedding and the classifier.
     """
-    if wtype not in FLOAT_CODES:
+    wt = weight_type(wtype)
+    if wt.m_code is None:
         raise DllamaError(f"weight type {wtype!r} cannot be written to a .m file (use f32, f16, q40 or q80)")
     cfg = model.config
-    if cfg.arch != "llama":
-        raise DllamaError(f"{model.path}: architecture {cfg.arch!r} cannot be written (only llama)")
+    arch = get_arch(cfg.arch)
+    if arch.m_arch_type is None:
+        raise DllamaError(f"{model.path}: distributed-llama's .m format has no {cfg.arch} architecture")
+    lost = [n for n, s in arch.table(cfg) if s.m is None and not s.optional and n in model.weights]
+    if lost:
+        raise DllamaError(f"{model.path}: a .m file cannot hold tensor {lost[0]} of the {cfg.arch} architecture")
     order = None
     if vocab_order is not None:
         order = np.asarray(vocab_order, dtype=np.int64)
         if order.shape != (cfg.vocab_size,) or not np.array_equal(np.sort(order), np.arange(cfg.vocab_size)):
             raise DllamaError(f"vocab order is not a permutation of the {cfg.vocab_size} token ids")
     pairs = _header_pairs(cfg, wtype)
-    plan = [(n, wtype if kind == "wt" else kind, r, c) for n, kind, r, c in stream_plan(cfg)]
-    sources = {name: model.weights.get(name) for name, *_ in plan}
-    sources["output.weight"] = model.classifier
-    for name, dtype, rows, cols in plan:
-        w = sources[name]
-        if w is None:
-            raise DllamaError(f"{model.path}: tensor {name} is missing")
-        if (w.rows, w.cols) != (rows, cols):
-            raise DllamaError(f"{model.path}: tensor {name} is {w.rows}x{w.cols}, expected {rows}x{cols}")
-        if dtype in ("q40", "q80") and cols % BLOCK:
-            raise DllamaError(f"tensor {name}: {cols} columns is not a multiple of {BLOCK} ({dtype})")
+    plan = stream_plan(cfg, wtype)
+    for group in plan:
+        for name, dtype, shape in group:
+            w = model.weights.get(name)
+            if w is None:
+                raise DllamaError(f"{model.path}: tensor {name} is missing")
+            if w.shape != as_weight_shape(shape):
+                raise DllamaError(f"{model.path}: tensor {name} is {w.shape}, expected {shape}")
+            if shape[-1] % weight_type(dtype).block_values:
+                raise DllamaError(f"tensor {name}: {shape[-1]} columns is not whole {dtype} blocks")
     with atomic_write(path) as f:
         f.write(struct.pack("<iI", M_MAGIC, 8 + 8 * len(pairs)))
         f.write(np.array([(KEY_ID[k], v) for k, v in pairs], dtype="<i4").tobytes())
-        for name, dtype, *_ in plan:
-            reorder = order if name in ("token_embd.weight", "output.weight") else None
-            _write_tensor(f, sources[name], dtype, reorder)
+        for group in plan:
+            if len(group[0][2]) == 3:
+                for e in range(group[0][2][0]):
+                    for name, dtype, shape in group:
+                        w = model.weights[name]
+                        _write_matrix(f, w.data[e], w.dtype, dtype, w.cols, None)
+            else:
+                ((name, dtype, _),) = group
+                w = model.weights[name]
+                reorder = order if name in ("token_embd.weight", "output.weight") else None
+                _write_matrix(f, w.data, w.dtype, dtype, w.cols, reorder)
             if log is not None and name.endswith("ffn_norm.weight"):
                 log(f"wrote layer {int(name.split('.')[1]) + 1}/{cfg.n_layers}")

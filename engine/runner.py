@@ -11,7 +11,7 @@ import numpy as np
 from engine.backend import Backend, Program
 from engine.errors import DllamaError
 from engine.graph import Graph, Segment, Sync, build_graph
-from engine.slicing import node_slice, slice_weights
+from engine.slicing import plan_slices, slice_weights
 from engine.weights import Model
 
 MAX_BATCH = 32  # prompt tokens per forward pass
@@ -95,7 +95,8 @@ class Runner:
         self.model, self.backend, self.act, self.max_batch = model, backend, act, max_batch
         self.max_seq_len = min(cfg.context_len, max_seq_len or 4096)
         self.n_nodes = 1 + len(workers)
-        self.slice = node_slice(cfg, 0, self.n_nodes)  # too many nodes: refused before any connection
+        self.slices = plan_slices(model, self.n_nodes)  # too many nodes: refused before any connection
+        self.slice = self.slices[0]
         self.graph = build_graph(cfg, self.slice, act, self.max_seq_len)
         self.cluster = None
         if workers:
@@ -103,7 +104,8 @@ class Runner:
             from net.root import RootCluster
 
             self.cluster = RootCluster(
-                model, workers, act, self.max_seq_len, max_batch, backend, net_timeout or NET_TIMEOUT, log
+                model, self.slices, workers, act, self.max_seq_len, max_batch, backend,
+                net_timeout or NET_TIMEOUT, log,
             )
         try:
             weights = slice_weights(model, self.slice)

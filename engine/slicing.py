@@ -1,18 +1,21 @@
 """Tensor-parallel slicing (spec 4.9): which rows/columns of every weight node n of N owns.
 
-Attention is cut by KV heads (each node keeps whole GQA groups), the FFN and the classifier by output rows on
-32-element block boundaries; slices may be uneven, so any node count up to n_kv_heads works.
+Attention is cut by KV heads (each node keeps whole GQA groups), the FFN rows (dense and per expert) and the
+classifier by output rows. The split rule of every tensor comes from its architecture's table. FFN cuts
+fall on the block boundaries of the column-sliced weights (256-value super-blocks for K-quants, 32 values
+otherwise), so slices may be uneven; any node count up to n_kv_heads works.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
+from engine.arch import get_arch
+from engine.arch.base import TensorSpec
 from engine.config import ModelConfig
 from engine.errors import DllamaError
-from engine.weights import BLOCK, Model, Weight, row_bytes
+from engine.weight_types import weight_type
+from engine.weights import BLOCK, Model, Weight
 
 
 def split(total_units: int, n_nodes: int, node: int) -> tuple[int, int]:
@@ -24,13 +27,14 @@ def split(total_units: int, n_nodes: int, node: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class NodeSlice:
-    """The part of the model node `node` of `n_nodes` computes."""
+    """The part of the model node `node` of `n_nodes` computes; ranges are [start, end) in values."""
 
     node: int
     n_nodes: int
-    kv_heads: tuple[int, int]  # [start, end) of KV heads
+    kv_heads: tuple[int, int]  # KV heads
     q_heads: tuple[int, int]  # the query heads of those KV groups
-    ffn: tuple[int, int]  # hidden (FFN) rows
+    ffn: tuple[int, int]  # dense FFN rows
+    moe: tuple[int, int]  # rows of every expert's FFN
     vocab: tuple[int, int]  # classifier rows
 
     @property
@@ -42,8 +46,21 @@ class NodeSlice:
         return self.kv_heads[1] - self.kv_heads[0]
 
 
-def node_slice(cfg: ModelConfig, node: int = 0, n_nodes: int = 1) -> NodeSlice:
-    """Slice of node `node`; more nodes than KV heads is refused (a query head needs its whole KV head)."""
+def _cut(total: int, unit: int, n_nodes: int, node: int) -> tuple[int, int]:
+    a, b = split(total // unit, n_nodes, node)
+    return a * unit, b * unit
+
+
+def _default_unit(total: int) -> int:
+    """Cuts of 32 values keep Q80 activation blocks whole; widths that are no multiple of 32 cut anywhere."""
+    return BLOCK if total % BLOCK == 0 else 1
+
+
+def node_slice(
+    cfg: ModelConfig, node: int = 0, n_nodes: int = 1, ffn_unit: int | None = None, moe_unit: int | None = None
+) -> NodeSlice:
+    """Slice of node `node`; FFN rows are cut in multiples of `ffn_unit` / `moe_unit` values (default 32).
+    More nodes than KV heads is refused (a query head needs its whole KV head)."""
     if not 1 <= n_nodes <= cfg.n_kv_heads:
         raise DllamaError(
             f"{n_nodes} nodes cannot share a model with {cfg.n_kv_heads} KV heads: "
@@ -51,60 +68,105 @@ def node_slice(cfg: ModelConfig, node: int = 0, n_nodes: int = 1) -> NodeSlice:
         )
     group = cfg.n_heads // cfg.n_kv_heads
     kv = split(cfg.n_kv_heads, n_nodes, node)
-    ffn_blocks = split(cfg.hidden_dim // BLOCK, n_nodes, node) if cfg.hidden_dim % BLOCK == 0 else None
-    ffn = (
-        (ffn_blocks[0] * BLOCK, ffn_blocks[1] * BLOCK) if ffn_blocks else split(cfg.hidden_dim, n_nodes, node)
+    ffn_unit = ffn_unit or _default_unit(cfg.hidden_dim)
+    moe_unit = moe_unit or _default_unit(cfg.moe_hidden_dim)
+    for what, total, unit in (("FFN", cfg.hidden_dim, ffn_unit), ("expert FFN", cfg.moe_hidden_dim, moe_unit)):
+        if total % unit:
+            raise DllamaError(f"the {what} width {total} cannot be cut in blocks of {unit} values")
+        if n_nodes > 1 and 0 < total // unit < n_nodes:
+            raise DllamaError(f"the {what} width {total} has fewer {unit}-value blocks than the {n_nodes} nodes")
+    return NodeSlice(
+        node,
+        n_nodes,
+        kv,
+        (kv[0] * group, kv[1] * group),
+        _cut(cfg.hidden_dim, ffn_unit, n_nodes, node),
+        _cut(cfg.moe_hidden_dim, moe_unit, n_nodes, node),
+        split(cfg.vocab_size, n_nodes, node),
     )
-    vocab = split(cfg.vocab_size, n_nodes, node)
-    return NodeSlice(node, n_nodes, kv, (kv[0] * group, kv[1] * group), ffn, vocab)
 
 
-def _rows(w: Weight, start: int, end: int) -> Weight:
-    """A row slice: a view, no copy."""
-    return Weight(w.name, w.dtype, end - start, w.cols, w.data[start:end])
+def plan_slices(model: Model, n_nodes: int) -> list[NodeSlice]:
+    """Every node's slice of this model: FFN cuts on the largest block of the weights cut by columns."""
+    cfg = model.config
+    units = {"ffn": _default_unit(cfg.hidden_dim), "moe": _default_unit(cfg.moe_hidden_dim)}
+    for name, spec in get_arch(cfg.arch).table(cfg):
+        rng, _, axis = spec.split.partition(":")
+        if axis == "in" and rng in units and name in model.weights:
+            units[rng] = max(units[rng], weight_type(model.weights[name].dtype).block_values)
+    return [node_slice(cfg, k, n_nodes, units["ffn"], units["moe"]) for k in range(n_nodes)]
 
 
-def _cols(w: Weight, start: int, end: int) -> Weight:
-    """A column slice: copies whole blocks of every row (block-aligned for quantized types)."""
-    if (start == 0 and end == w.cols) or w.rows == 0:
+def _range(spec: TensorSpec, cfg: ModelConfig, sl: NodeSlice) -> tuple[str, int, int] | None:
+    """(axis, start, end) of the node's cut of a tensor, or None when it holds all of it."""
+    rng, _, axis = spec.split.partition(":")
+    if not axis:
+        return None
+    hd = cfg.head_dim
+    a, b = {
+        "q": (sl.q_heads[0] * hd, sl.q_heads[1] * hd),
+        "kv": (sl.kv_heads[0] * hd, sl.kv_heads[1] * hd),
+        "ffn": sl.ffn,
+        "moe": sl.moe,
+        "vocab": sl.vocab,
+    }[rng]
+    return axis, a, b
+
+
+def sliced_shape(spec: TensorSpec, cfg: ModelConfig, sl: NodeSlice) -> tuple[int, ...]:
+    """The Weight.shape of node `sl.node`'s part of a tensor."""
+    shape = list(spec.shape(cfg))
+    cut = _range(spec, cfg, sl)
+    if cut is not None:
+        axis, a, b = cut
+        shape[-1 if axis == "in" or len(shape) == 1 else -2] = b - a
+    return (1, *shape) if len(shape) == 1 else tuple(shape)
+
+
+def node_tensors(cfg: ModelConfig, sl: NodeSlice) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """(shape, required) of every tensor node `sl.node` holds: what a worker expects to receive."""
+    out = {}
+    for name, spec in get_arch(cfg.arch).table(cfg):
+        if spec.split == "root" and sl.node != 0:
+            continue
+        out[name] = (sliced_shape(spec, cfg, sl), not spec.optional or spec.tied_to is not None)
+    return out
+
+
+def _out(w: Weight, a: int, b: int) -> Weight:
+    """Output rows [a, b) (vector elements for a vector): a view, no copy."""
+    if w.rows == 1 and not w.experts:
+        return Weight(w.name, w.dtype, 1, b - a, w.data[:, a:b])
+    data = w.data[:, a:b] if w.experts else w.data[a:b]
+    return Weight(w.name, w.dtype, b - a, w.cols, data, w.experts)
+
+
+def _in(w: Weight, a: int, b: int) -> Weight:
+    """Input columns [a, b): a copy of whole blocks of every row."""
+    if a == 0 and b == w.cols:
         return w
-    unit = BLOCK if w.dtype in ("q40", "q41", "q80") else 1
-    if start % unit or end % unit:
-        raise DllamaError(f"{w.name}: column slice [{start}, {end}) is not on {unit}-value block boundaries")
-    b0, b1 = row_bytes(w.dtype, start), row_bytes(w.dtype, end)
-    if w.dtype in ("q40", "q41", "q80"):
-        data = np.ascontiguousarray(w.data[:, b0:b1])
-    else:
-        data = np.ascontiguousarray(w.data[:, start:end])
-    return Weight(w.name, w.dtype, w.rows, end - start, data)
+    wt = weight_type(w.dtype)
+    if a % wt.block_values or b % wt.block_values:
+        raise DllamaError(
+            f"{w.name}: its columns [{a}, {b}) for this node do not fall on {wt.ggml_name} block boundaries "
+            f"({wt.block_values} values): use another node count"
+        )
+    lo, hi = (wt.row_bytes(a), wt.row_bytes(b)) if wt.quantized else (a, b)
+    return Weight(w.name, w.dtype, w.rows, b - a, w.data[..., lo:hi].copy(), w.experts)
 
 
 def slice_weights(model: Model, sl: NodeSlice) -> dict[str, Weight]:
     """The weights node `sl.node` needs, by name; node 0 of 1 gets the model's own memory-mapped views."""
     cfg = model.config
-    hd = cfg.head_dim
-    q0, q1 = sl.q_heads[0] * hd, sl.q_heads[1] * hd
-    k0, k1 = sl.kv_heads[0] * hd, sl.kv_heads[1] * hd
     out: dict[str, Weight] = {}
-    for name, w in model.weights.items():
-        kind = name.split(".")[-2] if name.startswith("blk.") else name
-        if kind in ("attn_q",):
-            out[name] = _rows(w, q0, q1)
-        elif kind in ("attn_k", "attn_v"):
-            out[name] = _rows(w, k0, k1)
-        elif kind == "attn_output":
-            out[name] = _cols(w, q0, q1)
-        elif kind in ("ffn_gate", "ffn_up"):
-            out[name] = _rows(w, *sl.ffn)
-        elif kind == "ffn_down":
-            out[name] = _cols(w, *sl.ffn)
-        elif name == "token_embd.weight":
-            if sl.node == 0:
-                out[name] = w
-            if "output.weight" not in model.weights:  # tied classifier
-                out["output.weight"] = _rows(w, *sl.vocab)
-        elif name == "output.weight":
-            out[name] = _rows(w, *sl.vocab)
-        else:  # norms, rope factors: replicated
+    for name, spec in get_arch(cfg.arch).table(cfg):
+        w = model.weights.get(name)
+        if w is None or (spec.split == "root" and sl.node != 0):
+            continue
+        cut = _range(spec, cfg, sl)
+        if cut is None:
             out[name] = w
+        else:
+            axis, a, b = cut
+            out[name] = _out(w, a, b) if axis == "out" else _in(w, a, b)
     return out

@@ -19,9 +19,11 @@ from enum import IntEnum
 from typing import Any, NamedTuple
 
 from engine.backend import Backend
+from engine.arch import registry
 from engine.config import ModelConfig, RopeScaling
 from engine.errors import DllamaError
 from engine.graph import ACT_TYPES
+from engine.slicing import NodeSlice
 
 MAGIC = b"DLMA"
 PROTOCOL_VERSION = 1
@@ -156,15 +158,31 @@ def config_from_json(d: Any, peer: str) -> ModelConfig:
                 int(rs["orig_max_seq_len"]),
             )
         cfg = ModelConfig(**d)
-        ints = (cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                cfg.vocab_size, cfg.context_len)
+        ints = (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size,
+                cfg.context_len)
+        sizes = (cfg.hidden_dim, cfg.n_experts, cfg.n_active_experts, cfg.moe_hidden_dim)
         ok = (all(isinstance(v, int) and v > 0 for v in ints) and cfg.n_heads % cfg.n_kv_heads == 0
-              and isinstance(cfg.arch, str) and isinstance(cfg.rope_neox, bool))
+              and all(isinstance(v, int) and v >= 0 for v in sizes)
+              and cfg.arch in registry() and isinstance(cfg.rope_neox, bool))
     except (TypeError, KeyError, ValueError):
         ok = False
     if not ok:
         raise ProtocolError(f"{peer} sent a model config this worker cannot use")
     return cfg
+
+
+def slice_from_json(d: Any, peer: str) -> NodeSlice:
+    """The NodeSlice a root sent, its ranges checked to be ordered."""
+    try:
+        d = dict(d)
+        ranges = {k: (int(d[k][0]), int(d[k][1])) for k in ("kv_heads", "q_heads", "ffn", "moe", "vocab")}
+        sl = NodeSlice(node=int(d["node"]), n_nodes=int(d["n_nodes"]), **ranges)
+        ok = all(0 <= a <= b for a, b in ranges.values())
+    except (TypeError, KeyError, ValueError, IndexError):
+        ok = False
+    if not ok:
+        raise ProtocolError(f"{peer} sent a node slice this worker cannot use")
+    return sl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +200,7 @@ class SessionConfig:
     weight_bytes: int  # bytes of tensors this worker will receive
     peers: list[tuple[str, int]]  # addresses of nodes 1..n_nodes-1 as the root reached them
     model: ModelConfig
+    slice: NodeSlice  # the part of the model this worker computes
 
     def to_bytes(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
@@ -202,6 +221,7 @@ class SessionConfig:
                 weight_bytes=int(d["weight_bytes"]),
                 peers=[(str(h), int(p)) for h, p in d["peers"]],
                 model=config_from_json(d["model"], peer),
+                slice=slice_from_json(d["slice"], peer),
             )
         except (KeyError, TypeError, ValueError):
             raise ProtocolError(f"{peer} sent an incomplete session config") from None
@@ -214,6 +234,8 @@ class SessionConfig:
             and 0 < sc.timeout
             and 0 < sc.heartbeat
             and 0 <= sc.weight_bytes
+            and sc.slice.node == sc.node
+            and sc.slice.n_nodes == sc.n_nodes
         ):
             raise ProtocolError(f"{peer} sent a session config with values out of range")
         return sc

@@ -23,7 +23,7 @@ import numpy as np
 from engine.backend import Backend, Program
 from engine.errors import DllamaError
 from engine.graph import Graph
-from engine.slicing import node_slice, slice_weights
+from engine.slicing import NodeSlice, slice_weights
 from engine.weights import Model, Weight
 from net.protocol import (
     GREETING,
@@ -56,6 +56,7 @@ class RootCluster:
     def __init__(
         self,
         model: Model,
+        slices: Sequence[NodeSlice],
         addresses: Sequence[str],
         act: str,
         max_seq_len: int,
@@ -68,6 +69,7 @@ class RootCluster:
             raise DllamaError(f"--net-timeout must be positive (got {timeout:g})")
         self.addresses = [parse_address(a) for a in addresses]
         self.n_nodes = 1 + len(self.addresses)
+        self.slices = list(slices)
         self.timeout, self.log = timeout, log
         self.heartbeat = min(1.0, timeout / 3)
         self.links: dict[int, Link] = {}
@@ -84,7 +86,7 @@ class RootCluster:
             self._pinger.start()
             for k in self.links:
                 try:
-                    weights = slice_weights(model, node_slice(model.config, k, self.n_nodes))
+                    weights = slice_weights(model, self.slices[k])
                 except DllamaError as e:
                     raise DllamaError(f"cannot cut node {k}'s slice for {self.n_nodes} nodes: {e}") from None
                 weights.pop("token_embd.weight", None)  # the embedding never leaves the root
@@ -100,6 +102,7 @@ class RootCluster:
                     weight_bytes=sum(w.nbytes for w in weights.values()),
                     peers=self.addresses,
                     model=model.config,
+                    slice=self.slices[k],
                 )
                 self._setup_step(k, lambda link, sc=sc: self._send_config(link, sc))
                 self._setup_step(k, lambda link, w=weights: self._send_weights(link, w))
@@ -163,7 +166,7 @@ class RootCluster:
         t0 = last = time.monotonic()
         done = 0
         for name, w in weights.items():
-            header = {"name": name, "dtype": w.dtype, "rows": w.rows, "cols": w.cols}
+            header = {"name": name, "dtype": w.dtype, "shape": list(w.shape)}
             link.send(pack_frame(Msg.TENSOR, json.dumps(header).encode()), self.timeout)
             data = memoryview(np.ascontiguousarray(w.data)).cast("B")
             if len(data) != w.nbytes:
@@ -194,7 +197,7 @@ class RootCluster:
         except BaseException:
             self._abort()
             raise
-        self.sync = NodeSync(graph, program, self.links, self.timeout)
+        self.sync = NodeSync(graph, program, self.links, self.timeout, [s.vocab for s in self.slices])
         self.log(f"🔗 Cluster of {self.n_nodes} nodes ready (full mesh, {graph.act} sync)")
 
     # ---- forward passes ----

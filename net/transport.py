@@ -20,7 +20,6 @@ import numpy as np
 from engine.backend import Program
 from engine.errors import DllamaError
 from engine.graph import Graph, Sync
-from engine.slicing import node_slice
 from net.protocol import HEADER, Frame, Msg, ProtocolError, parse_header
 
 _POLL_ERR = select.POLLERR | select.POLLHUP | select.POLLNVAL
@@ -234,12 +233,20 @@ def parse_address(text: str) -> tuple[str, int]:
 class NodeSync:
     """The sync steps of node `graph.slice.node`: called as sync(step, rows) after each segment with one.
 
-    Pipes are the program's host views; the root also assembles the full logits rows in `full_logits`.
+    Pipes are the program's host views; the root also assembles the full logits rows in `full_logits`
+    from every node's classifier rows (`vocab`, one range per node).
     Each node sends to the workers in ascending order and to the root last, so a stalled worker always leaves
     the root waiting on that worker itself.
     """
 
-    def __init__(self, graph: Graph, program: Program, links: dict[int, Link], timeout: float):
+    def __init__(
+        self,
+        graph: Graph,
+        program: Program,
+        links: dict[int, Link],
+        timeout: float,
+        vocab: Sequence[tuple[int, int]] = (),
+    ):
         cfg, sl = graph.config, graph.slice
         self.me, self.n_nodes, self.timeout = sl.node, sl.n_nodes, timeout
         self.links = links
@@ -253,7 +260,7 @@ class NodeSync:
         self.tmp = {j: np.empty((max_batch, self.slot), np.uint8) for j in self.peers}
         self.sync_s = 0.0
         if self.me == 0:
-            self.vocab = [node_slice(cfg, k, self.n_nodes).vocab for k in range(self.n_nodes)]
+            self.vocab = list(vocab)  # every node's classifier rows
             self.full_logits = np.zeros((max_batch, cfg.vocab_size), np.float32)
             self.parts = {k: np.empty((max_batch, b - a), np.float32) for k, (a, b) in enumerate(self.vocab)}
 

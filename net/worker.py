@@ -26,8 +26,9 @@ from engine.backend import Backend
 from engine.errors import DllamaError
 from engine.graph import Graph, build_graph
 from engine.runner import run_graph, warm_up
-from engine.slicing import node_slice
-from engine.weights import BLOCK_BYTES, WEIGHT_TYPES, Weight, row_bytes
+from engine.slicing import node_tensors
+from engine.weight_types import WEIGHT_TYPES, row_bytes
+from engine.weights import Weight, empty_weight
 from net.protocol import (
     GREETING,
     MODES,
@@ -52,22 +53,6 @@ from net.protocol import (
 from net.transport import Link, NodeSync, PeerError, connect
 
 GREETING_WAIT = 10.0  # seconds a new connection has to send its complete greeting
-_NP = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
-
-
-def expected_weights(graph: Graph) -> dict[str, tuple[int, int] | None]:
-    """(rows, cols) of every tensor the node's graph uses (None where the op kind does not fix it)."""
-    out: dict[str, tuple[int, int] | None] = {"rope_freqs.weight": (1, graph.config.head_dim // 2)}
-    for op in graph.ops():
-        if op.weight is None:
-            continue
-        if op.kind == "matmul":
-            out[op.weight] = (graph.buffers[op.outputs[0]].width, graph.buffers[op.inputs[0]].width)
-        elif op.kind == "rmsnorm":
-            out[op.weight] = (1, graph.buffers[op.inputs[0]].width)
-        else:
-            out.setdefault(op.weight, None)
-    return out
 
 
 class _Stopped(Exception):
@@ -250,7 +235,7 @@ class _Session:
         with self.server._lock:
             self.server._session = sc.session
         cfg = sc.model
-        graph = build_graph(cfg, node_slice(cfg, sc.node, sc.n_nodes), sc.act, sc.max_seq_len)
+        graph = build_graph(cfg, sc.slice, sc.act, sc.max_seq_len)
         self.log(
             f"⭕ Node {sc.node} of {sc.n_nodes}: {cfg.arch}, dim {cfg.dim}, {cfg.n_layers} layers, "
             f"{graph.slice.n_kv_heads} of {cfg.n_kv_heads} KV heads, {sc.act} sync"
@@ -263,7 +248,7 @@ class _Session:
                 f"{free / 1e9:.2f} GB are available"
             )
         self.root.send(pack_frame(Msg.OK, a=Msg.CONFIG), sc.timeout)
-        self._receive_weights(sc, expected_weights(graph), idle)
+        self._receive_weights(sc, node_tensors(cfg, sc.slice), idle)
         with _keepalive(self.root, sc.heartbeat):
             self.program = self.server.backend.compile(graph, self.weights, sc.max_batch)
             warm_up(self.program, graph, sc.max_batch, networked=True)
@@ -284,26 +269,24 @@ class _Session:
             if f.msg != Msg.TENSOR:
                 raise ProtocolError(f"{peer} sent {f.msg.name} where a tensor was expected")
             h = parse_json(f.payload, "tensor header", peer)
-            name, dtype, rows, cols = h.get("name"), h.get("dtype"), h.get("rows"), h.get("cols")
+            name, dtype, shape = h.get("name"), h.get("dtype"), h.get("shape")
             if name not in expected or name in self.weights:
                 raise ProtocolError(f"{peer} sent tensor {name!r}, which node {sc.node} does not use")
-            if dtype not in WEIGHT_TYPES or not all(isinstance(v, int) and v > 0 for v in (rows, cols)):
+            if (dtype not in WEIGHT_TYPES or not isinstance(shape, list)
+                    or not all(isinstance(v, int) and v > 0 for v in shape)):
                 raise ProtocolError(f"{peer} sent tensor {name} with a bad type or shape")
-            if expected[name] is not None and expected[name] != (rows, cols):
-                need = "x".join(map(str, expected[name]))
-                got = f"{rows}x{cols}"
+            if tuple(shape) != expected[name][0]:
+                need = "x".join(map(str, expected[name][0]))
+                got = "x".join(map(str, shape))
                 raise ProtocolError(f"{peer} sent tensor {name} as {got}; node {sc.node} needs {need}")
-            nbytes = rows * row_bytes(dtype, cols)
+            nbytes = int(np.prod(shape[:-1])) * row_bytes(dtype, shape[-1])
             if total + nbytes > sc.weight_bytes:
                 raise ProtocolError(f"{peer} sent more than the {sc.weight_bytes} tensor bytes it announced")
-            if dtype in BLOCK_BYTES:
-                data = np.empty((rows, row_bytes(dtype, cols)), np.uint8)
-            else:
-                data = np.empty((rows, cols), _NP[dtype])
-            self.root.recv_into(memoryview(data).cast("B"), idle)
-            self.weights[name] = Weight(name, dtype, rows, cols, data)
+            w = empty_weight(name, dtype, tuple(shape))
+            self.root.recv_into(memoryview(w.data).cast("B"), idle)
+            self.weights[name] = w
             total += nbytes
-        missing = sorted(set(expected) - set(self.weights) - {"rope_freqs.weight"})
+        missing = sorted(n for n, (_, required) in expected.items() if required and n not in self.weights)
         if missing:
             raise DllamaError(f"the root sent no tensor {missing[0]} ({len(missing)} missing)")
         dt = time.monotonic() - t0

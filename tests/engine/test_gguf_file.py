@@ -12,7 +12,9 @@ from tinymodel import write_tiny_gguf
 
 from engine.config import RopeScaling
 from engine.errors import DllamaError
-from engine.gguf_file import gguf_config, load_gguf, read_gguf
+from engine.arch import get_arch
+from engine.arch.base import Meta
+from engine.gguf_file import load_gguf, read_gguf
 from engine.quants import dequantize
 
 
@@ -48,8 +50,8 @@ def test_smollm2_config_matches_notes(smollm2_path: Path) -> None:
     assert (c.n_heads, c.n_kv_heads) == (9, 3)
     assert (c.head_dim, c.vocab_size, c.context_len, c.rope_theta) == (64, 49152, 8192, 100000.0)
     assert c.norm_eps == 1e-5 and c.rope_scaling is None and not c.rope_neox
-    assert "output.weight" not in m.weights and m.classifier.name == "token_embd.weight"  # tied
-    types = [w.dtype for w in m.weights.values()]
+    assert m.tied and m.classifier is m.weights["token_embd.weight"]  # no output.weight in the file
+    types = [w.dtype for name, w in m.weights.items() if name != "output.weight"]
     assert (types.count("q41"), types.count("f32"), m.weights["token_embd.weight"].dtype) == (210, 61, "q80")
     assert m.kind == "gguf" and m.file_size == 98_362_432
     assert m.metadata["tokenizer.ggml.bos_token_id"] == 1
@@ -101,6 +103,9 @@ def test_config_fallbacks() -> None:
         "llama.block_count": 1, "llama.attention.head_count": 4, "llama.context_length": 32,
         "tokenizer.ggml.tokens": ["a"] * 40,
     }
+    def gguf_config(meta: dict, path: str):
+        return get_arch("llama").config(Meta(meta, path, "llama"))
+
     c = gguf_config(base, "x.gguf")
     assert (c.head_dim, c.vocab_size, c.n_kv_heads, c.rope_theta, c.norm_eps) == (16, 40, 4, 10000.0, 1e-5)
     c = gguf_config({**base, "llama.rope.dimension_count": 8, "llama.vocab_size": 50}, "x.gguf")
@@ -112,19 +117,19 @@ def test_config_fallbacks() -> None:
 
 
 def test_unsupported_architecture(tmp_path: Path) -> None:
-    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "qwen2")
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "gemma")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(DllamaError, match=r"q\.gguf: architecture 'qwen2' is not supported.*llama"):
+    with pytest.raises(DllamaError, match=r"q\.gguf: architecture 'gemma' is not supported.*llama.*qwen2"):
         load_gguf(tmp_path / "q.gguf")
 
 
 def test_unsupported_tensor_type(tmp_path: Path) -> None:
     p = write_tiny_gguf(tmp_path / "t.gguf")
     _patch_tensor_type(p, "blk.1.attn_v.weight", gguf.GGMLQuantizationType.I32)  # same byte size as F32
-    with pytest.raises(DllamaError, match=r"blk\.1\.attn_v\.weight has type I32.*supported: F32, F16, BF16"):
+    with pytest.raises(DllamaError, match=r"blk\.1\.attn_v\.weight has GGML type I32.*not supported \(F32, F16"):
         load_gguf(p)
 
 
@@ -150,3 +155,4 @@ def test_truncated_and_missing_files(tmp_path: Path) -> None:
         load_gguf(p)
     with pytest.raises(DllamaError, match="no such file"):
         load_gguf(tmp_path / "absent.gguf")
+

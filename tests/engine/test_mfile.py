@@ -160,9 +160,11 @@ BASE = [(0, 0), (1, 0xABCD00), (2, 64), (3, 96), (4, 1), (5, 4), (6, 4), (9, 32)
         ([*BASE, (22, 1)], 0x0A00ABCD, "unsupported .m header key 22"),
         ([p for p in BASE if p[0] != 13], 0x0A00ABCD, "does not specify the weight type"),
         ([*BASE, (20, 7)], 0x0A00ABCD, "norm_epsilon code 7"),
-        ([(k, 0xABCD01 if k == 1 else v) for k, v in BASE], 0x0A00ABCD, "Qwen3 .m models are not supported"),
-        ([(k, 0xABCD02 if k == 1 else v) for k, v in BASE], 0x0A00ABCD, "Qwen3-MoE .m models are not"),
-        ([*BASE, (7, 8), (8, 2)], 0x0A00ABCD, "mixture-of-experts"),
+        ([(k, 0xABCD03 if k == 1 else v) for k, v in BASE], 0x0A00ABCD, r"unknown architecture 0xabcd03.*qwen3"),
+        ([*BASE, (7, 8), (8, 2), (21, 32)], 0x0A00ABCD, r"8 experts \(2 active\) do not fit the llama"),
+        ([(k, 0xABCD02 if k == 1 else v) for k, v in BASE], 0x0A00ABCD, r"0 experts \(0 active\) do not fit"),
+        ([(k, 0xABCD02 if k == 1 else v) for k, v in [*BASE, (7, 2), (8, 3), (21, 32)]], 0x0A00ABCD,
+         r"2 experts \(3 active\) do not fit the qwen3moe"),
     ],
 )
 def test_header_errors(tmp_path: Path, pairs: list[tuple[int, int]], magic: int, message: str) -> None:
@@ -194,7 +196,7 @@ def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     target = tmp_path / "out.m"
     target.write_bytes(b"previous")
     calls = []
-    real = engine.mfile._write_tensor
+    real = engine.mfile._write_matrix
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -202,7 +204,7 @@ def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine.mfile, "_write_tensor", failing)
+    monkeypatch.setattr(engine.mfile, "_write_matrix", failing)
     with pytest.raises(DllamaError, match="out.m: cannot write"):
         write_m(target, g, "f32")
     assert target.read_bytes() == b"previous"

@@ -1,0 +1,31 @@
+"""Llama (and Mistral, SmolLM2, DeepSeek-R1-Distill-Llama): pre-norm GQA attention with interleaved RoPE on
+permuted q/k rows (llama.cpp's and distributed-llama's converters both permute), SwiGLU FFN, optional Llama 3.1
+RoPE scaling (metadata keys or a rope_freqs tensor), optionally tied classifier."""
+
+from __future__ import annotations
+
+from engine.arch.base import ATTENTION, DENSE_FFN, EMBEDDING, NORMS, OUTPUT, Arch, Meta, standard_config, vector
+from engine.config import ModelConfig
+from engine.graph import Builder, attention, feed_forward
+
+TENSORS = (
+    EMBEDDING,
+    # Llama 3.1 RoPE frequency divisors, as llama.cpp's converter stores them; .m files use header keys
+    vector("rope_freqs.weight", lambda c: c.head_dim // 2, optional=True, m=None),
+    *ATTENTION,
+    *DENSE_FFN,
+    *NORMS,
+    *OUTPUT,
+)
+
+
+def config(m: Meta) -> ModelConfig:
+    return standard_config(m, rope_neox=False)
+
+
+def layer(b: Builder, index: int) -> None:
+    attention(b, index)
+    feed_forward(b, index)
+
+
+ARCH = Arch("llama", 0xABCD00, TENSORS, config, layer)
