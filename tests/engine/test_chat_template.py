@@ -1,4 +1,5 @@
-"""Chat templates: SmolLM2's own Jinja template against the golden chat prompts; the built-ins by hand."""
+"""Chat templates: SmolLM2's and Qwen2.5-Coder's own Jinja templates against the golden chat prompts; the
+built-ins by hand."""
 
 from __future__ import annotations
 
@@ -55,6 +56,29 @@ def test_smollm2_template_renders_golden_chats(shared, smollm2):
     for case in chats:
         assert template.render(case["messages"]) == case["text"]
         assert template.encode(smollm2, case["messages"]) == case["prompt_ids"]
+
+
+QWEN_DEFAULT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN_SYSTEM = f"<|im_start|>system\n{QWEN_DEFAULT}<|im_end|>\n"
+
+
+def test_qwen25_template_renders_the_golden_chat(qwen25_tokenizer, qwen25_golden):
+    meta, arrays = qwen25_golden
+    chat = meta["cases"][1]
+    assert chat["kind"] == "chat" and chat["prompt_ids"] == arrays["case1_prompt_ids"].tolist()
+    template = ChatTemplate.for_tokenizer(qwen25_tokenizer)
+    assert template.name == "model" and "tool_call" in template.source  # the file's own, tool branches too
+    text = template.render(chat["messages"])
+    user = chat["messages"][0]["content"]
+    assert text == f"{QWEN_SYSTEM}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    assert template.encode(qwen25_tokenizer, chat["messages"]) == chat["prompt_ids"]
+
+
+def test_qwen25_template_with_a_system_message_and_history(qwen25_tokenizer):
+    template = ChatTemplate.for_tokenizer(qwen25_tokenizer)
+    assert template.render(CONVERSATION) == EXPECTED["chatml"]  # a given system line replaces the default
+    text = template.render(CONVERSATION[1:3], add_generation_prompt=False)
+    assert text == f"{QWEN_SYSTEM}<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))

@@ -64,8 +64,12 @@ def tfiles(metas) -> dict[str, tuple[Tokenizer, Tokenizer, list[int]]]:
         for new, old in enumerate(order):
             new_id[old] = new
         orig = TFile(
-            vocab=[b""] * len(order), scores=[0.0] * len(order), bos_id=order[tf.bos_id],
-            eos_ids=[order[e] for e in tf.eos_ids], add_bos=tf.add_bos, chat_template=tf.chat_template,
+            vocab=[b""] * len(order),
+            scores=[0.0] * len(order),
+            bos_id=order[tf.bos_id],
+            eos_ids=[order[e] for e in tf.eos_ids],
+            add_bos=tf.add_bos,
+            chat_template=tf.chat_template,
         )
         for new, old in enumerate(order):
             orig.vocab[old], orig.scores[old] = tf.vocab[new], tf.scores[new]
@@ -172,8 +176,17 @@ def test_tfile_bracketed_regular_tokens_stay_regular(toks, tfiles):
 
 def _tiny_spm_tfile() -> TFile:
     """A SentencePiece-style vocabulary: specials, 256 byte-fallback tokens, then scored pieces."""
-    pieces = {b" ": -10.0, b"a": -10.0, b"b": -10.0, b"c": -10.0, b" a": -5.0, b"ab": -1.0, b"bc": -1.0,
-              b" ab": -2.0, b"abc": -3.0}
+    pieces = {
+        b" ": -10.0,
+        b"a": -10.0,
+        b"b": -10.0,
+        b"c": -10.0,
+        b" a": -5.0,
+        b"ab": -1.0,
+        b"bc": -1.0,
+        b" ab": -2.0,
+        b"abc": -3.0,
+    }
     vocab = [b"<unk>", b"<s>", b"</s>", b"<|im_start|>"] + [bytes([k]) for k in range(256)] + list(pieces)
     scores = [0.0] * 260 + list(pieces.values())
     return TFile(vocab=vocab, scores=scores, bos_id=1, eos_ids=[2], add_bos=True)
@@ -207,9 +220,14 @@ def test_tfile_byte_level_with_bytes_in_id_order():
     from tinymodel import BOS_ID, EOS_ID, tiny_tokens
 
     tokens = tiny_tokens(288)
-    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": [1] * 256 + [3] * 32, "tokenizer.ggml.bos_token_id": BOS_ID,
-            "tokenizer.ggml.eos_token_id": EOS_ID}
+    meta = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [1] * 256 + [3] * 32,
+        "tokenizer.ggml.bos_token_id": BOS_ID,
+        "tokenizer.ggml.eos_token_id": EOS_ID,
+    }
     tok = tokenizer_from_tfile(tfile_from_gguf(meta)[0])
     text = "héllo <|im_start|>x"
     assert not tok.dummy_prefix
@@ -240,8 +258,13 @@ def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(DllamaError, match="no tokenizer"):
         tokenizer_from_gguf({"general.architecture": "llama"})
     with pytest.raises(DllamaError, match="malformed merge"):
-        tokenizer_from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
-                             "tokenizer.ggml.merges": ["a b c"]})
+        tokenizer_from_gguf(
+            {
+                "tokenizer.ggml.model": "gpt2",
+                "tokenizer.ggml.tokens": ["a", "b", "ab"],
+                "tokenizer.ggml.merges": ["a b c"],
+            }
+        )
 
 
 @pytest.mark.parametrize("name", ["smollm2", "llama-bpe", "llama-spm", "tfile"])
@@ -268,3 +291,34 @@ def test_stream_incomplete_tail_and_dummy_space(toks):
     stream = spm.stream(at_start=False)
     assert "".join(stream.push(i) for i in ids[1:]) == " Hello world"  # continuing a prompt: keep it
     assert spm.decode(ids) == "<s>Hello world"
+
+
+# ---- Qwen2.5-Coder: the qwen2 pre-tokenizer against its golden prompts ----------------------------------
+
+
+def test_qwen25_golden_raw_prompt(qwen25_tokenizer, qwen25_golden):
+    meta, arrays = qwen25_golden
+    raw = meta["cases"][0]
+    assert raw["kind"] == "raw" and raw["prompt_ids"] == arrays["case0_prompt_ids"].tolist()
+    assert qwen25_tokenizer.encode(raw["prompt"]) == raw["prompt_ids"]
+    assert qwen25_tokenizer.decode(raw["prompt_ids"]) == raw["prompt"]
+
+
+def test_qwen25_perplexity_text_scores_83_tokens(qwen25_tokenizer, qwen25_golden):
+    ppl = qwen25_golden[0]["perplexity"]
+    ids = qwen25_tokenizer.encode(ppl["text"])
+    assert ids[0] != qwen25_tokenizer.bos_id  # no BOS: every token after the first is scored
+    assert len(ids) - 1 == ppl["n_scored"] == 83
+    assert qwen25_tokenizer.decode(ids) == ppl["text"]
+
+
+def test_qwen25_flags_digits_and_specials(qwen25_tokenizer, qwen25_golden):
+    tok = qwen25_tokenizer
+    assert (tok.vocab_size, tok.bos_id, tok.add_bos) == (151936, 151643, False)
+    assert tok.eos_ids[0] == 151645 and set(qwen25_golden[0]["eos"]) <= set(tok.eos_ids)
+    assert tok.special_tokens["<|im_start|>"] == 151644 and tok.special_tokens["<|im_end|>"] == 151645
+    # qwen2 splits numbers into single digits (Llama 3 keeps runs of 3); '0' is byte 0x30 -> id 0x30 - 0x21
+    assert tok.encode("2024") == [17, 15, 17, 19]
+    assert tok.encode(" 2024") == [220, 17, 15, 17, 19]
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
+    assert ids[0] == 151644 and ids[-1] == 151645 and tok.decode(ids[1:-1]) == "user\nhi"
