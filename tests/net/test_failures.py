@@ -19,6 +19,7 @@ from cpu_fallback.backend import CpuBackend
 from engine.errors import DllamaError
 from engine.model_file import open_model
 from engine.runner import Runner
+from engine.slicing import node_slice
 from net.protocol import GREETING, HEADER, MAGIC, Msg, Role, SessionConfig, pack_frame, pack_greeting
 
 TOKENS = [5, 17, 200, 3, 99, 42, 7, 150, 11]
@@ -232,8 +233,9 @@ def test_worker_refuses_a_tensor_it_does_not_need(pool, model, backend):
     (w,) = pool.get(1)
     m = w.mark()
     sc = SessionConfig(session="t", node=1, n_nodes=2, act="f32", max_seq_len=64, max_batch=4, timeout=3.0,
-                       heartbeat=1.0, weight_bytes=10**6, peers=[("127.0.0.1", 1)], model=model.config)
-    header = {"name": "blk.0.attn_q.weight", "dtype": "f32", "rows": 7, "cols": 256}
+                       heartbeat=1.0, weight_bytes=10**6, peers=[("127.0.0.1", 1)], model=model.config,
+                       slice=node_slice(model.config, 1, 2))
+    header = {"name": "blk.0.attn_q.weight", "dtype": "f32", "shape": [7, 256]}
 
     def config_then_tensor(c: socket.socket) -> None:
         read_greeting(c)

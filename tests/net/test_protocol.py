@@ -12,6 +12,7 @@ import pytest
 
 from engine.config import ModelConfig, RopeScaling
 from engine.errors import DllamaError
+from engine.slicing import node_slice
 from net.protocol import (
     GREETING,
     MAGIC,
@@ -75,7 +76,8 @@ def test_frame_bounds():
 
 def session(**kw) -> SessionConfig:
     base = dict(session="abc", node=1, n_nodes=3, act="q80", max_seq_len=128, max_batch=32, timeout=3.0,
-                heartbeat=1.0, weight_bytes=1234, peers=[("10.0.0.2", 9990), ("10.0.0.3", 9991)], model=CFG)
+                heartbeat=1.0, weight_bytes=1234, peers=[("10.0.0.2", 9990), ("10.0.0.3", 9991)], model=CFG,
+                slice=node_slice(CFG, 1, 3))
     return SessionConfig(**{**base, **kw})
 
 
@@ -104,6 +106,13 @@ def test_session_config_garbage():
     bad_model = session().to_bytes().replace(b'"n_kv_heads":8', b'"n_kv_heads":3')  # 8 heads % 3 != 0
     with pytest.raises(ProtocolError, match="model config this worker cannot use"):
         SessionConfig.from_bytes(bad_model, "root")
+    bad_arch = session().to_bytes().replace(b'"arch":"llama"', b'"arch":"gemma"')
+    with pytest.raises(ProtocolError, match="model config this worker cannot use"):
+        SessionConfig.from_bytes(bad_arch, "root")
+    bad_slice = session().to_bytes().replace(b'"ffn":[128,224]', b'"ffn":[224,128]')
+    assert bad_slice != session().to_bytes()
+    with pytest.raises(ProtocolError, match="node slice this worker cannot use"):
+        SessionConfig.from_bytes(bad_slice, "root")
 
 
 def test_parse_address():
