@@ -12,6 +12,7 @@ dispatch, and a shader-write -> host-read barrier on the written pipes at the en
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from engine.backend import Backend, Program
 from engine.config import ModelConfig
 from engine.errors import DllamaError
 from engine.graph import Graph, Op
-from engine.weights import BLOCK, Weight
+from engine.weights import BLOCK, Weight, vector_f32
 from shaders.compile import spirv
 from shaders.devices import DeviceInfo, check_device, list_devices, pick_device
 from shaders.weights import (
@@ -30,7 +31,7 @@ from shaders.weights import (
     array_part,
     group_weights,
     release_file_pages,
-    vector_f32,
+    row_arrays,
     weight_parts,
 )
 
@@ -151,11 +152,12 @@ class VulkanBackend(Backend):
         kind = "CPU emulation" if self.device.is_cpu else self.device.kind
         self.description = f"Vulkan {self.device.name} ({kind}; {reduce})"
 
-    def shader(self, name: str, act_q80: bool = False) -> bytes:
-        """SPIR-V of a shader in this backend's variant (subgroups or not; Q80 activations for matmul)."""
-        defines = {"USE_SUBGROUPS": 1} if self.subgroups else {}
-        if act_q80:
-            defines["ACT_Q80"] = 1
+    def shader(self, name: str, flags: tuple[str, ...] = ()) -> bytes:
+        """SPIR-V of a shader in this backend's variant (subgroups or not) with an op's macro flags
+        (ACT_Q80: Q80 matmul activations; MOE: expert stacks)."""
+        defines: dict[str, int | str] = dict.fromkeys(flags, 1)
+        if self.subgroups:
+            defines["USE_SUBGROUPS"] = 1
         if self.share_x and name.startswith("matmul_"):
             defines["SHARE_X"] = 1
         return spirv(name, defines)
@@ -236,7 +238,8 @@ class VulkanProgram(Program):
         up.close()
         for chunk in self.chunks:  # again: the kernel's fault-around maps neighbours of later reads back in
             for w in chunk.weights:
-                release_file_pages(w.data)
+                for a in row_arrays(w):
+                    release_file_pages(a)
         emb = self.weights.get("token_embd.weight")
         self.vocab = emb.rows if emb is not None else 0
 
@@ -303,37 +306,26 @@ class VulkanProgram(Program):
         for k, w in enumerate(chunk.weights):
             for part, t in zip(weight_parts(w), tensors, strict=True):
                 up.upload(part, t, k * part.words)
-            release_file_pages(w.data)
+            for a in row_arrays(w):
+                release_file_pages(a)
         return tensors
 
     # ---- shaders ----
     def _precompile(self) -> None:
         """Compile (or load from the cache) every shader variant the graph uses, in parallel."""
-        keys = {self._shader_key(op) for op in self.graph.ops()} | {("copy_words", False)}
+        keys = {self._shader_key(op) for op in self.graph.ops()} | {("copy_words", ())}
         with ThreadPoolExecutor(max_workers=4) as pool:
             list(pool.map(lambda k: self.be.shader(*k), sorted(keys)))
 
-    def _shader_key(self, op: Op) -> tuple[str, bool]:
-        g = self.graph
-        if op.kind == "matmul":
-            return f"matmul_{self.weights[op.weight].dtype}", g.buffers[op.inputs[0]].dtype == "q80"
-        if op.kind == "embedding":
-            return f"embedding_{self.weights[op.weight].dtype}", False
-        q80_pipe = g.buffers["zq"].dtype == "q80"
-        if op.kind == "to_pipe":
-            return ("quantize_q80" if q80_pipe else "copy_slot"), False
-        if op.kind == "merge_add":
-            return ("merge_add_q80" if q80_pipe else "merge_add_f32"), False
-        if op.kind in ("rmsnorm", "quantize_q80", "rope", "kv_store", "attention", "silu_mul"):
-            return op.kind, False
-        raise DllamaError(f"the Vulkan backend has no shader for op kind {op.kind!r}")
+    def _shader_key(self, op: Op) -> ShaderKey:
+        return _impl(op).shader(self, op)
 
     def _algo(self, op: Op, tensors: list, groups: int, wg: int, spec: list[int]):
         """The kp algorithm for a shader, buffers and constants; identical ones (other layers) are shared."""
-        name, act_q80 = self._shader_key(op)
-        key = (name, act_q80, tuple(id(t) for t in tensors), groups, wg, tuple(spec))
+        name, flags = self._shader_key(op)
+        key = (name, flags, tuple(id(t) for t in tensors), groups, wg, tuple(spec))
         if key not in self._algos:
-            spirv_code = self.be.shader(name, act_q80)
+            spirv_code = self.be.shader(name, flags)
             spec_consts = np.array([wg, *spec], np.uint32)
             self._algos[key] = self.mgr.algorithm(tensors, spirv_code, _grid(groups), spec_consts, _push())
         return self._algos[key]
@@ -348,54 +340,13 @@ class VulkanProgram(Program):
         Decode gets grids sized for one token: surplus workgroups exit at once, but on CPU implementations
         even an empty workgroup costs microseconds.
         """
-        p, g, B, ew = op.params, self.graph, rows, ELEMENTWISE_WG
-        t = {name: self.bufs[name] for name in (*op.inputs, *op.outputs)}
-        src, dst = t[op.inputs[0]], (t[op.outputs[0]] if op.outputs else None)
-        width = g.buffers[op.inputs[0]].width
-        if op.kind == "embedding":
-            w, (parts, i) = self.weights[op.weight], self._weight(op.weight)
-            groups = _ceil(B * (w.cols // BLOCK), ew)
-            return _Step(self._algo(op, [src, dst, *parts], groups, ew, [w.cols]), i, w.rows)
-        if op.kind == "rmsnorm":
-            parts, i = self._weight(op.weight)
-            eps = int(np.float32(p["eps"]).view(np.uint32))
-            return _Step(self._algo(op, [src, dst, *parts], B, self.be.tuning.reduce_wg, [width, eps]), i)
-        if op.kind == "matmul":
-            w, (parts, i), m = self.weights[op.weight], self._weight(op.weight), self.be.tuning
-            wg = min(self.be.max_wg, max(32, _pow2_floor(w.cols // BLOCK))) if m.split else 64
-            groups = _ceil(w.rows, m.rows) if m.split else _ceil(w.rows, m.rows * wg)
-            spec = [w.cols, m.rows, int(m.split), m.batch]
-            return _Step(self._algo(op, [src, dst, *parts], groups, wg, spec), i, w.rows)
-        if op.kind == "quantize_q80":
-            nb = width // BLOCK
-            return _Step(self._algo(op, [src, dst], _ceil(_ceil(B * nb, 2), 64), 64, [nb, nb, 0]))
-        if op.kind == "rope":
-            spec = [width, p["head_dim"], int(p["neox"])]
-            return _Step(self._algo(op, [src, t["pos"], self.rope], _ceil(B * width // 2, ew), ew, spec))
-        if op.kind == "kv_store":
-            (kc, i), (vc, _) = self.k_cache.at(p["layer"]), self.v_cache.at(p["layer"])
-            kv = [t["k"], t["v"], t["pos"], kc, vc]
-            return _Step(
-                self._algo(op, kv, _ceil(B * self.kv_width, ew), ew, [self.kv_width, g.max_seq_len]), i
-            )
-        if op.kind == "attention":
-            (kc, i), (vc, _) = self.k_cache.at(p["layer"]), self.v_cache.at(p["layer"])
-            nh, wg = p["n_heads"], min(128, self.be.tuning.reduce_wg)
-            spec = [nh, p["n_kv_heads"], p["head_dim"], g.max_seq_len]
-            return _Step(self._algo(op, [src, t["pos"], kc, vc, dst, self.scores], B * nh, wg, spec), i)
-        if op.kind == "silu_mul":
-            return _Step(self._algo(op, [src, t[op.inputs[1]]], _ceil(B * width, ew), ew, [width]))
-        if op.kind == "to_pipe":
-            slots, slot = g.slice.n_nodes, p["slot"]
-            if g.buffers["zq"].dtype == "q80":
-                nb = width // BLOCK
-                groups = _ceil(_ceil(B * slots * nb, 2), 64)
-                return _Step(self._algo(op, [src, dst], groups, 64, [nb, nb * slots, nb * slot]))
-            return _Step(self._algo(op, [src, dst], _ceil(B * width, ew), ew, [width, slots, slot]))
-        if op.kind == "merge_add":
-            dim = g.buffers[op.outputs[0]].width
-            return _Step(self._algo(op, [src, dst], _ceil(B * dim, ew), ew, [dim, g.slice.n_nodes]))
-        raise DllamaError(f"the Vulkan backend has no shader for op kind {op.kind!r}")
+        return _impl(op).bind(self, op, rows)
+
+    def width(self, buffer: str) -> int:
+        return self.graph.buffers[buffer].width
+
+    def is_q80(self, buffer: str) -> bool:
+        return self.graph.buffers[buffer].dtype == "q80"
 
     # ---- running ----
     def pipe(self, name: str) -> np.ndarray:
@@ -475,6 +426,204 @@ class _Uploader:
         if self.staging is not None:
             self.staging.destroy()
             self.staging = self.view = None
+
+
+# ---- the op registry: every graph op kind, its shader variant and its dispatch ----
+ShaderKey = tuple[str, tuple[str, ...]]  # shader name, macro flags
+
+
+@dataclass(frozen=True)
+class _OpImpl:
+    """How the backend runs one op kind: which shader variant, and the dispatch for up to `rows` tokens."""
+
+    shader: Callable[[VulkanProgram, Op], ShaderKey]
+    bind: Callable[[VulkanProgram, Op, int], _Step]
+
+
+def _fixed(name: str) -> Callable[[VulkanProgram, Op], ShaderKey]:
+    return lambda prog, op: (name, ())
+
+
+def _by_pipe(f32: str, q80: str) -> Callable[[VulkanProgram, Op], ShaderKey]:
+    """The shader for the zq pipe's number format."""
+    return lambda prog, op: (q80 if prog.is_q80("zq") else f32, ())
+
+
+def _tensors(prog: VulkanProgram, names: tuple[str, ...]) -> list:
+    return [prog.bufs[n] for n in names]
+
+
+def _vector(prog: VulkanProgram, op: Op, length: int, what: str) -> tuple[list, int]:
+    """The uploaded vector weight of an op, which must have `length` values."""
+    w = prog.weights[op.weight]
+    if w.cols != length or w.rows != 1:
+        raise DllamaError(f"{op.name}: {w.name} has shape {w.shape}, {what} needs a vector of {length}")
+    return prog._weight(op.weight)
+
+
+def _embedding(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+    w, (parts, i) = prog.weights[op.weight], prog._weight(op.weight)
+    groups = _ceil(rows * (w.cols // BLOCK), ELEMENTWISE_WG)
+    tensors = [*_tensors(prog, op.inputs + op.outputs), *parts]
+    return _Step(prog._algo(op, tensors, groups, ELEMENTWISE_WG, [w.cols]), i, w.rows)
+
+
+def _rmsnorm(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+    """One workgroup per (token, group of the weight's length)."""
+    width, group = prog.width(op.inputs[0]), prog.weights[op.weight].cols
+    if width % group:
+        raise DllamaError(f"{op.name}: a norm weight of {group} values does not divide rows of {width}")
+    parts, i = _vector(prog, op, group, "rmsnorm")
+    eps = int(np.float32(op.params["eps"]).view(np.uint32))
+    wg = min(prog.be.tuning.reduce_wg, _pow2_floor(group))
+    tensors = [*_tensors(prog, op.inputs + op.outputs), *parts]
+    return _Step(prog._algo(op, tensors, rows * (width // group), wg, [width, eps, group]), i)
+
+
+def _add_bias(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+    width = prog.width(op.inputs[0])
+    parts, i = _vector(prog, op, width, "add_bias")
+    tensors = [prog.bufs[op.inputs[0]], *parts]
+    return _Step(prog._algo(op, tensors, _ceil(rows * width, ELEMENTWISE_WG), ELEMENTWISE_WG, [width]), i)
+
+
+def _matmul_shader(prog: VulkanProgram, op: Op) -> ShaderKey:
+    name = f"matmul_{prog.weights[op.weight].dtype}"
+    return name, ("ACT_Q80",) if prog.is_q80(op.inputs[0]) else ()
+
+
+def _moe_matmul_shader(prog: VulkanProgram, op: Op) -> ShaderKey:
+    name, flags = _matmul_shader(prog, op)
+    return name, (*flags, "MOE")
+
+
+def _matmul_grid(prog: VulkanProgram, w: Weight) -> tuple[int, int, list[int]]:
+    """Workgroups, workgroup size and the leading constants (COLS, R, SPLIT, TB) of a matmul dispatch."""
+    m = prog.be.tuning
+    wg = min(prog.be.max_wg, max(32, _pow2_floor(w.cols // BLOCK))) if m.split else 64
+    groups = _ceil(w.rows, m.rows) if m.split else _ceil(w.rows, m.rows * wg)
+    return groups, wg, [w.cols, m.rows, int(m.split), m.batch]
+
+
+def _matmul(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+    w, (parts, i) = prog.weights[op.weight], prog._weight(op.weight)
+    groups, wg, spec = _matmul_grid(prog, w)
+    tensors = [*_tensors(prog, op.inputs + op.outputs), *parts]
+    return _Step(prog._algo(op, tensors, groups, wg, spec), i, w.rows)
+
+
+def _moe_matmul(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+    """Expert-stack matmul over the (token, slot) pairs; x is shared by the slots or has one row per slot."""
+    (x, idx), w, (parts, i) = op.inputs, prog.weights[op.weight], prog._weight(op.weight)
+    slots = op.params["slots"]
+    if not w.experts:
+        raise DllamaError(f"{op.name}: moe_matmul needs an expert stack, but {w.name} is one matrix")
+    if prog.width(x) not in (w.cols, slots * w.cols):
+        raise DllamaError(
+            f"{op.name}: input {x} has {prog.width(x)} values per token; {w.name} needs {w.cols} "
+            f"(shared by the slots) or {slots * w.cols} (one input per slot)"
+        )
+    groups, wg, spec = _matmul_grid(prog, w)
+    spec[3] = 1  # every pair has its own expert: no weight reuse across batch rows
+    spec += [slots, w.experts, int(prog.width(x) == slots * w.cols)]
+    tensors = [prog.bufs[x], prog.bufs[op.outputs[0]], prog.bufs[idx], *parts]
+    return _Step(prog._algo(op, tensors, groups, wg, spec), i, w.rows)
+
+
+def _moe_route(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+    k, experts = op.params["k"], prog.width(op.inputs[0])
+    if not 1 <= k <= experts:
+        raise DllamaError(f"{op.name}: cannot route to {k} of {experts} experts")
+    spec = [experts, k, int(op.params["normalize"])]
+    return _Step(prog._algo(op, _tensors(prog, op.inputs + op.outputs), _ceil(rows, 64), 64, spec))
+
+
+def _moe_sum(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+    width, slots = prog.width(op.outputs[0]), prog.width(op.inputs[1])
+    groups = _ceil(rows * width, ELEMENTWISE_WG)
+    tensors = _tensors(prog, op.inputs + op.outputs)
+    return _Step(prog._algo(op, tensors, groups, ELEMENTWISE_WG, [width, slots]))
+
+
+def _quantize_q80(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+    nb = prog.width(op.inputs[0]) // BLOCK
+    tensors = _tensors(prog, op.inputs + op.outputs)
+    return _Step(prog._algo(op, tensors, _ceil(_ceil(rows * nb, 2), 64), 64, [nb, nb, 0]))
+
+
+def _rope(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+    width, p = prog.width(op.inputs[0]), op.params
+    spec = [width, p["head_dim"], int(p["neox"])]
+    tensors = [prog.bufs[op.inputs[0]], prog.bufs["pos"], prog.rope]
+    return _Step(prog._algo(op, tensors, _ceil(rows * width // 2, ELEMENTWISE_WG), ELEMENTWISE_WG, spec))
+
+
+def _kv_store(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+    (kc, i), (vc, _) = prog.k_cache.at(op.params["layer"]), prog.v_cache.at(op.params["layer"])
+    tensors = [prog.bufs["k"], prog.bufs["v"], prog.bufs["pos"], kc, vc]
+    groups = _ceil(rows * prog.kv_width, ELEMENTWISE_WG)
+    spec = [prog.kv_width, prog.graph.max_seq_len]
+    return _Step(prog._algo(op, tensors, groups, ELEMENTWISE_WG, spec), i)
+
+
+def _attention(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+    p = op.params
+    (kc, i), (vc, _) = prog.k_cache.at(p["layer"]), prog.v_cache.at(p["layer"])
+    nh, wg = p["n_heads"], min(128, prog.be.tuning.reduce_wg)
+    spec = [nh, p["n_kv_heads"], p["head_dim"], prog.graph.max_seq_len]
+    tensors = [prog.bufs[op.inputs[0]], prog.bufs["pos"], kc, vc, prog.bufs[op.outputs[0]], prog.scores]
+    return _Step(prog._algo(op, tensors, rows * nh, wg, spec), i)
+
+
+def _silu_mul(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+    width = prog.width(op.inputs[0])
+    tensors = _tensors(prog, op.inputs[:2])
+    return _Step(prog._algo(op, tensors, _ceil(rows * width, ELEMENTWISE_WG), ELEMENTWISE_WG, [width]))
+
+
+def _to_pipe(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+    """This node's partial sum into its slot of zq, quantised when zq is a Q80 pipe."""
+    width, slots, slot = prog.width(op.inputs[0]), prog.graph.slice.n_nodes, op.params["slot"]
+    tensors = _tensors(prog, op.inputs + op.outputs)
+    if prog.is_q80("zq"):
+        nb = width // BLOCK
+        groups = _ceil(_ceil(rows * slots * nb, 2), 64)
+        return _Step(prog._algo(op, tensors, groups, 64, [nb, nb * slots, nb * slot]))
+    groups = _ceil(rows * width, ELEMENTWISE_WG)
+    return _Step(prog._algo(op, tensors, groups, ELEMENTWISE_WG, [width, slots, slot]))
+
+
+def _merge_add(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+    dim = prog.width(op.outputs[0])
+    tensors = _tensors(prog, op.inputs + op.outputs)
+    groups = _ceil(rows * dim, ELEMENTWISE_WG)
+    return _Step(prog._algo(op, tensors, groups, ELEMENTWISE_WG, [dim, prog.graph.slice.n_nodes]))
+
+
+OPS: dict[str, _OpImpl] = {
+    "embedding": _OpImpl(lambda prog, op: (f"embedding_{prog.weights[op.weight].dtype}", ()), _embedding),
+    "rmsnorm": _OpImpl(_fixed("rmsnorm"), _rmsnorm),
+    "add_bias": _OpImpl(_fixed("add_bias"), _add_bias),
+    "quantize_q80": _OpImpl(_fixed("quantize_q80"), _quantize_q80),
+    "matmul": _OpImpl(_matmul_shader, _matmul),
+    "moe_route": _OpImpl(_fixed("moe_route"), _moe_route),
+    "moe_matmul": _OpImpl(_moe_matmul_shader, _moe_matmul),
+    "moe_sum": _OpImpl(_fixed("moe_sum"), _moe_sum),
+    "rope": _OpImpl(_fixed("rope"), _rope),
+    "kv_store": _OpImpl(_fixed("kv_store"), _kv_store),
+    "attention": _OpImpl(_fixed("attention"), _attention),
+    "silu_mul": _OpImpl(_fixed("silu_mul"), _silu_mul),
+    "to_pipe": _OpImpl(_by_pipe("copy_slot", "quantize_q80"), _to_pipe),
+    "merge_add": _OpImpl(_by_pipe("merge_add_f32", "merge_add_q80"), _merge_add),
+}
+OP_KINDS = frozenset(OPS)  # the op kinds this backend implements
+
+
+def _impl(op: Op) -> _OpImpl:
+    impl = OPS.get(op.kind)
+    if impl is None:
+        raise DllamaError(f"the Vulkan backend has no shader for op kind {op.kind!r}")
+    return impl
 
 
 def available_devices() -> list[DeviceInfo]:

@@ -7,6 +7,9 @@
 // and serve the R rows, and each weight block is loaded once for the TB batch rows.
 // ACT_Q80: x is Q80 blocks (34 bytes: fp16 d, 32 int8); the block dot product is done on the integer
 // values, d_w * d_x * sum(q_w * q_x) [+ m_w * d_x * sum(q_x)], as distributed-llama's Q80 kernels do.
+// MOE (moe_matmul): the weight is a stack of EXPERTS matrices per layer and the batch rows are the n * SLOTS
+// (token, slot) pairs: pair q = b * SLOTS + s multiplies expert moe_idx[q] by x row b (or row q when x holds
+// one input per slot) into y row q, i.e. y[b, s * rows + r]. Pairs use different experts, so TB is 1 there.
 layout(constant_id = 2) const uint R = 1;       // output rows per row group (1..4)
 layout(constant_id = 3) const uint SPLIT = 1;   // 1: a workgroup shares a row group; 0: an invocation owns one
 layout(constant_id = 4) const uint TB = 1;      // batch rows per pass (1..4)
@@ -17,6 +20,32 @@ layout(std430, binding = 0) readonly buffer X { uint xq[]; };
 layout(std430, binding = 0) readonly buffer X { vec4 x4[]; };
 #endif
 layout(std430, binding = 1) writeonly buffer Y { float y[]; };
+#ifdef MOE
+layout(std430, binding = 2) readonly buffer I { int moe_idx[]; };
+layout(constant_id = 5) const uint SLOTS = 1;        // experts per token
+layout(constant_id = 6) const uint EXPERTS = 1;      // matrices per layer in the weight buffer
+layout(constant_id = 7) const uint X_PER_SLOT = 0;   // 1: x has one row per (token, slot) pair
+const uint PAIRS = SLOTS;
+#else
+const uint PAIRS = 1u;
+#endif
+
+// The x row and the first weight row of batch row (or pair) q.
+uint x_row(uint q) {
+#ifdef MOE
+    return X_PER_SLOT != 0u ? q : q / SLOTS;
+#else
+    return q;
+#endif
+}
+
+uint weight_base(uint q) {
+#ifdef MOE
+    return (pc.aux * EXPERTS + uint(clamp(moe_idx[q], 0, int(EXPERTS) - 1))) * pc.rows;
+#else
+    return pc.aux * pc.rows;
+#endif
+}
 
 struct XBlock { vec4 v[8]; float d; float sum; };
 
@@ -94,16 +123,17 @@ void main() {
     bool live = true;
 #endif
     uint jstart = SPLIT != 0u ? t : 0u, jstep = SPLIT != 0u ? gl_WorkGroupSize.x : 1u;
-    for (uint b0 = 0u; b0 < pc.n; b0 += TB) {
-        uint nb = min(TB, pc.n - b0);
+    uint nq = pc.n * PAIRS;
+    for (uint b0 = 0u; b0 < nq; b0 += TB) {
+        uint nb = min(TB, nq - b0), base = weight_base(b0);
         vec4 acc[4] = vec4[4](vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0));   // [row][batch row]
         for (uint j = jstart; j < NB; j += jstep) {
             XBlock xb[4];
             for (uint c = 0u; c < TB; c++) {
-                if (c < nb) xb[c] = load_xblock(b0 + c, j);
+                if (c < nb) xb[c] = load_xblock(x_row(b0 + c), j);
             }
             for (uint i = 0u; i < R; i++) {
-                WDec w = decode(load_block(pc.aux * pc.rows + min(row0 + i, pc.rows - 1u), j));
+                WDec w = decode(load_block(base + min(row0 + i, pc.rows - 1u), j));
                 for (uint c = 0u; c < TB; c++) {
                     if (c < nb) acc[i][c] += block_dot(w, xb[c]);
                 }

@@ -1,13 +1,16 @@
 """Weights as the shaders read them: packed uint32 arrays, same-role weights of many layers in one buffer.
 
-Q4_0/Q4_1/Q8_0 blocks (18/20/34 bytes) are not 4-byte aligned, so at upload each block is split into its
-quantised values (16 or 32 bytes, word aligned; the shaders load them as uvec4) and its fp16 scale(s): Q4_1's
-d and m fill one word per block, Q4_0's and Q8_0's lone d are packed two per word with each row padded to a
-whole word. The total size is that of the blocks. f32/f16/bf16 rows are uploaded as they are. Packing happens
-a row range at a time straight into the staging buffer, so the host never holds a second copy of a tensor.
+Quantised blocks whose size is not a multiple of 16 bytes are split at upload into aligned arrays of the same
+total size, one device buffer per field (`FIELDS`): the quantised values (whole uvec4 per block, the shaders
+load them as such), one word per block of other 4-byte fields (Q4_1's d and m, Q5's 32 high bits) and lone
+fp16 scales packed two per word with each row padded to a whole word. K-quant super-blocks of 144 and 176
+bytes (Q4_K, Q5_K) are already aligned and go up as they are; Q6_K's 210-byte ones lose their trailing fp16
+d to a scale array. f32/f16/bf16 rows go up as they are. Packing happens a row range at a time straight into
+the staging buffer, so the host never holds a second copy of a tensor.
 
 The same role (attn_q, ffn_norm, ...) of consecutive layers shares one device buffer per part, so one shader
 pipeline serves every layer (the layer index is a push constant): a few dozen pipelines instead of hundreds.
+An expert stack (mixture-of-experts FFN) is one weight of experts x rows rows, expert after expert.
 """
 
 from __future__ import annotations
@@ -20,7 +23,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.errors import DllamaError
-from engine.weights import BLOCK, BLOCK_BYTES, Weight
+from engine.weight_types import weight_type
+from engine.weights import BLOCK, Weight, vector_f32
+
+# Byte ranges of a block that become one device buffer each, in binding order (see wt_<type>.glsl).
+FIELDS: dict[str, tuple[tuple[int, int], ...]] = {
+    "q40": ((2, 18), (0, 2)),  # 16 nibble bytes; d
+    "q41": ((4, 20), (0, 4)),  # 16 nibble bytes; d and m
+    "q50": ((6, 22), (0, 2), (2, 6)),  # 16 nibble bytes; d; 32 high bits
+    "q51": ((8, 24), (0, 4), (4, 8)),  # 16 nibble bytes; d and m; 32 high bits
+    "q80": ((2, 34), (0, 2)),  # 32 int8; d
+    "q4k": ((0, 144),),  # the whole super-block
+    "q5k": ((0, 176),),  # the whole super-block
+    "q6k": ((0, 208), (208, 210)),  # ql, qh, scales; d
+}
 
 
 @dataclass(frozen=True)
@@ -36,64 +52,66 @@ class Part:
         return self.rows * self.row_words
 
 
-def _blocks(w: Weight) -> np.ndarray:
-    return w.data.reshape(w.rows, w.cols // BLOCK, BLOCK_BYTES[w.dtype])
-
-
 def _words(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).view(np.uint32).reshape(-1)
 
 
-def _scales_two_per_word(w: Weight) -> Part:
-    """The fp16 scale d of every block (first 2 bytes), two per word, each row padded to a whole word."""
-    nb = w.cols // BLOCK
-    half_words = (nb + 1) // 2
+def row_arrays(w: Weight) -> list[np.ndarray]:
+    """The weight's data as 2-D arrays of contiguous rows: one per expert of a stack, else the whole."""
+    return [w.data[e] for e in range(w.experts)] if w.experts else [w.data]
+
+
+def _rows(w: Weight, r0: int, r1: int) -> list[np.ndarray]:
+    """Rows r0..r1 of the weight, counting an expert stack's rows expert after expert."""
+    if not w.experts:
+        return [w.data[r0:r1]]
+    first, last = r0 // w.rows, -(-r1 // w.rows)
+    return [w.data[e, max(r0 - e * w.rows, 0) : min(r1 - e * w.rows, w.rows)] for e in range(first, last)]
+
+
+def _part(w: Weight, row_words: int, words_of: Callable[[np.ndarray], np.ndarray]) -> Part:
+    """A part whose rows are `words_of(rows of the weight's data)`."""
 
     def pack(r0: int, r1: int) -> np.ndarray:
-        d = np.zeros((r1 - r0, 2 * half_words), np.uint16)
-        d[:, :nb] = _blocks(w)[r0:r1, :, 0:2].copy().view(np.uint16).reshape(r1 - r0, nb)
-        return _words(d)
+        return np.concatenate([words_of(a) for a in _rows(w, r0, r1)])
 
-    return Part(w.rows, half_words, pack)
+    return Part(max(w.experts, 1) * w.rows, row_words, pack)
+
+
+def _field_part(w: Weight, lo: int, hi: int) -> Part:
+    """Bytes lo..hi of every block: whole words per block, or a lone fp16 two per word (rows padded)."""
+    wt = weight_type(w.dtype)
+    nb = w.cols // wt.block_values
+
+    def blocks(a: np.ndarray) -> np.ndarray:
+        return a.reshape(a.shape[0], nb, wt.block_bytes)[:, :, lo:hi]
+
+    if hi - lo == 2:
+        half_words = (nb + 1) // 2
+
+        def halves(a: np.ndarray) -> np.ndarray:
+            d = np.zeros((a.shape[0], 2 * half_words), np.uint16)
+            d[:, :nb] = blocks(a).copy().view(np.uint16).reshape(a.shape[0], nb)
+            return _words(d)
+
+        return _part(w, half_words, halves)
+    return _part(w, nb * (hi - lo) // 4, lambda a: _words(blocks(a)))
 
 
 def matrix_parts(w: Weight) -> list[Part]:
-    """The device buffers of a matrix used by matmul/embedding shaders (binding 2, and 3 for quantised)."""
-    if w.cols % BLOCK:
+    """The device buffers of a matrix or expert stack (matmul/embedding bindings 2, 3, ... in order)."""
+    wt = weight_type(w.dtype)
+    unit = max(BLOCK, wt.block_values)
+    if w.cols % unit:
         raise DllamaError(
-            f"{w.name}: the Vulkan backend needs rows of a multiple of {BLOCK} values (this one has {w.cols})"
+            f"{w.name}: the Vulkan backend needs {wt.ggml_name} rows of a multiple of {unit} values "
+            f"(this one has {w.cols})"
         )
-    nb = w.cols // BLOCK
-    if w.dtype in ("f32", "f16", "bf16"):
-        row_words = w.cols if w.dtype == "f32" else w.cols // 2
-        return [Part(w.rows, row_words, lambda r0, r1: _words(w.data[r0:r1]))]
-    if w.dtype == "q40":
-        return [
-            Part(w.rows, nb * 4, lambda r0, r1: _words(_blocks(w)[r0:r1, :, 2:18])),
-            _scales_two_per_word(w),
-        ]
-    if w.dtype == "q41":
-        return [
-            Part(w.rows, nb * 4, lambda r0, r1: _words(_blocks(w)[r0:r1, :, 4:20])),
-            Part(w.rows, nb, lambda r0, r1: _words(_blocks(w)[r0:r1, :, 0:4])),
-        ]
-    if w.dtype == "q80":
-        return [
-            Part(w.rows, nb * 8, lambda r0, r1: _words(_blocks(w)[r0:r1, :, 2:34])),
-            _scales_two_per_word(w),
-        ]
-    raise DllamaError(f"{w.name}: weight type {w.dtype} is not supported by the Vulkan backend")
-
-
-def vector_f32(w: Weight) -> np.ndarray:
-    """A 1-D weight (norm scales) as float32, whatever its stored type."""
-    if w.dtype == "bf16":
-        return (w.data.reshape(-1).astype(np.uint32) << 16).view(np.float32)
-    if w.dtype not in ("f32", "f16"):
-        raise DllamaError(
-            f"{w.name}: a {w.dtype} vector is not supported (norm weights are f32, f16 or bf16)"
-        )
-    return np.ascontiguousarray(w.data.reshape(-1), np.float32)
+    if not wt.quantized:
+        return [_part(w, w.cols * wt.block_bytes // 4, _words)]
+    if w.dtype not in FIELDS:
+        raise DllamaError(f"{w.name}: weight type {w.dtype} is not supported by the Vulkan backend")
+    return [_field_part(w, lo, hi) for lo, hi in FIELDS[w.dtype]]
 
 
 def array_part(a: np.ndarray) -> Part:
@@ -125,8 +143,8 @@ def release_file_pages(a: np.ndarray) -> None:
 
 
 def weight_parts(w: Weight) -> list[Part]:
-    """The device parts of any weight: norm vectors as float32, matrices as matrix_parts."""
-    return [array_part(vector_f32(w))] if w.rows == 1 else matrix_parts(w)
+    """The device parts of any weight: vectors (norms, biases) as float32, matrices as matrix_parts."""
+    return [array_part(vector_f32(w))] if w.rows == 1 and not w.experts else matrix_parts(w)
 
 
 @dataclass
@@ -150,6 +168,10 @@ def _layer(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
+def _identity(w: Weight) -> tuple:
+    return (w.dtype, w.data.__array_interface__["data"][0], w.data.shape, w.data.strides)
+
+
 def group_weights(
     weights: dict[str, Weight], limit: int
 ) -> tuple[list[WeightChunk], dict[str, tuple[int, int]]]:
@@ -159,10 +181,9 @@ def group_weights(
     groups: dict[tuple, list[str]] = {}
     for name in sorted(weights, key=lambda n: (_role(n), _layer(n))):
         w = weights[name]
-        ident = (w.dtype, w.data.__array_interface__["data"][0], w.data.shape)
-        if ident not in first:
-            first[ident] = name
-            groups.setdefault((_role(name), w.dtype, w.rows, w.cols), []).append(name)
+        if _identity(w) not in first:
+            first[_identity(w)] = name
+            groups.setdefault((_role(name), w.dtype, w.experts, w.rows, w.cols), []).append(name)
     chunks: list[WeightChunk] = []
     slots: dict[str, tuple[int, int]] = {}
     for names in groups.values():
@@ -173,5 +194,5 @@ def group_weights(
             for k, n in enumerate(names[i : i + step]):
                 slots[n] = (len(chunks) - 1, k)
     for name, w in weights.items():
-        slots[name] = slots[first[(w.dtype, w.data.__array_interface__["data"][0], w.data.shape)]]
+        slots[name] = slots[first[_identity(w)]]
     return chunks, slots

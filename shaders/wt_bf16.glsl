@@ -1,5 +1,5 @@
 // bf16 weights: rows of COLS bfloat16 bit patterns, two per word, 4 uvec4 per block.
-layout(std430, binding = 2) readonly buffer W { uvec4 w16[]; };
+layout(std430, binding = WBIND) readonly buffer W { uvec4 w16[]; };
 
 struct WBlock { uvec4 q[4]; };
 

@@ -1,5 +1,5 @@
 // f16 weights: rows of COLS IEEE halves, two per word, 4 uvec4 per block.
-layout(std430, binding = 2) readonly buffer W { uvec4 w16[]; };
+layout(std430, binding = WBIND) readonly buffer W { uvec4 w16[]; };
 
 struct WBlock { uvec4 q[4]; };
 

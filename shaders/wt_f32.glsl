@@ -1,5 +1,5 @@
 // f32 weights: rows of COLS floats, 8 vec4 per block.
-layout(std430, binding = 2) readonly buffer W { vec4 w4[]; };
+layout(std430, binding = WBIND) readonly buffer W { vec4 w4[]; };
 
 struct WBlock { vec4 v[8]; };
 

@@ -1,8 +1,8 @@
 // Q4_0 blocks, re-packed at upload into two aligned arrays of the same total size: the 16 nibble bytes of
 // every block (one uvec4, block after block) and the fp16 scales (two per word, each row padded to a word).
 // Byte j of a block holds value j (low nibble) and value j + 16 (high nibble); value = d * (nibble - 8).
-layout(std430, binding = 2) readonly buffer WQ { uvec4 wq[]; };
-layout(std430, binding = 3) readonly buffer WD { uint wd[]; };
+layout(std430, binding = WBIND) readonly buffer WQ { uvec4 wq[]; };
+layout(std430, binding = WBIND + 1) readonly buffer WD { uint wd[]; };
 
 struct WBlock { uvec4 q; float d; };
 

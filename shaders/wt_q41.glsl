@@ -2,8 +2,8 @@
 // every block (one uvec4) and one word per block holding its fp16 scale d (low half) and minimum m (high half).
 // Byte j of a block holds value j (low nibble) and value j + 16 (high nibble); value = d * nibble + m.
 #define HAS_MIN
-layout(std430, binding = 2) readonly buffer WQ { uvec4 wq[]; };
-layout(std430, binding = 3) readonly buffer WD { uint wdm[]; };
+layout(std430, binding = WBIND) readonly buffer WQ { uvec4 wq[]; };
+layout(std430, binding = WBIND + 1) readonly buffer WD { uint wdm[]; };
 
 struct WBlock { uvec4 q; vec2 dm; };
 

@@ -1,7 +1,7 @@
 // Q8_0 blocks, re-packed at upload into two aligned arrays of the same total size: the 32 int8 values of
 // every block (two uvec4) and the fp16 scales (two per word, each row padded to a word). value = d * q.
-layout(std430, binding = 2) readonly buffer WQ { uvec4 wq[]; };
-layout(std430, binding = 3) readonly buffer WD { uint wd[]; };
+layout(std430, binding = WBIND) readonly buffer WQ { uvec4 wq[]; };
+layout(std430, binding = WBIND + 1) readonly buffer WD { uint wd[]; };
 
 struct WBlock { uvec4 q0; uvec4 q1; float d; };
 

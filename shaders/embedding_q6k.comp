@@ -1,0 +1,7 @@
+#version 450
+// Embedding lookup from a Q6_K table into f32 rows.
+#extension GL_GOOGLE_include_directive : require
+#include "common.glsl"
+#include "weights_head.glsl"
+#include "wt_q6k.glsl"
+#include "embedding.glsl"

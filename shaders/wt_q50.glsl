@@ -1,0 +1,21 @@
+// Q5_0 blocks (22 bytes), split at upload into three aligned arrays of the same total size: the 16 nibble
+// bytes of every block (one uvec4), the fp16 scales (two per word, each row padded to a word) and the 32 fifth
+// bits (one word per block, bit i for value i). Byte j holds value j (low nibble) and value j + 16 (high
+// nibble); value = d * (q - 16).
+layout(std430, binding = WBIND) readonly buffer WQ { uvec4 wq[]; };
+layout(std430, binding = WBIND + 1) readonly buffer WD { uint wd[]; };
+layout(std430, binding = WBIND + 2) readonly buffer WH { uint wh[]; };
+
+struct WBlock { uvec4 q; uint h; float d; };
+
+WBlock load_block(uint r, uint j) {
+    uint i = r * NB + j;
+    return WBlock(wq[i], wh[i], half_at(wd[r * NBH + (j >> 1)], j & 1u));
+}
+
+vec4 wvec(WBlock b, uint k) {
+    uint w = b.q[k & 3u] >> (4u * (k >> 2)), h = b.h >> (4u * k);
+    uvec4 q = (uvec4(w, w >> 8, w >> 16, w >> 24) & 0xFu) | ((uvec4(h, h >> 1, h >> 2, h >> 3) & 1u) << 4);
+    return vec4(q) - 16.0;
+}
+float wscale(WBlock b) { return b.d; }

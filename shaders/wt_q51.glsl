@@ -1,0 +1,22 @@
+// Q5_1 blocks (24 bytes), split at upload into three aligned arrays of the same total size: the 16 nibble
+// bytes of every block (one uvec4), one word per block holding its fp16 scale d (low half) and minimum m
+// (high half), and the 32 fifth bits (one word per block, bit i for value i). Byte j holds value j (low
+// nibble) and value j + 16 (high nibble); value = d * q + m.
+#define HAS_MIN
+layout(std430, binding = WBIND) readonly buffer WQ { uvec4 wq[]; };
+layout(std430, binding = WBIND + 1) readonly buffer WD { uint wdm[]; };
+layout(std430, binding = WBIND + 2) readonly buffer WH { uint wh[]; };
+
+struct WBlock { uvec4 q; uint h; vec2 dm; };
+
+WBlock load_block(uint r, uint j) {
+    uint i = r * NB + j;
+    return WBlock(wq[i], wh[i], unpackHalf2x16(wdm[i]));
+}
+
+vec4 wvec(WBlock b, uint k) {
+    uint w = b.q[k & 3u] >> (4u * (k >> 2)), h = b.h >> (4u * k);
+    return vec4((uvec4(w, w >> 8, w >> 16, w >> 24) & 0xFu) | ((uvec4(h, h >> 1, h >> 2, h >> 3) & 1u) << 4));
+}
+float wscale(WBlock b) { return b.dm.x; }
+float wmin(WBlock b) { return b.dm.y; }

@@ -1,0 +1,26 @@
+// Q5_K super-blocks (176 bytes: fp16 d and dmin, 12 bytes of 6-bit scales and minimums, 32 bytes of fifth
+// bits, 128 nibble bytes), uploaded as they are: 11 uvec4 each (head, 2 of high bits, 8 of nibbles). Block i
+// (32 values) of the 8 reads chunk i / 2 of the nibbles as Q4_K does, and bit i of high byte l is the fifth
+// bit of its value l; value = d * sc_i * q - dmin * mn_i.
+#define HAS_MIN
+#include "kquant.glsl"
+layout(std430, binding = WBIND) readonly buffer W { uvec4 wk[]; };
+
+struct WBlock { uvec4 q0; uvec4 q1; uvec4 h0; uvec4 h1; uint shift; uint bit; float d; float m; };
+
+WBlock load_block(uint r, uint j) {
+    uint o = 11u * (r * NS + (j >> 3)), i = j & 7u, c = i >> 1;
+    uvec4 head = wk[o];
+    vec2 dm = unpackHalf2x16(head.x);
+    uvec2 sm = scale_min(head, i);
+    return WBlock(wk[o + 3u + 2u * c], wk[o + 4u + 2u * c], wk[o + 1u], wk[o + 2u], 4u * (i & 1u), i,
+                  dm.x * float(sm.x), -dm.y * float(sm.y));
+}
+
+vec4 wvec(WBlock b, uint k) {
+    uint w = (k < 4u ? b.q0[k] : b.q1[k - 4u]) >> b.shift;
+    uint h = (k < 4u ? b.h0[k] : b.h1[k - 4u]) >> b.bit;
+    return vec4((uvec4(w, w >> 8, w >> 16, w >> 24) & 0xFu) | ((uvec4(h, h >> 8, h >> 16, h >> 24) & 1u) << 4));
+}
+float wscale(WBlock b) { return b.d; }
+float wmin(WBlock b) { return b.m; }

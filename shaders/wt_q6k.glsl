@@ -1,0 +1,27 @@
+// Q6_K super-blocks (210 bytes: ql[128], qh[64], 16 int8 scales, fp16 d), split at upload into two aligned
+// arrays of the same total size: the first 208 bytes (13 uvec4: ql 0..7, qh 8..11, scales 12) and the d
+// (two per word, each row padded to a word). Block i = 4h + t (32 values) of the 8 is quarter t of half h:
+// value l takes the low (t < 2) or high nibble of ql[64h + 32(t & 1) + l] and bits 2t, 2t + 1 of
+// qh[32h + l]; value = d * sc * (q - 32), sc = scales[8h + 2t] for l < 16, scales[8h + 2t + 1] above. The two
+// 16-value scales are folded into the decoded values, so wscale is d alone.
+layout(std430, binding = WBIND) readonly buffer W { uvec4 wk[]; };
+layout(std430, binding = WBIND + 1) readonly buffer WD { uint wd[]; };
+
+struct WBlock { uvec4 l0; uvec4 l1; uvec4 h0; uvec4 h1; uint lshift; uint hshift; vec2 sc; float d; };
+
+WBlock load_block(uint r, uint j) {
+    uint s = j >> 3, o = 13u * (r * NS + s), h = (j >> 2) & 1u, t = j & 3u;
+    uint lo = o + 4u * h + 2u * (t & 1u), ho = o + 8u + 2u * h;
+    uint sw = wk[o + 12u][2u * h + (t >> 1)] >> (16u * (t & 1u));   // scale bytes 8h + 2t, 8h + 2t + 1
+    vec2 sc = vec2(float(int(sw << 24) >> 24), float(int(sw << 16) >> 24));
+    float d = half_at(wd[r * NSH + (s >> 1)], s & 1u);
+    return WBlock(wk[lo], wk[lo + 1u], wk[ho], wk[ho + 1u], 4u * (t >> 1), 2u * t, sc, d);
+}
+
+vec4 wvec(WBlock b, uint k) {
+    uint w = (k < 4u ? b.l0[k] : b.l1[k - 4u]) >> b.lshift;
+    uint h = (k < 4u ? b.h0[k] : b.h1[k - 4u]) >> b.hshift;
+    uvec4 q = (uvec4(w, w >> 8, w >> 16, w >> 24) & 0xFu) | ((uvec4(h, h >> 8, h >> 16, h >> 24) & 3u) << 4);
+    return (vec4(q) - 32.0) * (k < 4u ? b.sc.x : b.sc.y);
+}
+float wscale(WBlock b) { return b.d; }
