@@ -5,45 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, quants
+from blocks import decoded, q80_blocks, random_blocks, within
 from vk_harness import Ops, config
 
 from engine.graph import BufferSpec, Op
-from engine.weight_types import weight_type
 from engine.weights import Weight
 from shaders.weights import matrix_parts
 
 NEW_TYPES = ["q50", "q51", "q4k", "q5k", "q6k"]
-# byte offsets of the fp16 fields of a block (scales, minimums): kept small and finite in random blocks
-HALF_FIELDS = {"q50": (0,), "q51": (0, 2), "q4k": (0, 2), "q5k": (0, 2), "q6k": (208,)}
 # 768 = 3 super-blocks (an odd count: Q6_K's scale words are padded); 1056 = 33 blocks (Q5_0's padded too)
 COLS = {"q50": 1056, "q51": 1056, "q4k": 768, "q5k": 768, "q6k": 768}
-
-
-def random_blocks(wtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """(rows, row_bytes) random valid blocks: random bytes, fp16 fields set to small finite values."""
-    wt = weight_type(wtype)
-    blocks = rng.integers(0, 256, (rows, cols // wt.block_values, wt.block_bytes), dtype=np.uint8)
-    for off in HALF_FIELDS[wtype]:
-        halves = rng.uniform(-0.02, 0.02, blocks.shape[:2]).astype(np.float16)
-        blocks[:, :, off : off + 2] = halves.view(np.uint8).reshape(*blocks.shape[:2], 2)
-    return blocks.reshape(rows, -1)
-
-
-def decoded(wtype: str, data: np.ndarray) -> np.ndarray:
-    """gguf-py's de-quantisation, as float64."""
-    return quants.dequantize(data, GGMLQuantizationType(weight_type(wtype).ggml_id)).astype(np.float64)
-
-
-def q80_blocks(x: np.ndarray) -> np.ndarray:
-    """x as Q8_0 activation blocks, by gguf-py's quantiser."""
-    return quants.quantize(x, GGMLQuantizationType.Q8_0).reshape(x.shape[0], -1)
-
-
-def within(got: np.ndarray, want: np.ndarray, bound: np.ndarray) -> None:
-    """|got - want| within 1e-5 of the sum of the terms' magnitudes (float32 accumulation in any order)."""
-    err = np.abs(got - want)
-    assert np.all(err <= 1e-5 * bound + 1e-30), f"max error {err.max():.3g}, bound {bound.max():.3g}"
 
 
 def test_parts_keep_the_total_size():
