@@ -26,7 +26,12 @@ app = typer.Typer(
 
 # ---- options shared by the commands that load a model ----
 Model = Annotated[
-    str | None, typer.Option("--model", help="GGUF or .m file (default: embedded SmolLM2-135M)")
+    str | None,
+    typer.Option(
+        "--model",
+        help="GGUF or .m file, or a model name: smollm2 (the embedded default), qwen2.5-coder (fetched once "
+        "into ~/.cache/dllama)",
+    ),
 ]
 TokenizerOpt = Annotated[
     str | None, typer.Option("--tokenizer", help=".t or GGUF tokenizer (a GGUF model has its own)")
@@ -66,8 +71,11 @@ def _set_gpu_index(ctx: typer.Context, value: int | None) -> int | None:
 
 GpuIndex = Annotated[
     int | None,
-    typer.Option("--gpu-index", callback=_set_gpu_index,
-                 help="Vulkan device for --backend vulkan/auto (0, 1, ...; default: the first)"),
+    typer.Option(
+        "--gpu-index",
+        callback=_set_gpu_index,
+        help="Vulkan device for --backend vulkan/auto (0, 1, ...; default: the first)",
+    ),
 ]
 
 
@@ -75,8 +83,12 @@ GpuIndex = Annotated[
 def _global(
     ctx: typer.Context,
     backend: Annotated[
-        str, typer.Option("--backend", help="compute backend: cpu, vulkan (GLSL shaders through Kompute) or "
-                          "auto (the first Vulkan GPU, else cpu)")
+        str,
+        typer.Option(
+            "--backend",
+            help="compute backend: cpu, vulkan (GLSL shaders through Kompute) or "
+            "auto (the first Vulkan GPU, else cpu)",
+        ),
     ] = "cpu",
     gpu_index: GpuIndex = None,
 ) -> None:
@@ -361,7 +373,7 @@ def chat(
 # ---- convert ----
 @app.command()
 def convert(
-    model: Annotated[str, typer.Option("--model", help="source GGUF file")],
+    model: Annotated[str, typer.Option("--model", help="source GGUF file or a model name")],
     output: Annotated[str, typer.Option("--output", help="the .m file to write")],
     weights_float_type: Annotated[
         str, typer.Option("--weights-float-type", help="f32, f16, q40 or q80")
@@ -371,11 +383,12 @@ def convert(
     ] = None,
 ) -> None:
     """Write a distributed-llama .m (and .t) from a GGUF file."""
+    from engine.catalog import resolve_model
     from engine.convert import convert_gguf
 
     if weights_float_type not in ("f32", "f16", "q40", "q80"):
         raise DllamaError(f"unknown --weights-float-type {weights_float_type!r}: choose f32, f16, q40 or q80")
-    convert_gguf(model, output, weights_float_type, tokenizer_output)
+    convert_gguf(str(resolve_model(model)), output, weights_float_type, tokenizer_output)
 
 
 # ---- worker ----
@@ -448,6 +461,7 @@ def api(
             queue_size=queue_size,
         )
     )
+
 
 # ---- bench-shaders: tools/shader_bench.py of a source checkout ----
 @app.command(
