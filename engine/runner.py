@@ -12,7 +12,7 @@ from engine.backend import Backend, Program
 from engine.errors import DllamaError
 from engine.graph import Graph, Segment, Sync, build_graph
 from engine.slicing import plan_slices, slice_weights
-from engine.weights import Model
+from engine.weights import Model, Weight
 
 MAX_BATCH = 32  # prompt tokens per forward pass
 
@@ -60,6 +60,16 @@ def run_graph(
     if sync is not None and segments[last].sync is not None:
         sync(segments[last].sync, rows)
     return rows
+
+
+def weight_bytes_per_token(graph: Graph, weights: dict[str, Weight]) -> int:
+    """Weight bytes a decode step of this node reads: every matrix once, of an expert stack only the
+    k experts a token is routed to."""
+    total = 0
+    for name in {op.weight: op for op in graph.ops() if op.kind in ("matmul", "moe_matmul")}:
+        w = weights[name]
+        total += w.nbytes * graph.config.n_active_experts // w.experts if w.experts else w.nbytes
+    return total
 
 
 def warm_up(program: Program, graph: Graph, max_batch: int, networked: bool = False) -> None:
@@ -116,8 +126,7 @@ class Runner:
         except BaseException:
             self.close()
             raise
-        used = {op.weight for op in self.graph.ops() if op.kind == "matmul"}
-        self.weight_bytes_per_token = sum(weights[name].nbytes for name in used)
+        self.weight_bytes_per_token = weight_bytes_per_token(self.graph, weights)
         self.vocab_size = cfg.vocab_size
 
     def close(self) -> None:
