@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from golden_checks import check_last_logits, check_perplexity
+from golden_checks import QWEN25, check_greedy_prefix, check_last_logits, check_perplexity
 
 from engine.model_file import open_model
 from engine.runner import Runner
+from engine.tokenizer import tokenizer_from_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,40 @@ def test_last_logits(golden, runner):
 
 
 def test_perplexity(golden, runner, smollm2, shared):
-    check_perplexity(golden, runner, smollm2, shared)
+    check_perplexity(
+        golden, runner, tokenizer_from_gguf(smollm2.metadata), (shared / "ppl_text.txt").read_text()
+    )
+
+
+# ---- Qwen2.5-Coder-0.5B (qwen2: biases, NeoX RoPE; Q5_0/Q8_0/Q4_K/Q6_K) ----
+
+
+@pytest.fixture(scope="module")
+def qwen25(qwen25_path):
+    return open_model(qwen25_path)
+
+
+@pytest.fixture(scope="module")
+def qwen_f32(qwen25, vk):
+    return Runner(qwen25, vk, "f32", max_seq_len=256)
+
+
+@pytest.fixture(scope="module", params=["f32", "q80"])
+def qwen_runner(request, qwen25, qwen_f32, vk):
+    return qwen_f32 if request.param == "f32" else Runner(qwen25, vk, "q80", max_seq_len=256)
+
+
+def test_qwen25_last_logits(qwen25_golden, qwen_runner):
+    check_last_logits(qwen25_golden, qwen_runner, QWEN25)
+
+
+def test_qwen25_perplexity(qwen25_golden, qwen_runner, qwen25_tokenizer):
+    text = qwen25_golden[0]["perplexity"]["text"]
+    check_perplexity(qwen25_golden, qwen_runner, qwen25_tokenizer, text, QWEN25)
+
+
+def test_qwen25_greedy_prefix(qwen25_golden, qwen_f32, qwen25_tokenizer):
+    check_greedy_prefix(qwen25_golden, qwen_f32, qwen25_tokenizer)
 
 
 def _resident(path: str) -> int:
@@ -55,6 +89,7 @@ import resource
 from engine.loader import make_backend
 from engine.model_file import open_model
 from engine.runner import Runner
+from engine.tokenizer import tokenizer_from_gguf
 be = make_backend("vulkan", None)
 idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 model = open_model({path!r})
