@@ -25,12 +25,24 @@ from engine.config import ModelConfig
 from engine.errors import DllamaError
 from engine.graph import BufferSpec, Graph, Op, Segment
 from engine.slicing import node_slice
-from engine.weights import BLOCK, BLOCK_BYTES, Weight, row_bytes
+from engine.weight_types import WEIGHT_TYPES, row_bytes, weight_type
+from engine.weights import Weight
 from shaders.backend import VulkanBackend, VulkanProgram, _grid, _push
 from shaders.weights import weight_parts
 
-WTYPES = ("f32", "f16", "bf16", "q40", "q41", "q80")
-Q80_ACT_WTYPES = ("q40", "q41", "q80")
+WTYPES = tuple(WEIGHT_TYPES)  # every weight type of the registry
+Q80_ACT_WTYPES = tuple(t for t in WTYPES if weight_type(t).quantized)
+# fp16 fields (byte offset -> value) of a random block: small scales, negative minimums
+HALF_FIELDS = {
+    "q40": {0: 0.01},
+    "q41": {0: 0.01, 2: -0.08},
+    "q50": {0: 0.01},
+    "q51": {0: 0.01, 2: -0.08},
+    "q80": {0: 0.01},
+    "q4k": {0: 0.001, 2: 0.002},
+    "q5k": {0: 0.001, 2: 0.002},
+    "q6k": {208: 0.0005},
+}
 EMULATION_LABEL = "CPU emulation (lavapipe) — not GPU performance"
 TARGET_EVAL_S = 0.004  # one timed sequence lasts about this long
 MAX_DISPATCHES = 64  # per recorded sequence
@@ -92,27 +104,29 @@ def _rand(rng: np.random.Generator, shape, scale: float = 1.0) -> np.ndarray:
 
 def random_weight(name: str, wtype: str, rows: int, cols: int, rng: np.random.Generator) -> Weight:
     """A random matrix stored as `wtype`: quantised blocks are random bytes with small, finite scales."""
-    if wtype in ("f32", "f16", "bf16"):
+    wt = weight_type(wtype)
+    if not wt.quantized:
         f = _rand(rng, (rows, cols), 1 / np.sqrt(cols))
         data = {"f32": f, "f16": f.astype(np.float16), "bf16": (f.view(np.uint32) >> 16).astype(np.uint16)}
         return Weight(name, wtype, rows, cols, data[wtype])
-    blocks = rng.integers(0, 256, (rows, cols // BLOCK, BLOCK_BYTES[wtype]), dtype=np.uint8)
-    blocks[:, :, 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-    if wtype == "q41":
-        blocks[:, :, 2:4] = np.frombuffer(np.float16(-0.08).tobytes(), np.uint8)
+    blocks = rng.integers(0, 256, (rows, cols // wt.block_values, wt.block_bytes), dtype=np.uint8)
+    for off, value in HALF_FIELDS[wtype].items():
+        blocks[:, :, off : off + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
     return Weight(name, wtype, rows, cols, blocks.reshape(rows, row_bytes(wtype, cols)))
 
 
 def _q80(x: np.ndarray) -> np.ndarray:
-    out = np.zeros((x.shape[0], x.shape[1] // BLOCK * BLOCK_BYTES["q80"]), np.uint8)
+    out = np.zeros((x.shape[0], row_bytes("q80", x.shape[1])), np.uint8)
     kernels.quantize_q80(x, out)
     return out
 
 
 def matmul_case(shape: Shape, wtype: str, act: str, rng: np.random.Generator) -> Case:
-    """The FFN up projection (hidden x dim), the largest per-layer matrix, with f32 or Q80 activations."""
-    rows, cols = shape.hidden, shape.dim
-    w = random_weight("blk.0.ffn_up.weight", wtype, rows, cols, rng)
+    """The FFN down projection (dim x hidden), the largest per-layer matrix, with f32 or Q80 activations.
+    Its rows (hidden values) are whole K-quant super-blocks at both shapes, which the dim-long rows of the
+    up projection are not for SmolLM2 (576)."""
+    rows, cols = shape.dim, shape.hidden
+    w = random_weight("blk.0.ffn_down.weight", wtype, rows, cols, rng)
     x = _rand(rng, (1, cols))
     out = np.zeros((1, rows), np.float32)
     xin = "h_q" if act == "q80" else "h"
@@ -131,8 +145,8 @@ def matmul_case(shape: Shape, wtype: str, act: str, rng: np.random.Generator) ->
         f"matmul_{wtype}" + ("/q80" if act == "q80" else ""),
         shape,
         f"{rows}x{cols}",
-        Op("matmul", "mm", (xin,), ("up",), w.name),
-        {xin: spec, "up": BufferSpec(rows)},
+        Op("matmul", "mm", (xin,), ("y",), w.name),
+        {xin: spec, "y": BufferSpec(rows)},
         w.data.nbytes + spec.row_bytes + rows * 4,
         2 * rows * cols,
         cpu,
@@ -218,7 +232,7 @@ def silu_mul_case(shape: Shape, rng: np.random.Generator) -> Case:
 
 def quantize_case(shape: Shape, rng: np.random.Generator) -> Case:
     d = shape.dim
-    x, out = _rand(rng, (1, d)), np.zeros((1, d // BLOCK * BLOCK_BYTES["q80"]), np.uint8)
+    x, out = _rand(rng, (1, d)), np.zeros((1, row_bytes("q80", d)), np.uint8)
     return Case(
         "quantize_q80",
         shape,

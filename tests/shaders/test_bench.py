@@ -9,16 +9,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+WTYPES = ["f32", "f16", "bf16", "q40", "q41", "q50", "q51", "q80", "q4k", "q5k", "q6k"]
 SHADERS = [
-    "matmul_f32",
-    "matmul_f16",
-    "matmul_bf16",
-    "matmul_q40",
-    "matmul_q41",
-    "matmul_q80",
-    "matmul_q40/q80",
-    "matmul_q41/q80",
-    "matmul_q80/q80",
+    *(f"matmul_{t}" for t in WTYPES),
+    *(f"matmul_{t}/q80" for t in WTYPES[3:]),
     "rmsnorm",
     "rope",
     "attention@256",
@@ -33,7 +27,7 @@ SHADERS = [
 def test_quick_bench_writes_json_and_plot(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     cmd = [sys.executable, "tools/shader_bench.py", "--quick", "--json", str(out), "--plot", str(png)]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads(out.read_text())
 
@@ -60,11 +54,15 @@ def test_quick_bench_writes_json_and_plot(tmp_path):
         else:
             assert "copy_fraction" not in r
 
-    # hand-computed accounting for the 1536x576 FFN matrix: Q4_0 blocks of 18 bytes, f32 in, f32 out
+    # hand-computed accounting for the 576x1536 FFN down matrix: Q4_0 blocks of 18 bytes, f32 in, f32 out
     q40 = rows["matmul_q40"]
-    assert q40["bytes"] == 1536 * 576 // 32 * 18 + 576 * 4 + 1536 * 4
-    assert q40["flops"] == 2 * 1536 * 576
-    assert rows["matmul_q41/q80"]["bytes"] == 1536 * 576 // 32 * 20 + 576 // 32 * 34 + 1536 * 4
+    assert q40["shape"] == "576x1536"
+    assert q40["bytes"] == 576 * 1536 // 32 * 18 + 1536 * 4 + 576 * 4
+    assert q40["flops"] == 2 * 576 * 1536
+    assert rows["matmul_q41/q80"]["bytes"] == 576 * 1536 // 32 * 20 + 1536 // 32 * 34 + 576 * 4
+    # K-quant super-blocks of 256 values: Q4_K 144 bytes, Q6_K 210 bytes
+    assert rows["matmul_q4k"]["bytes"] == 576 * 1536 // 256 * 144 + 1536 * 4 + 576 * 4
+    assert rows["matmul_q6k/q80"]["bytes"] == 576 * 1536 // 256 * 210 + 1536 // 32 * 34 + 576 * 4
     # decode attention at position 256: q and out (9 heads x 64), 257 K and V rows of 3 x 64
     assert rows["attention@256"]["bytes"] == (2 * 9 * 64 + 2 * 257 * 3 * 64) * 4
 
