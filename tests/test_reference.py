@@ -16,6 +16,8 @@ import reference
 from reference import RefModel, load_ref_model, moe_route, q80_roundtrip, ref_forward, ref_model
 from tinymodel import tiny_weights, write_tiny_gguf, write_tiny_m
 
+from engine.config import RopeScaling
+
 DIM, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, VOCAB, LAYERS = 64, 96, 4, 2, 16, 48, 2
 TOKENS = [3, 17, 5, 40, 22, 9, 31, 1]
 
@@ -484,12 +486,21 @@ def test_tiny_m_file_follows_the_converter_layout(tmp_path, arch: str, wtype: st
     assert at == len(body)  # header + tensors is the whole file
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3moe"])
+@pytest.mark.parametrize("arch", ["llama", "llama3.1", "qwen3", "qwen3moe"])
 def test_tiny_m_reference_equals_the_gguf_of_the_same_weights(tmp_path, arch: str) -> None:
-    shape = dict(
-        arch=arch, dim=64, hidden_dim=96, n_heads=4, n_kv_heads=2, seed=5, tied=True, moe_hidden_dim=64
-    )
-    from_m = write_tiny_m(tmp_path / "t.m", **shape).ref_model()
-    from_gguf = load_ref_model(write_tiny_gguf(tmp_path / "t.gguf", **shape))
-    assert (from_m.rope_neox, from_m.n_experts) == (from_gguf.rope_neox, from_gguf.n_experts)
-    np.testing.assert_allclose(ref_forward(from_m, TOKENS), ref_forward(from_gguf, TOKENS), rtol=0, atol=1e-5)
+    shape = dict(dim=64, hidden_dim=96, n_heads=4, n_kv_heads=2, seed=5, tied=True, moe_hidden_dim=64)
+    if arch == "llama3.1":  # integer factors survive the .m header's int32 values
+        arch, shape["rope_scaling"] = "llama", RopeScaling(8.0, 1.0, 4.0, 16)
+    tm = write_tiny_m(tmp_path / "t.m", arch=arch, **shape)
+    from_gguf = load_ref_model(write_tiny_gguf(tmp_path / "t.gguf", arch=arch, **shape))
+    from_m = tm.ref_model()
+    assert (from_m.rope_neox, from_m.n_experts, from_m.rope_scaling) == (
+        from_gguf.rope_neox, from_gguf.n_experts, from_gguf.rope_scaling,
+    )  # fmt: skip
+    if "rope_scaling" in shape:
+        assert [k for k in tm.header][14:19] == [
+            "rope_scaling_factor", "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factory",
+            "rope_scaling_orig_max_seq_len", "rope_type",
+        ]  # fmt: skip
+    tokens = TOKENS * 3  # past the original context of 16 where scaling is on
+    np.testing.assert_allclose(ref_forward(from_m, tokens), ref_forward(from_gguf, tokens), rtol=0, atol=1e-5)
