@@ -134,16 +134,16 @@ def _decode_legacy(b: np.ndarray, dtype: str) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 # K-quant super-blocks of 256 values: Q4_K, Q5_K (8 sub-blocks of 32, scale + min), Q6_K (16 of 16, scale)
 
-SHRINK = np.linspace(1.0, 0.7, 7, dtype=np.float32)  # candidate narrowings of a sub-block's [min, max] range
+_SHRINK = np.linspace(1.0, 0.7, 7, dtype=np.float32)  # candidate narrowings of a sub-block's [min, max] range
 
 
 def _scale_min_search(g: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
     """Per sub-block (rows of g) a scale s and a min m >= 0 for x ≈ s·q - m, q in 0..levels: the [min, max]
-    range, narrowed by each factor of SHRINK, whose rounding error is least."""
+    range, narrowed by each factor of _SHRINK, whose rounding error is least."""
     lo, hi = np.minimum(g.min(axis=-1), 0), g.max(axis=-1)
     best_s, best_m = np.zeros_like(lo), np.zeros_like(lo)
     best_err = np.full(lo.shape, np.inf, dtype=np.float32)
-    for f in SHRINK:
+    for f in _SHRINK:
         s, m = (hi - lo) * f / levels, -lo * f
         q = np.clip(np.rint((g + m[..., None]) * _inverse(s)[..., None]), 0, levels)
         err = np.square(s[..., None] * q - m[..., None] - g).sum(axis=-1)
