@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from reference import RefModel, load_ref_model, ref_forward
-from tinymodel import write_tiny_gguf
+from tinymodel import write_tiny_gguf, write_tiny_m
 
 from engine.backend import Backend
 from engine.config import RopeScaling
@@ -81,3 +81,64 @@ def check_tied_embeddings(tmp_path: Path, backend: Backend) -> Runner:
     runner = Runner(model, backend, max_seq_len=64)
     assert_matches(runner.forward(TOKENS, 0, "all"), ref_forward(ref, TOKENS))
     return runner
+
+
+# ---- the other architectures: GGUF (K-quant mixes included) and distributed-llama .m files ----
+
+ARCHS = {  # tiny shapes: qwen3 with a head_dim of its own; FFN widths of whole 256-value super-blocks
+    "qwen2": dict(arch="qwen2", dim=64, hidden_dim=512, n_heads=4, n_kv_heads=2),
+    "qwen3": dict(arch="qwen3", dim=64, hidden_dim=512, n_heads=4, n_kv_heads=2, head_dim=32),
+    "qwen3moe": dict(
+        arch="qwen3moe",
+        dim=64,
+        hidden_dim=96,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=32,
+        n_experts=4,
+        n_active_experts=2,
+        moe_hidden_dim=256,
+    ),
+}
+# a Q4_K_M-like mix: legacy types where rows are 64 values, K-quants on the 256-multiple FFN inputs
+MIX = {"attn_v": "q80", "token_embd": "q50", "output": "q51"}
+
+
+def _mix(arch: str) -> dict[str, str]:
+    return {**MIX, **({"ffn_down_exps": "q4k"} if arch == "qwen3moe" else {"ffn_down": "q6k"})}
+
+
+def arch_model(tmp_path: Path, arch: str, wtype: str, mix: bool, **kw) -> tuple[Model, RefModel]:
+    """A random GGUF of one architecture, opened by the engine and by the reference."""
+    shape = {**ARCHS[arch], **kw}
+    path = write_tiny_gguf(
+        tmp_path / f"{arch}-{wtype}-{mix}.gguf", wtype=wtype, seed=11, types=_mix(arch) if mix else None, **shape
+    )
+    return open_model(path), load_ref_model(path)
+
+
+def check_architecture(tmp_path: Path, backend: Backend, arch: str, wtype: str, mix: bool) -> None:
+    """Every row's logits in f32 activations, prefilled in batches of 4, 4 and 1."""
+    model, ref = arch_model(tmp_path, arch, wtype, mix)
+    runner = Runner(model, backend, "f32", max_seq_len=64, max_batch=4)
+    assert_matches(runner.forward(TOKENS, 0, "all"), ref_forward(ref, TOKENS))
+
+
+def check_architecture_q80(tmp_path: Path, backend: Backend, arch: str) -> None:
+    """Q80 activations: the reference's Q80 numerics, much closer than the f32 model's."""
+    model, ref = arch_model(tmp_path, arch, "q50", True)
+    expected, plain = ref_forward(ref, TOKENS, q80=True), ref_forward(ref, TOKENS)
+    got = Runner(model, backend, "q80", max_seq_len=64).forward(TOKENS, 0, "all")
+    err = np.abs(got - expected).max()
+    assert err <= 2e-3 * np.abs(expected).max()
+    assert err < np.abs(plain - expected).max() / 4
+
+
+def check_m_file(tmp_path: Path, backend: Backend, arch: str, wtype: str) -> None:
+    """A .m file as distributed-llama's converter writes it (written independently of the engine)."""
+    shape = {k: v for k, v in ARCHS.get(arch, SHAPES["gqa4x2"]).items() if k != "arch"}
+    tm = write_tiny_m(tmp_path / f"{arch}-{wtype}.m", arch=arch, wtype=wtype, seed=5, vocab=288, **shape)
+    model = open_model(tm.path)
+    assert model.kind == "m" and model.config.arch == arch
+    runner = Runner(model, backend, "f32", max_seq_len=64, max_batch=4)
+    assert_matches(runner.forward(TOKENS, 0, "all"), ref_forward(tm.ref_model(), TOKENS))

@@ -5,10 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from forward_checks import (
+    ARCHS,
     SHAPES,
     TOKENS,
     assert_matches,
+    check_architecture,
+    check_architecture_q80,
     check_llama31_rope_scaling,
+    check_m_file,
     check_prefill_equals_decode,
     check_q80_activations,
     check_reference,
@@ -22,7 +26,7 @@ from cpu_fallback.backend import CpuBackend
 from engine.model_file import open_model
 from engine.runner import Runner
 
-WTYPES = ["f32", "f16", "bf16", "q80", "q40", "q41"]
+WTYPES = ["f32", "f16", "bf16", "q80", "q40", "q41", "q50", "q51"]
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +104,21 @@ def test_loading_runs_the_graph_once_so_the_first_timed_pass_is_not_a_warm_up(tm
     runner = Runner(model, Recording(2), max_seq_len=16)
     assert sorted(set(runs)) == [1, 2]
     assert_matches(runner.forward(TOKENS[:3], 0, "all"), ref_forward(ref, TOKENS[:3]))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize(("wtype", "mix"), [("f32", False), ("q50", True)])
+def test_architectures_match_float64_reference(tmp_path, backend, arch, wtype, mix):
+    check_architecture(tmp_path, backend, arch, wtype, mix)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_architectures_with_q80_activations(tmp_path, backend, arch):
+    check_architecture_q80(tmp_path, backend, arch)
+
+
+@pytest.mark.parametrize(
+    ("arch", "wtype"), [("llama", "q40"), ("qwen3", "f32"), ("qwen3", "q40"), ("qwen3moe", "q80")]
+)
+def test_m_files_of_every_architecture(tmp_path, backend, arch, wtype):
+    check_m_file(tmp_path, backend, arch, wtype)

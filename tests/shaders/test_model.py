@@ -5,9 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from forward_checks import (
+    ARCHS,
     TOKENS,
     assert_matches,
+    check_architecture,
+    check_architecture_q80,
     check_llama31_rope_scaling,
+    check_m_file,
     check_prefill_equals_decode,
     check_q80_activations,
     check_reference,
@@ -28,6 +32,8 @@ CASES = [
     ("q41", "gqa4x2"),
     ("q41", "mqa3x1"),
     ("q40", "mha5x5"),
+    ("q50", "gqa4x2"),
+    ("q51", "gqa4x2"),
 ]
 
 
@@ -124,3 +130,18 @@ def test_worker_slice_matches_cpu_backend(tmp_path, vk):
         else:
             assert_matches(gpu, cpu)
         x, zq = progs[0].pipe("x")[:n].copy(), progs[0].pipe("zq")[:n].copy()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_architectures_match_float64_reference(tmp_path, vk, arch):
+    check_architecture(tmp_path, vk, arch, "q50", True)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3moe"])
+def test_architectures_with_q80_activations(tmp_path, vk, arch):
+    check_architecture_q80(tmp_path, vk, arch)
+
+
+@pytest.mark.parametrize(("arch", "wtype"), [("qwen3", "q40"), ("qwen3moe", "q80")])
+def test_m_files_of_qwen3_and_qwen3moe(tmp_path, vk, arch, wtype):
+    check_m_file(tmp_path, vk, arch, wtype)
