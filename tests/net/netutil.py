@@ -27,9 +27,25 @@ class WorkerProc:
         self.backend = backend
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "--backend", backend, "worker",
-             "--host", "127.0.0.1", "--port", "0", "--nthreads", "1"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "engine.cli",
+                "--backend",
+                backend,
+                "worker",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--nthreads",
+                "1",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -140,16 +156,18 @@ def _split(total: int, n_nodes: int, node: int) -> tuple[int, int]:
     return start, start + base + (node < extra)
 
 
-def ref_forward_nodes(m, tokens: list[int], n_nodes: int) -> np.ndarray:
+def ref_forward_nodes(m, tokens: list[int], n_nodes: int, unit: int = 32) -> np.ndarray:
     """float64 logits of an n-node cluster with Q80 sync (tests/reference.py ref_forward with node_columns).
 
     Node n owns the KV heads of an even split (the first nodes one more) with their query heads, and FFN
-    rows in whole 32-blocks split the same way.
+    rows (of the dense FFN or of every expert) in whole `unit`-value blocks split the same way (256 where the
+    down matrix is a K-quant).
     """
     from reference import ref_forward
 
     group, hd = m.n_heads // m.n_kv_heads, m.head_dim
-    hidden = m.weights["blk.0.ffn_gate.weight"].shape[0]
+    down = m.weights.get("blk.0.ffn_down.weight")
+    hidden = down.shape[1] if down is not None else m.weights["blk.0.ffn_down_exps.weight"].shape[2]
     heads = [tuple(h * group * hd for h in _split(m.n_kv_heads, n_nodes, k)) for k in range(n_nodes)]
-    ffn = [tuple(b * 32 for b in _split(hidden // 32, n_nodes, k)) for k in range(n_nodes)]
+    ffn = [tuple(b * unit for b in _split(hidden // unit, n_nodes, k)) for k in range(n_nodes)]
     return ref_forward(m, tokens, q80=True, node_columns=(heads, ffn))
