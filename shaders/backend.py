@@ -27,6 +27,7 @@ from shaders.compile import spirv
 from shaders.devices import DeviceInfo, check_device, list_devices, pick_device
 from shaders.weights import (
     Part,
+    Piece,
     WeightChunk,
     array_part,
     group_weights,
@@ -330,12 +331,12 @@ class VulkanProgram(Program):
             self._algos[key] = self.mgr.algorithm(tensors, spirv_code, _grid(groups), spec_consts, _push())
         return self._algos[key]
 
-    def _weight(self, name: str) -> tuple[list, int]:
-        chunk, index = self.slots[name]
-        return self.chunk_tensors[chunk], index
+    def _weight(self, name: str) -> list[tuple[list, Piece]]:
+        """The device buffers and the piece of each row range of a weight (one range unless it is huge)."""
+        return [(self.chunk_tensors[p.chunk], p) for p in self.slots[name]]
 
-    def _bind(self, op: Op, rows: int) -> _Step:
-        """One op as a dispatch, with a grid for up to `rows` tokens.
+    def _bind(self, op: Op, rows: int) -> list[_Step]:
+        """One op as its dispatches (one per piece of a huge weight), with grids for up to `rows` tokens.
 
         Decode gets grids sized for one token: surplus workgroups exit at once, but on CPU implementations
         even an empty workgroup costs microseconds.
@@ -379,8 +380,8 @@ class VulkanProgram(Program):
         rows = 1 if n_tokens == 1 else self.max_batch
         for index in range(start, stop):
             for op in self.graph.segments[index].ops:
-                step = self._bind(op, rows)
-                seq.record(kp.OpAlgoDispatch(step.algo, _push(n_tokens, step.aux, step.rows)))
+                for step in self._bind(op, rows):
+                    seq.record(kp.OpAlgoDispatch(step.algo, _push(n_tokens, step.aux, step.rows)))
         written = sorted({name for index in range(start, stop) for name in self.pipe_writes[index]})
         if written:
             seq.record(kp.OpTensorSyncLocal([self.bufs[name] for name in written]))
@@ -437,7 +438,7 @@ class _OpImpl:
     """How the backend runs one op kind: which shader variant, and the dispatch for up to `rows` tokens."""
 
     shader: Callable[[VulkanProgram, Op], ShaderKey]
-    bind: Callable[[VulkanProgram, Op, int], _Step]
+    bind: Callable[[VulkanProgram, Op, int], list[_Step]]
 
 
 def _fixed(name: str) -> Callable[[VulkanProgram, Op], ShaderKey]:
@@ -454,21 +455,27 @@ def _tensors(prog: VulkanProgram, names: tuple[str, ...]) -> list:
 
 
 def _vector(prog: VulkanProgram, op: Op, length: int, what: str) -> tuple[list, int]:
-    """The uploaded vector weight of an op, which must have `length` values."""
+    """The uploaded vector weight of an op (its buffers, its index in them): `length` values."""
     w = prog.weights[op.weight]
-    if w.cols != length or w.rows != 1:
+    if w.cols != length or w.rows != 1 or w.experts:
         raise DllamaError(f"{op.name}: {w.name} has shape {w.shape}, {what} needs a vector of {length}")
-    return prog._weight(op.weight)
+    ((parts, piece),) = prog._weight(op.weight)
+    return parts, piece.index
 
 
-def _embedding(prog: VulkanProgram, op: Op, rows: int) -> _Step:
-    w, (parts, i) = prog.weights[op.weight], prog._weight(op.weight)
+def _embedding(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
+    """One dispatch per piece of the table; each writes the tokens in its rows."""
+    w = prog.weights[op.weight]
     groups = _ceil(rows * (w.cols // BLOCK), ELEMENTWISE_WG)
-    tensors = [*_tensors(prog, op.inputs + op.outputs), *parts]
-    return _Step(prog._algo(op, tensors, groups, ELEMENTWISE_WG, [w.cols]), i, w.rows)
+    steps = []
+    for parts, piece in prog._weight(op.weight):
+        tensors = [*_tensors(prog, op.inputs + op.outputs), *parts]
+        algo = prog._algo(op, tensors, groups, ELEMENTWISE_WG, [w.cols, piece.row0])
+        steps.append(_Step(algo, piece.index, piece.rows))
+    return steps
 
 
-def _rmsnorm(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+def _rmsnorm(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
     """One workgroup per (token, group of the weight's length)."""
     width, group = prog.width(op.inputs[0]), prog.weights[op.weight].cols
     if width % group:
@@ -477,14 +484,14 @@ def _rmsnorm(prog: VulkanProgram, op: Op, rows: int) -> _Step:
     eps = int(np.float32(op.params["eps"]).view(np.uint32))
     wg = min(prog.be.tuning.reduce_wg, _pow2_floor(group))
     tensors = [*_tensors(prog, op.inputs + op.outputs), *parts]
-    return _Step(prog._algo(op, tensors, rows * (width // group), wg, [width, eps, group]), i)
+    return [_Step(prog._algo(op, tensors, rows * (width // group), wg, [width, eps, group]), i)]
 
 
-def _add_bias(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+def _add_bias(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
     width = prog.width(op.inputs[0])
     parts, i = _vector(prog, op, width, "add_bias")
     tensors = [prog.bufs[op.inputs[0]], *parts]
-    return _Step(prog._algo(op, tensors, _ceil(rows * width, ELEMENTWISE_WG), ELEMENTWISE_WG, [width]), i)
+    return [_Step(prog._algo(op, tensors, _ceil(rows * width, ELEMENTWISE_WG), ELEMENTWISE_WG, [width]), i)]
 
 
 def _matmul_shader(prog: VulkanProgram, op: Op) -> ShaderKey:
@@ -497,24 +504,26 @@ def _moe_matmul_shader(prog: VulkanProgram, op: Op) -> ShaderKey:
     return name, (*flags, "MOE")
 
 
-def _matmul_grid(prog: VulkanProgram, w: Weight) -> tuple[int, int, list[int]]:
-    """Workgroups, workgroup size and the leading constants (COLS, R, SPLIT, TB) of a matmul dispatch."""
-    m = prog.be.tuning
+def _matmul_steps(prog: VulkanProgram, op: Op, tensors: list, batch: int, extra: list[int]) -> list[_Step]:
+    """One dispatch per piece of the weight (its rows of the output); `tensors` precede the weight's
+    buffers, `extra` constants follow COLS, R, SPLIT, TB (`batch`), OUT_ROWS, OUT0."""
+    w, m = prog.weights[op.weight], prog.be.tuning
     wg = min(prog.be.max_wg, max(32, _pow2_floor(w.cols // BLOCK))) if m.split else 64
-    groups = _ceil(w.rows, m.rows) if m.split else _ceil(w.rows, m.rows * wg)
-    return groups, wg, [w.cols, m.rows, int(m.split), m.batch]
+    steps = []
+    for parts, piece in prog._weight(op.weight):
+        groups = _ceil(piece.rows, m.rows) if m.split else _ceil(piece.rows, m.rows * wg)
+        spec = [w.cols, m.rows, int(m.split), batch, w.rows, piece.row0, *extra]
+        steps.append(_Step(prog._algo(op, [*tensors, *parts], groups, wg, spec), piece.index, piece.rows))
+    return steps
 
 
-def _matmul(prog: VulkanProgram, op: Op, rows: int) -> _Step:
-    w, (parts, i) = prog.weights[op.weight], prog._weight(op.weight)
-    groups, wg, spec = _matmul_grid(prog, w)
-    tensors = [*_tensors(prog, op.inputs + op.outputs), *parts]
-    return _Step(prog._algo(op, tensors, groups, wg, spec), i, w.rows)
+def _matmul(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
+    return _matmul_steps(prog, op, _tensors(prog, op.inputs + op.outputs), prog.be.tuning.batch, [])
 
 
-def _moe_matmul(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+def _moe_matmul(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
     """Expert-stack matmul over the (token, slot) pairs; x is shared by the slots or has one row per slot."""
-    (x, idx), w, (parts, i) = op.inputs, prog.weights[op.weight], prog._weight(op.weight)
+    (x, idx), w = op.inputs, prog.weights[op.weight]
     slots = op.params["slots"]
     if not w.experts:
         raise DllamaError(f"{op.name}: moe_matmul needs an expert stack, but {w.name} is one matrix")
@@ -523,81 +532,79 @@ def _moe_matmul(prog: VulkanProgram, op: Op, rows: int) -> _Step:
             f"{op.name}: input {x} has {prog.width(x)} values per token; {w.name} needs {w.cols} "
             f"(shared by the slots) or {slots * w.cols} (one input per slot)"
         )
-    groups, wg, spec = _matmul_grid(prog, w)
-    spec[3] = 1  # every pair has its own expert: no weight reuse across batch rows
-    spec += [slots, w.experts, int(prog.width(x) == slots * w.cols)]
-    tensors = [prog.bufs[x], prog.bufs[op.outputs[0]], prog.bufs[idx], *parts]
-    return _Step(prog._algo(op, tensors, groups, wg, spec), i, w.rows)
+    tensors = [prog.bufs[x], prog.bufs[op.outputs[0]], prog.bufs[idx]]
+    extra = [slots, w.experts, int(prog.width(x) == slots * w.cols)]
+    return _matmul_steps(prog, op, tensors, 1, extra)  # TB 1: every pair has its own expert
 
 
-def _moe_route(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+def _moe_route(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
     k, experts = op.params["k"], prog.width(op.inputs[0])
     if not 1 <= k <= experts:
         raise DllamaError(f"{op.name}: cannot route to {k} of {experts} experts")
     spec = [experts, k, int(op.params["normalize"])]
-    return _Step(prog._algo(op, _tensors(prog, op.inputs + op.outputs), _ceil(rows, 64), 64, spec))
+    return [_Step(prog._algo(op, _tensors(prog, op.inputs + op.outputs), _ceil(rows, 64), 64, spec))]
 
 
-def _moe_sum(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+def _moe_sum(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
     width, slots = prog.width(op.outputs[0]), prog.width(op.inputs[1])
     groups = _ceil(rows * width, ELEMENTWISE_WG)
     tensors = _tensors(prog, op.inputs + op.outputs)
-    return _Step(prog._algo(op, tensors, groups, ELEMENTWISE_WG, [width, slots]))
+    return [_Step(prog._algo(op, tensors, groups, ELEMENTWISE_WG, [width, slots]))]
 
 
-def _quantize_q80(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+def _quantize_q80(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
     nb = prog.width(op.inputs[0]) // BLOCK
     tensors = _tensors(prog, op.inputs + op.outputs)
-    return _Step(prog._algo(op, tensors, _ceil(_ceil(rows * nb, 2), 64), 64, [nb, nb, 0]))
+    return [_Step(prog._algo(op, tensors, _ceil(_ceil(rows * nb, 2), 64), 64, [nb, nb, 0]))]
 
 
-def _rope(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+def _rope(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
     width, p = prog.width(op.inputs[0]), op.params
     spec = [width, p["head_dim"], int(p["neox"])]
     tensors = [prog.bufs[op.inputs[0]], prog.bufs["pos"], prog.rope]
-    return _Step(prog._algo(op, tensors, _ceil(rows * width // 2, ELEMENTWISE_WG), ELEMENTWISE_WG, spec))
+    return [_Step(prog._algo(op, tensors, _ceil(rows * width // 2, ELEMENTWISE_WG), ELEMENTWISE_WG, spec))]
 
 
-def _kv_store(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+def _kv_store(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
     (kc, i), (vc, _) = prog.k_cache.at(op.params["layer"]), prog.v_cache.at(op.params["layer"])
     tensors = [prog.bufs["k"], prog.bufs["v"], prog.bufs["pos"], kc, vc]
     groups = _ceil(rows * prog.kv_width, ELEMENTWISE_WG)
     spec = [prog.kv_width, prog.graph.max_seq_len]
-    return _Step(prog._algo(op, tensors, groups, ELEMENTWISE_WG, spec), i)
+    return [_Step(prog._algo(op, tensors, groups, ELEMENTWISE_WG, spec), i)]
 
 
-def _attention(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+def _attention(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
     p = op.params
     (kc, i), (vc, _) = prog.k_cache.at(p["layer"]), prog.v_cache.at(p["layer"])
     nh, wg = p["n_heads"], min(128, prog.be.tuning.reduce_wg)
     spec = [nh, p["n_kv_heads"], p["head_dim"], prog.graph.max_seq_len]
     tensors = [prog.bufs[op.inputs[0]], prog.bufs["pos"], kc, vc, prog.bufs[op.outputs[0]], prog.scores]
-    return _Step(prog._algo(op, tensors, rows * nh, wg, spec), i)
+    return [_Step(prog._algo(op, tensors, rows * nh, wg, spec), i)]
 
 
-def _silu_mul(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+def _silu_mul(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
     width = prog.width(op.inputs[0])
     tensors = _tensors(prog, op.inputs[:2])
-    return _Step(prog._algo(op, tensors, _ceil(rows * width, ELEMENTWISE_WG), ELEMENTWISE_WG, [width]))
+    return [_Step(prog._algo(op, tensors, _ceil(rows * width, ELEMENTWISE_WG), ELEMENTWISE_WG, [width]))]
 
 
-def _to_pipe(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+def _to_pipe(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
     """This node's partial sum into its slot of zq, quantised when zq is a Q80 pipe."""
     width, slots, slot = prog.width(op.inputs[0]), prog.graph.slice.n_nodes, op.params["slot"]
     tensors = _tensors(prog, op.inputs + op.outputs)
     if prog.is_q80("zq"):
         nb = width // BLOCK
         groups = _ceil(_ceil(rows * slots * nb, 2), 64)
-        return _Step(prog._algo(op, tensors, groups, 64, [nb, nb * slots, nb * slot]))
+        return [_Step(prog._algo(op, tensors, groups, 64, [nb, nb * slots, nb * slot]))]
     groups = _ceil(rows * width, ELEMENTWISE_WG)
-    return _Step(prog._algo(op, tensors, groups, ELEMENTWISE_WG, [width, slots, slot]))
+    return [_Step(prog._algo(op, tensors, groups, ELEMENTWISE_WG, [width, slots, slot]))]
 
 
-def _merge_add(prog: VulkanProgram, op: Op, rows: int) -> _Step:
+def _merge_add(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
     dim = prog.width(op.outputs[0])
     tensors = _tensors(prog, op.inputs + op.outputs)
     groups = _ceil(rows * dim, ELEMENTWISE_WG)
-    return _Step(prog._algo(op, tensors, groups, ELEMENTWISE_WG, [dim, prog.graph.slice.n_nodes]))
+    return [_Step(prog._algo(op, tensors, groups, ELEMENTWISE_WG, [dim, prog.graph.slice.n_nodes]))]
 
 
 OPS: dict[str, _OpImpl] = {

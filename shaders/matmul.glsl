@@ -9,10 +9,14 @@
 // values, d_w * d_x * sum(q_w * q_x) [+ m_w * d_x * sum(q_x)], as distributed-llama's Q80 kernels do.
 // MOE (moe_matmul): the weight is a stack of EXPERTS matrices per layer and the batch rows are the n * SLOTS
 // (token, slot) pairs: pair q = b * SLOTS + s multiplies expert moe_idx[q] by x row b (or row q when x holds
-// one input per slot) into y row q, i.e. y[b, s * rows + r]. Pairs use different experts, so TB is 1 there.
+// one input per slot) into y row q, i.e. y[b, s * OUT_ROWS + OUT0 + r]. Pairs use different experts, so TB is 1 there.
 layout(constant_id = 2) const uint R = 1;       // output rows per row group (1..4)
 layout(constant_id = 3) const uint SPLIT = 1;   // 1: a workgroup shares a row group; 0: an invocation owns one
 layout(constant_id = 4) const uint TB = 1;      // batch rows per pass (1..4)
+// The weight may be one row range (piece) of a matrix too large for one buffer: its rows are output values
+// OUT0 .. OUT0 + pc.rows of rows of OUT_ROWS values.
+layout(constant_id = 5) const uint OUT_ROWS = 1;
+layout(constant_id = 6) const uint OUT0 = 0;
 
 #ifdef ACT_Q80
 layout(std430, binding = 0) readonly buffer X { uint xq[]; };
@@ -22,9 +26,9 @@ layout(std430, binding = 0) readonly buffer X { vec4 x4[]; };
 layout(std430, binding = 1) writeonly buffer Y { float y[]; };
 #ifdef MOE
 layout(std430, binding = 2) readonly buffer I { int moe_idx[]; };
-layout(constant_id = 5) const uint SLOTS = 1;        // experts per token
-layout(constant_id = 6) const uint EXPERTS = 1;      // matrices per layer in the weight buffer
-layout(constant_id = 7) const uint X_PER_SLOT = 0;   // 1: x has one row per (token, slot) pair
+layout(constant_id = 7) const uint SLOTS = 1;        // experts per token
+layout(constant_id = 8) const uint EXPERTS = 1;      // matrices per layer in the weight buffer
+layout(constant_id = 9) const uint X_PER_SLOT = 0;   // 1: x has one row per (token, slot) pair
 const uint PAIRS = SLOTS;
 #else
 const uint PAIRS = 1u;
@@ -143,7 +147,7 @@ void main() {
             vec4 tot = acc[i];
             if (SPLIT != 0u) tot = wg_sum4(tot);
             if ((SPLIT == 0u || t == 0u) && live && row0 + i < pc.rows) {
-                for (uint c = 0u; c < nb; c++) y[(b0 + c) * pc.rows + row0 + i] = tot[c];
+                for (uint c = 0u; c < nb; c++) y[(b0 + c) * OUT_ROWS + OUT0 + row0 + i] = tot[c];
             }
         }
     }

@@ -159,6 +159,32 @@ class WeightChunk:
         return [p.words * len(self.weights) for p in weight_parts(self.weights[0])]
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Rows row0 .. row0 + rows of a weight (of every expert of a stack), uploaded as weight `index` of
+    chunk `chunk`."""
+
+    chunk: int
+    index: int
+    row0: int
+    rows: int
+
+
+def row_pieces(w: Weight, limit: int) -> list[tuple[int, Weight]]:
+    """The weight as (first row, view) row ranges whose every part fits in `limit` bytes: one range when the
+    whole weight fits (a large vocabulary's table does not on devices that bind at most 128 MiB)."""
+    row_bytes = max(p.row_words for p in weight_parts(w)) * 4 * max(w.experts, 1)
+    step = max(1, limit // row_bytes)
+    if step >= w.rows:
+        return [(0, w)]
+    views = []
+    for r0 in range(0, w.rows, step):
+        r1 = min(w.rows, r0 + step)
+        data = w.data[:, r0:r1] if w.experts else w.data[r0:r1]
+        views.append((r0, Weight(w.name, w.dtype, r1 - r0, w.cols, data, w.experts)))
+    return views
+
+
 def _role(name: str) -> str:
     return re.sub(r"^blk\.\d+\.", "blk.*.", name)
 
@@ -172,27 +198,29 @@ def _identity(w: Weight) -> tuple:
     return (w.dtype, w.data.__array_interface__["data"][0], w.data.shape, w.data.strides)
 
 
-def group_weights(
-    weights: dict[str, Weight], limit: int
-) -> tuple[list[WeightChunk], dict[str, tuple[int, int]]]:
-    """Chunks of same-role weights (each part buffer at most `limit` bytes) and, for every name, its
-    (chunk, index in chunk). Names whose data is the same array (a tied classifier) share one slot."""
+def group_weights(weights: dict[str, Weight], limit: int) -> tuple[list[WeightChunk], dict[str, list[Piece]]]:
+    """Chunks of same-role weights (each part buffer at most `limit` bytes) and, for every name, its pieces
+    (row ranges of a weight too large for one buffer, else the whole). The same piece of a role's weights
+    in consecutive layers shares a chunk; names whose data is the same array (a tied classifier) share
+    their pieces."""
     first: dict[tuple, str] = {}  # data identity -> the name uploaded for it
-    groups: dict[tuple, list[str]] = {}
+    groups: dict[tuple, list[tuple[str, int, Weight]]] = {}
     for name in sorted(weights, key=lambda n: (_role(n), _layer(n))):
         w = weights[name]
         if _identity(w) not in first:
             first[_identity(w)] = name
-            groups.setdefault((_role(name), w.dtype, w.experts, w.rows, w.cols), []).append(name)
+            for k, (r0, view) in enumerate(row_pieces(w, limit)):
+                key = (_role(name), k, w.dtype, w.experts, view.rows, w.cols)
+                groups.setdefault(key, []).append((name, r0, view))
     chunks: list[WeightChunk] = []
-    slots: dict[str, tuple[int, int]] = {}
-    for names in groups.values():
-        per = max(p.words * 4 for p in weight_parts(weights[names[0]]))
+    pieces: dict[str, list[Piece]] = {}
+    for members in groups.values():
+        per = max(p.words * 4 for p in weight_parts(members[0][2]))
         step = max(1, limit // max(per, 1))
-        for i in range(0, len(names), step):
-            chunks.append(WeightChunk([weights[n] for n in names[i : i + step]]))
-            for k, n in enumerate(names[i : i + step]):
-                slots[n] = (len(chunks) - 1, k)
+        for i in range(0, len(members), step):
+            chunks.append(WeightChunk([view for _, _, view in members[i : i + step]]))
+            for k, (name, r0, view) in enumerate(members[i : i + step]):
+                pieces.setdefault(name, []).append(Piece(len(chunks) - 1, k, r0, view.rows))
     for name, w in weights.items():
-        slots[name] = slots[first[_identity(w)]]
-    return chunks, slots
+        pieces[name] = pieces[first[_identity(w)]]
+    return chunks, pieces

@@ -132,7 +132,7 @@ def expert_stack(wtype: str, experts: int, rows: int, cols: int, seed: int) -> t
     return Weight("blk.0.ffn_up_exps.weight", wtype, rows, cols, data, experts), values
 
 
-def run_moe_matmul(be, wtype: str, act: str, per_slot: bool) -> None:
+def run_moe_matmul(be, wtype: str, act: str, per_slot: bool, pieces: list | None = None) -> None:
     n, k, experts, rows = 3, 2, 4, 21
     cols = 256 if weight_type(wtype).block_values == 256 else 96
     w, values = expert_stack(wtype, experts, rows, cols, seed=8)
@@ -145,6 +145,8 @@ def run_moe_matmul(be, wtype: str, act: str, per_slot: bool) -> None:
         {w.name: w},
         act=act,
     )
+    if pieces is not None:
+        assert [(p.row0, p.rows) for p in ops.prog.slots[w.name]] == pieces
     idx = np.array([[2, 0], [3, 2], [1, 1]], np.int32)  # a token may take the same expert twice
     x = rand((n, xw), seed=9)
     if act == "q80":
@@ -176,3 +178,9 @@ def test_moe_matmul_every_type(vk, wtype):
 def test_moe_matmul(any_vk, wtype, act, per_slot):
     """Shared and per-slot inputs, f32 and Q80 activations, in every tuning."""
     run_moe_matmul(any_vk, wtype, act, per_slot)
+
+
+def test_moe_matmul_in_row_pieces(vk, monkeypatch):
+    """An expert stack larger than one buffer is cut into row ranges of every expert."""
+    monkeypatch.setattr(vk, "buffer_limit", 8 * 4 * 144)  # 8 rows of 4 Q4_K experts of 256 values a piece
+    run_moe_matmul(vk, "q4k", "f32", per_slot=True, pieces=[(0, 8), (8, 8), (16, 5)])

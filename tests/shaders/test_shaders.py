@@ -138,10 +138,31 @@ def test_weight_chunks_respect_the_buffer_limit():
     }
     ws["output.weight"] = ws["blk.0.attn_k.weight"]  # the same array under two names is uploaded once
     per_layer = 8 * 2 * 16  # the larger part: 8 rows of 2 blocks of 16 nibble bytes
-    chunks, slots = group_weights(ws, limit=2 * per_layer)
+    chunks, pieces = group_weights(ws, limit=2 * per_layer)
     assert [len(c.weights) for c in chunks] == [2, 2, 1]
-    assert [slots[f"blk.{i}.attn_k.weight"] for i in range(5)] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
-    assert slots["output.weight"] == slots["blk.0.attn_k.weight"]
+    got = [[(p.chunk, p.index, p.row0, p.rows) for p in pieces[f"blk.{i}.attn_k.weight"]] for i in range(5)]
+    assert got == [[(0, 0, 0, 8)], [(0, 1, 0, 8)], [(1, 0, 0, 8)], [(1, 1, 0, 8)], [(2, 0, 0, 8)]]
+    assert pieces["output.weight"] == pieces["blk.0.attn_k.weight"]
+
+
+def test_weights_larger_than_a_buffer_become_row_pieces():
+    """A matrix beyond the limit is cut into row ranges; the same piece of every layer shares a chunk."""
+    ws = {
+        f"blk.{i}.ffn_up.weight": make_weight(f"blk.{i}.ffn_up.weight", "q40", 10, 64, seed=i)
+        for i in range(2)
+    }
+    row = 2 * 16  # the larger part: 2 blocks of 16 nibble bytes per row
+    chunks, pieces = group_weights(ws, limit=4 * row)
+    for i in range(2):
+        assert [(p.row0, p.rows) for p in pieces[f"blk.{i}.ffn_up.weight"]] == [(0, 4), (4, 4), (8, 2)]
+    assert [len(c.weights) for c in chunks] == [
+        1,
+        1,
+        1,
+        1,
+        2,
+    ]  # a 4-row piece fills a buffer, 2-row ones pair
+    assert max(w for c in chunks for w in c.part_words) * 4 <= 4 * row
 
 
 @pytest.mark.parametrize("wtype", WTYPES)

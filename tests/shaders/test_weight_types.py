@@ -75,3 +75,38 @@ def test_embedding(vk, wtype):
     ops.run(len(tokens))
     want = decoded(wtype, w.data)[tokens]
     np.testing.assert_allclose(ops.read("x")[: len(tokens)], want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("wtype", ["q40", "q6k"])
+def test_tied_table_in_row_pieces(vk, monkeypatch, wtype):
+    """A table larger than one buffer (a big vocabulary on a 128 MiB device) is uploaded as row pieces: the
+    embedding reads each token from its piece and the tied classifier writes each piece's logits."""
+    rng = np.random.default_rng(3)
+    vocab, dim = 50, 256
+    table = Weight("token_embd.weight", wtype, vocab, dim, random_blocks(wtype, vocab, dim, rng))
+    monkeypatch.setattr(vk, "buffer_limit", 16 * matrix_parts(table)[0].row_words * 4)  # 16 rows a piece
+    ops = Ops(
+        vk,
+        [
+            Op("embedding", "embedding", ("tok",), ("x",), table.name),
+            Op("matmul", "classifier", ("h",), ("logits",), "output.weight"),
+        ],
+        {"x": BufferSpec(dim), "h": BufferSpec(dim), "logits": BufferSpec(vocab)},
+        {table.name: table, "output.weight": table},
+        cfg=config(dim=dim, vocab_size=vocab, n_heads=4, head_dim=64),
+    )
+    assert [(p.row0, p.rows) for p in ops.prog.slots["output.weight"]] == [
+        (0, 16),
+        (16, 16),
+        (32, 16),
+        (48, 2),
+    ]
+    tokens = np.array([0, 49, 15, 16, 33], np.int32)
+    h = rng.standard_normal((len(tokens), dim)).astype(np.float32)
+    ops.write("tok", tokens[:, None])
+    ops.write("h", h)
+    ops.run(len(tokens))
+    wf = decoded(wtype, table.data)
+    np.testing.assert_allclose(ops.read("x")[: len(tokens)], wf[tokens], rtol=1e-6, atol=1e-7)
+    h64 = h.astype(np.float64)
+    within(ops.read("logits")[: len(tokens)], h64 @ wf.T, np.abs(h64) @ np.abs(wf).T)
