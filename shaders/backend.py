@@ -7,6 +7,7 @@ token ids sit in small host-visible buffers. Pipes (tok, pos, x, zq, logits) liv
 memory, so the host reads and writes them directly between segments. Dependent dispatches are ordered by the
 patched kp build (tools/kp-0.9.0-dllama.patch): a global shader/transfer-write -> compute barrier before every
 dispatch, and a shader-write -> host-read barrier on the written pipes at the end of each segment.
+Every op kind is one entry of `OPS` (its shader variant and its dispatches); `OP_KINDS` names them.
 """
 
 from __future__ import annotations

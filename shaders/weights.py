@@ -10,7 +10,9 @@ the staging buffer, so the host never holds a second copy of a tensor.
 
 The same role (attn_q, ffn_norm, ...) of consecutive layers shares one device buffer per part, so one shader
 pipeline serves every layer (the layer index is a push constant): a few dozen pipelines instead of hundreds.
-An expert stack (mixture-of-experts FFN) is one weight of experts x rows rows, expert after expert.
+An expert stack (mixture-of-experts FFN) is one weight of experts x rows rows, expert after expert. A weight
+too large for one buffer (the device's binding limit) is cut into row pieces, each its own weight in the
+chunks and its own dispatch.
 """
 
 from __future__ import annotations
