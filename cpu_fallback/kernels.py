@@ -14,6 +14,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, models, register_model
 
 from engine.errors import DllamaError
+from engine.weight_types import WEIGHT_TYPES, WeightType, weight_type
 
 _FAST = {"reassoc", "contract", "nsz"}  # lets LLVM vectorise float reductions; no NaN/Inf assumptions
 
@@ -21,6 +22,7 @@ _FAST = {"reassoc", "contract", "nsz"}  # lets LLVM vectorise float reductions; 
 # keep LLVM from vectorising any loop that divides. Kernels are cached on disk; helpers compile into them.
 _helper = njit(error_model="numpy")
 _fast_helper = njit(error_model="numpy", fastmath=_FAST)
+_inline_helper = njit(error_model="numpy", inline="always")  # inlined in numba IR: constants fold through
 _kernel = njit(error_model="numpy", cache=True)
 _fast_kernel = njit(error_model="numpy", cache=True, fastmath=_FAST)
 _parallel_kernel = njit(error_model="numpy", cache=True, parallel=True)
@@ -32,7 +34,7 @@ _parallel_kernel = njit(error_model="numpy", cache=True, parallel=True)
 # ---------------------------------------------------------------------------------------------------------
 
 _F32 = ir.FloatType()
-_I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _V8F = ir.VectorType(_F32, 8)
 _V8I = ir.VectorType(_I32, 8)
 _CONTRACT = ("contract",)
@@ -103,12 +105,17 @@ def _cvt_i8(b, v):
     return b.sitofp(b.sext(v, _V8I), _V8F)
 
 
+def _cvt_u8(b, v):
+    return b.sitofp(b.zext(v, _V8I), _V8F)
+
+
 _ld_f32x8 = _vec_loader(_cvt_f32, _V8F, "8 float32")
 _ld_f16x8 = _vec_loader(_cvt_f16, ir.VectorType(_I16, 8), "8 IEEE halves")
 _ld_bf16x8 = _vec_loader(_cvt_bf16, ir.VectorType(_I16, 8), "8 bfloat16 bit patterns")
 _ld_lo4x8 = _vec_loader(_cvt_lo4, ir.VectorType(_I8, 8), "low nibbles of 8 bytes, 0..15")
 _ld_hi4x8 = _vec_loader(_cvt_hi4, ir.VectorType(_I8, 8), "high nibbles of 8 bytes, 0..15")
 _ld_i8x8 = _vec_loader(_cvt_i8, ir.VectorType(_I8, 8), "8 signed bytes")
+_ld_u8x8 = _vec_loader(_cvt_u8, ir.VectorType(_I8, 8), "8 unsigned bytes")
 
 
 def _scalar_loader(convert, llty):
@@ -131,6 +138,7 @@ def _scalar_loader(convert, llty):
 _ld_f16 = _scalar_loader(lambda b, v: b.fpext(b.bitcast(v, ir.HalfType()), _F32), _I16)
 _ld_bf16 = _scalar_loader(lambda b, v: b.bitcast(b.shl(b.zext(v, _I32), ir.Constant(_I32, 16)), _F32), _I16)
 _ld_f32 = _scalar_loader(lambda b, v: v, _F32)
+_ld_i8 = _scalar_loader(lambda b, v: b.sitofp(v, _F32), _I8)
 
 
 @intrinsic
@@ -263,109 +271,455 @@ def _vsum8(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
     return _f32x8(*([_f32x8] * 8)), codegen
 
 
+@intrinsic
+def _vsub(typingctx, a, b):
+    def codegen(context, builder, sig, args):
+        return builder.fsub(args[0], args[1])
+
+    return _f32x8(_f32x8, _f32x8), codegen
+
+
+@intrinsic
+def _vget(typingctx, v, i):
+    """Lane i of v (i known only at run time)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.extract_element(args[0], builder.trunc(args[1], _I32))
+
+    return types.float32(_f32x8, types.intp), codegen
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Weight types. Kernels see every weight as uint8 (rows, row_bytes); the code picks the decoder.
+# Loads of packed codes: 5- and 6-bit values split over a nibble and high bits elsewhere in the block, and
+# the 6-bit sub-block scales of Q4_K/Q5_K. Shift and mask arguments are constants at every call site, so
+# LLVM folds them into immediate operands.
 # ---------------------------------------------------------------------------------------------------------
 
-_F32_T, _F16_T, _BF16_T, _Q40_T, _Q41_T, _Q80_T = range(6)
-_CODES = {"f32": _F32_T, "f16": _F16_T, "bf16": _BF16_T, "q40": _Q40_T, "q41": _Q41_T, "q80": _Q80_T}
-_ELEM_BYTES = {_F32_T: 4, _F16_T: 2, _BF16_T: 2}
-_QBLOCK_BYTES = {_Q40_T: 18, _Q41_T: 20, _Q80_T: 34}
-_Q80_BYTES = 34
+
+def _splat_i32(builder, v):
+    """<8 x i32> of the integer v (any width)."""
+    v = builder.trunc(v, _I32) if v.type.width > 32 else v
+    v = builder.insert_element(ir.Constant(_V8I, ir.Undefined), v, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(_V8I, ir.Undefined), ir.Constant(_V8I, [0] * 8))
 
 
-@_helper
-def _block_bytes(code):
-    if code == _Q40_T:
-        return 18
-    if code == _Q41_T:
-        return 20
-    return 34
+def _bytes8(context, builder, sig, args, k):
+    """The 8 bytes at offset args[k] of array args[0], zero-extended to <8 x i32>."""
+    p = _elem_ptr(context, builder, sig.args[0], args[0], args[k], ir.VectorType(_I8, 8))
+    return builder.zext(builder.load(p, align=1), _V8I)
 
 
-@_helper
-def _wload8(code, wr, i):
-    """8 float-typed weights from element i of a byte row."""
-    if code == _F32_T:
-        return _ld_f32x8(wr, 4 * i)
-    if code == _F16_T:
-        return _ld_f16x8(wr, 2 * i)
-    return _ld_bf16x8(wr, 2 * i)
+def _i32x8(values):
+    return ir.Constant(_V8I, list(values))
 
 
-@_helper
-def _wload1(code, wr, i):
-    if code == _F32_T:
-        return _ld_f32(wr, 4 * i)
-    if code == _F16_T:
-        return _ld_f16(wr, 2 * i)
-    return _ld_bf16(wr, 2 * i)
+@intrinsic
+def _ld_q5x8(typingctx, arr, oq, shift, oh, bit0):
+    """Q5_0/Q5_1 codes: ((byte >> shift) & 15) | bit (bit0 + lane) of the uint32 at oh, as bit 4."""
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        q = builder.and_(
+            builder.lshr(_bytes8(context, builder, sig, args, 1), _splat_i32(builder, args[2])),
+            _i32x8([15] * 8),
+        )
+        h = builder.load(_elem_ptr(context, builder, sig.args[0], args[0], args[3], _I32), align=1)
+        bits = builder.add(_splat_i32(builder, args[4]), _i32x8(range(8)))
+        hb = builder.shl(
+            builder.and_(builder.lshr(_splat_i32(builder, h), bits), _i32x8([1] * 8)), _i32x8([4] * 8)
+        )
+        return builder.sitofp(builder.or_(q, hb), _V8F)
+
+    return _f32x8(arr, types.intp, types.intp, types.intp, types.intp), codegen
 
 
-@_helper
-def _qblock(code, wr, o, x0, x1, x2, x3, sx, dx):
-    """One quantised weight block (bytes o..) dotted with x0..x3 (sx = their sum), times dx, as 8 lanes.
+@intrinsic
+def _ld_hb8(typingctx, arr, oq, shift, oh, hshift, hmask):
+    """K-quant codes ((q >> shift) & 15) | (((h >> hshift) & hmask) << 4) from the 8 bytes q at oq and the 8
+    bytes h at oh (Q5_K: hmask 1, Q6_K: hmask 3, Q4_K: hmask 0, the plain nibble)."""
+    if not isinstance(arr, types.Array):
+        return None
 
-    Q40: d*sum((n-8)*x); Q41: d*sum(n*x) + m*sum(x); Q80: d*sum(q*x). With integer-valued x (Q80
-    activations, dx = their scale) the inner sums are exact integers, i.e. an integer dot per block.
+    def codegen(context, builder, sig, args):
+        q = builder.and_(
+            builder.lshr(_bytes8(context, builder, sig, args, 1), _splat_i32(builder, args[2])),
+            _i32x8([15] * 8),
+        )
+        h = builder.lshr(_bytes8(context, builder, sig, args, 3), _splat_i32(builder, args[4]))
+        h = builder.shl(builder.and_(h, _splat_i32(builder, args[5])), _i32x8([4] * 8))
+        return builder.sitofp(builder.or_(q, h), _V8F)
+
+    return _f32x8(arr, types.intp, types.intp, types.intp, types.intp, types.intp), codegen
+
+
+def _k4_loader(lo_lanes, lo_shift, hi_lanes, doc):
+    """An intrinsic reading the 12 scale bytes b at offset o of a Q4_K/Q5_K super-block and returning, for
+    sub-blocks 0..7, ((b[lo] >> lo_shift) & (63, or 15 from lane 4)) | (b[hi] >> 6) << 4 (lanes 4..7 only)."""
+    lo_mask = _i32x8([63] * 4 + [15] * 4)
+    hi_mask = _i32x8([0] * 4 + [48] * 4)  # (b >> 2) & 48 == (b >> 6) << 4
+
+    @intrinsic
+    def load(typingctx, arr, o):
+        if not isinstance(arr, types.Array):
+            return None
+
+        def codegen(context, builder, sig, args):
+            p = _elem_ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(_I8, 16))
+            b = builder.load(p, align=1)
+            lo = builder.zext(builder.shuffle_vector(b, b, _i32x8(lo_lanes)), _V8I)
+            hi = builder.zext(builder.shuffle_vector(b, b, _i32x8(hi_lanes)), _V8I)
+            lo = builder.and_(builder.lshr(lo, _i32x8(lo_shift)), lo_mask)
+            hi = builder.and_(builder.lshr(hi, _i32x8([2] * 8)), hi_mask)
+            return builder.sitofp(builder.or_(lo, hi), _V8F)
+
+        return _f32x8(arr, types.intp), codegen
+
+    load.__doc__ = doc
+    return load
+
+
+_ld_k4_scales = _k4_loader(
+    [0, 1, 2, 3, 8, 9, 10, 11],
+    [0] * 8,
+    [0, 1, 2, 3, 0, 1, 2, 3],
+    "The eight 6-bit sub-block scales of a Q4_K/Q5_K super-block (scale bytes at o).",
+)
+_ld_k4_mins = _k4_loader(
+    [4, 5, 6, 7, 8, 9, 10, 11],
+    [0] * 4 + [4] * 4,
+    [4, 5, 6, 7, 4, 5, 6, 7],
+    "The eight 6-bit sub-block mins of a Q4_K/Q5_K super-block (scale bytes at o).",
+)
+
+
+def _store_codes(context, builder, buf_type, buf, codes):
+    """Store <32 x i8> code vectors one after another from buf[0], then a compiler memory barrier.
+
+    The kernels read the codes back with widening 8-byte loads; without the barrier LLVM forwards the stored
+    bytes through registers with lane shuffles instead, which costs more than the reload (~20% on Q6_K).
     """
-    if code == _Q41_T:
-        p = _vmul(_ld_lo4x8(wr, o + 4), x0)
-        p = _vfma(_ld_lo4x8(wr, o + 12), x1, p)
-        p = _vfma(_ld_hi4x8(wr, o + 4), x2, p)
-        p = _vfma(_ld_hi4x8(wr, o + 12), x3, p)
-        return _vfma(_vsplat(_ld_f16(wr, o) * dx), p, _vmul(_vsplat(_ld_f16(wr, o + 2) * dx), sx))
-    if code == _Q40_T:
-        m8 = _vsplat(np.float32(-8.0))
-        p = _vmul(_vadd(_ld_lo4x8(wr, o + 2), m8), x0)
-        p = _vfma(_vadd(_ld_lo4x8(wr, o + 10), m8), x1, p)
-        p = _vfma(_vadd(_ld_hi4x8(wr, o + 2), m8), x2, p)
-        p = _vfma(_vadd(_ld_hi4x8(wr, o + 10), m8), x3, p)
-        return _vmul(_vsplat(_ld_f16(wr, o) * dx), p)
-    p = _vmul(_ld_i8x8(wr, o + 2), x0)
-    p = _vfma(_ld_i8x8(wr, o + 10), x1, p)
-    p = _vfma(_ld_i8x8(wr, o + 18), x2, p)
-    p = _vfma(_ld_i8x8(wr, o + 26), x3, p)
-    return _vmul(_vsplat(_ld_f16(wr, o) * dx), p)
+    for k, c in enumerate(codes):
+        at = ir.Constant(_I64, 32 * k)
+        builder.store(c, _elem_ptr(context, builder, buf_type, buf, at, c.type), align=1)
+    builder.asm(ir.FunctionType(ir.VoidType(), []), "", "~{memory}", [], side_effect=True)
+
+
+@intrinsic
+def _q5k_unpack(typingctx, arr, oq, oh, bit, buf):
+    """The 64 five-bit codes of a Q5_K chunk into buf[0:64] as bytes, in value order: low nibbles of the 32
+    bytes at oq with bit `bit` of the 32 bytes at oh, then high nibbles with bit `bit` + 1."""
+    if not isinstance(arr, types.Array) or not isinstance(buf, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v32 = ir.VectorType(_I8, 32)
+        q = builder.load(_elem_ptr(context, builder, sig.args[0], args[0], args[1], v32), align=1)
+        h = builder.load(_elem_ptr(context, builder, sig.args[0], args[0], args[2], v32), align=1)
+        b = builder.trunc(args[3], _I8)
+        b = builder.shuffle_vector(
+            builder.insert_element(ir.Constant(v32, ir.Undefined), b, ir.Constant(_I32, 0)),
+            ir.Constant(v32, ir.Undefined),
+            ir.Constant(ir.VectorType(_I32, 32), [0] * 32),
+        )
+        one, m4, b4 = ir.Constant(v32, [1] * 32), ir.Constant(v32, [15] * 32), ir.Constant(v32, [4] * 32)
+        lo = builder.or_(builder.and_(q, m4), builder.shl(builder.and_(builder.lshr(h, b), one), b4))
+        b1 = builder.add(b, one)
+        hi = builder.or_(builder.lshr(q, b4), builder.shl(builder.and_(builder.lshr(h, b1), one), b4))
+        _store_codes(context, builder, sig.args[4], args[4], (lo, hi))
+        return context.get_dummy_value()
+
+    return types.none(arr, types.intp, types.intp, types.intp, buf), codegen
+
+
+@intrinsic
+def _q6_unpack(typingctx, arr, ql, qh, buf):
+    """The 128 six-bit codes of a Q6_K half-block (low bits at ql, high bits at qh) into buf[0:128] as bytes,
+    in value order, assembled 32 at a time in byte lanes (cheaper than per 8 values in 32-bit lanes)."""
+    if not isinstance(arr, types.Array) or not isinstance(buf, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v32 = ir.VectorType(_I8, 32)
+
+        def splat(n):
+            return ir.Constant(v32, [n] * 32)
+
+        def load(i):
+            return builder.load(_elem_ptr(context, builder, sig.args[0], args[0], i, v32), align=1)
+
+        lo, hi = load(args[1]), load(builder.add(args[1], ir.Constant(args[1].type, 32)))
+        h = load(args[2])
+        m4, m6 = splat(15), splat(48)
+        codes = (
+            builder.or_(builder.and_(lo, m4), builder.and_(builder.shl(h, splat(4)), m6)),
+            builder.or_(builder.and_(hi, m4), builder.and_(builder.shl(h, splat(2)), m6)),
+            builder.or_(builder.lshr(lo, splat(4)), builder.and_(h, m6)),
+            builder.or_(builder.lshr(hi, splat(4)), builder.and_(builder.lshr(h, splat(2)), m6)),
+        )
+        _store_codes(context, builder, sig.args[3], args[3], codes)
+        return context.get_dummy_value()
+
+    return types.none(arr, types.intp, types.intp, buf), codegen
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weight types, from engine.weight_types. Kernels see a weight as one read-only byte array: row r of expert e
+# starts at byte e * estride + r * rstride. The code (the registry's small integer) picks the decoder; it is
+# a compile-time constant in the matrix-vector kernels, built per type.
+# ---------------------------------------------------------------------------------------------------------
+
+_T_F32, _T_F16, _T_BF16 = (weight_type(n).code for n in ("f32", "f16", "bf16"))
+_T_Q40, _T_Q41, _T_Q50, _T_Q51, _T_Q80 = (weight_type(n).code for n in ("q40", "q41", "q50", "q51", "q80"))
+_T_Q4K, _T_Q5K, _T_Q6K = (weight_type(n).code for n in ("q4k", "q5k", "q6k"))
+_FLOAT_CODES = (_T_F32, _T_F16, _T_BF16)
+_LEGACY_CODES = (_T_Q40, _T_Q41, _T_Q50, _T_Q51, _T_Q80)  # 32-value blocks
+_K_CODES = (_T_Q4K, _T_Q5K, _T_Q6K)  # 256-value super-blocks
+_BLOCK_BYTES = tuple(t.block_bytes for t in sorted(WEIGHT_TYPES.values(), key=lambda t: t.code))
+_Q80_BYTES = weight_type("q80").block_bytes  # Q80 activations: 32 values per block
 
 
 @_helper
-def _decode_row(code, wr, dst):
-    """Full float32 values of one weight row into dst (cols,)."""
+def _wload8(code, w, o):
+    """8 float-typed weights from byte o."""
+    if code == _T_F32:
+        return _ld_f32x8(w, o)
+    if code == _T_F16:
+        return _ld_f16x8(w, o)
+    return _ld_bf16x8(w, o)
+
+
+@_helper
+def _wload1(code, w, o):
+    if code == _T_F32:
+        return _ld_f32(w, o)
+    if code == _T_F16:
+        return _ld_f16(w, o)
+    return _ld_bf16(w, o)
+
+
+@_helper
+def _q5x32(w, oq, oh):
+    """The 32 five-bit codes of a Q5_0/Q5_1 block (nibbles at oq, high bits at oh) as four 8-lane vectors."""
+    return (
+        _ld_q5x8(w, oq, 0, oh, 0),
+        _ld_q5x8(w, oq + 8, 0, oh, 8),
+        _ld_q5x8(w, oq, 4, oh, 16),
+        _ld_q5x8(w, oq + 8, 4, oh, 24),
+    )
+
+
+@_helper
+def _qblock(code, w, o, x0, x1, x2, x3, sx, dx):
+    """One legacy weight block (bytes o..) dotted with x0..x3 (sx = their sum), times dx, as 8 lanes.
+
+    Q40: d*sum((n-8)*x); Q41: d*sum(n*x) + m*sum(x); Q50: d*(sum(q*x) - 16*sum(x)); Q51: d*sum(q*x) +
+    m*sum(x); Q80: d*sum(q*x). With integer-valued x (Q80 activations, dx = their scale) the inner sums are
+    exact integers, i.e. an integer dot per block.
+    """
+    if code == _T_Q41:
+        p = _vmul(_ld_lo4x8(w, o + 4), x0)
+        p = _vfma(_ld_lo4x8(w, o + 12), x1, p)
+        p = _vfma(_ld_hi4x8(w, o + 4), x2, p)
+        p = _vfma(_ld_hi4x8(w, o + 12), x3, p)
+        return _vfma(_vsplat(_ld_f16(w, o) * dx), p, _vmul(_vsplat(_ld_f16(w, o + 2) * dx), sx))
+    if code == _T_Q40:
+        m8 = _vsplat(np.float32(-8.0))
+        p = _vmul(_vadd(_ld_lo4x8(w, o + 2), m8), x0)
+        p = _vfma(_vadd(_ld_lo4x8(w, o + 10), m8), x1, p)
+        p = _vfma(_vadd(_ld_hi4x8(w, o + 2), m8), x2, p)
+        p = _vfma(_vadd(_ld_hi4x8(w, o + 10), m8), x3, p)
+        return _vmul(_vsplat(_ld_f16(w, o) * dx), p)
+    if code == _T_Q50:
+        q0, q1, q2, q3 = _q5x32(w, o + 6, o + 2)
+        p = _vfma(q3, x3, _vfma(q2, x2, _vfma(q1, x1, _vmul(q0, x0))))
+        return _vmul(_vsplat(_ld_f16(w, o) * dx), _vfma(_vsplat(np.float32(-16.0)), sx, p))
+    if code == _T_Q51:
+        q0, q1, q2, q3 = _q5x32(w, o + 8, o + 4)
+        p = _vfma(q3, x3, _vfma(q2, x2, _vfma(q1, x1, _vmul(q0, x0))))
+        return _vfma(_vsplat(_ld_f16(w, o) * dx), p, _vmul(_vsplat(_ld_f16(w, o + 2) * dx), sx))
+    p = _vmul(_ld_i8x8(w, o + 2), x0)
+    p = _vfma(_ld_i8x8(w, o + 10), x1, p)
+    p = _vfma(_ld_i8x8(w, o + 18), x2, p)
+    p = _vfma(_ld_i8x8(w, o + 26), x3, p)
+    return _vmul(_vsplat(_ld_f16(w, o) * dx), p)
+
+
+@_inline_helper
+def _k45_chunk(w, oq, oh, c, five, x, xo, buf, sc, a0, a1):
+    """a0 + sc[2c] * (dot of sub-block 2c: low nibbles of the 32 bytes at oq, x[xo:xo+32]) and a1 + sc[2c+1]
+    * (dot of sub-block 2c+1: high nibbles, x[xo+32:xo+64]) of a Q4_K chunk, or of a Q5_K chunk (fifth bits
+    at oh) when `five`; buf is 64 bytes of scratch."""
+    lo, hi = _vzero(), _vzero()
+    if five:
+        _q5k_unpack(w, oq, oh, 2 * c, buf)
+        for j in range(0, 32, 8):
+            lo = _vfma(_ld_u8x8(buf, j), _ld_f32x8(x, xo + j), lo)
+            hi = _vfma(_ld_u8x8(buf, 32 + j), _ld_f32x8(x, xo + 32 + j), hi)
+    else:
+        for j in range(0, 32, 8):
+            lo = _vfma(_ld_lo4x8(w, oq + j), _ld_f32x8(x, xo + j), lo)
+            hi = _vfma(_ld_hi4x8(w, oq + j), _ld_f32x8(x, xo + 32 + j), hi)
+    return _vfma(_vsplat(_vget(sc, 2 * c)), lo, a0), _vfma(_vsplat(_vget(sc, 2 * c + 1)), hi, a1)
+
+
+@_inline_helper
+def _dot16(buf, i, x, xo):
+    """8 lanes summing to the dot of the 16 byte codes buf[i:i+16] with x[xo:xo+16]."""
+    return _vfma(_ld_u8x8(buf, i + 8), _ld_f32x8(x, xo + 8), _vmul(_ld_u8x8(buf, i), _ld_f32x8(x, xo)))
+
+
+@_inline_helper
+def _k6_half(w, ql, qh, x, xo, buf, sc):
+    """sum_k sc[k] * (dot of sub-block k of a Q6_K half-block with x from xo), codes without their -32;
+    buf is 128 bytes of scratch. Two accumulators halve the chain of dependent FMAs."""
+    _q6_unpack(w, ql, qh, buf)
+    a0, a1 = _vzero(), _vzero()
+    for k in range(0, 8, 2):
+        a0 = _vfma(_vsplat(_vget(sc, k)), _dot16(buf, 16 * k, x, xo + 16 * k), a0)
+        a1 = _vfma(_vsplat(_vget(sc, k + 1)), _dot16(buf, 16 * k + 16, x, xo + 16 * k + 16), a1)
+    return _vadd(a0, a1)
+
+
+@_inline_helper
+def _krow(code, w, o, xf, xs, xd, xo, go, n_super, q80x, buf):
+    """One K-quant row (bytes o..) dotted with the prepared activations, as 8 lanes to be summed.
+
+    xf holds the values (or Q80 codes) from element xo, xs their per-sub-block sums (times the Q80 scale) and
+    xd the Q80 scale per sub-block, both from element go. Per sub-block the dot of the codes with xf comes
+    first (an exact integer for Q80 activations), then its scale; the mins (Q6_K: the -32 offset) meet the
+    sums xs once per super-block.
+    """
+    bs = _BLOCK_BYTES[code]
+    acc = _vzero()
+    for sb in range(n_super):
+        ob, xb = o + bs * sb, xo + 256 * sb
+        if code == _T_Q6K:
+            d = _vsplat(_ld_f16(w, ob + 208))
+            for h in range(2):
+                sc = _vmul(d, _ld_i8x8(w, ob + 192 + 8 * h))
+                g = go + 16 * sb + 8 * h
+                a = _vmul(sc, _ld_f32x8(xd, g)) if q80x else sc
+                s = _k6_half(w, ob + 64 * h, ob + 128 + 32 * h, xf, xb + 128 * h, buf, a)
+                acc = _vadd(s, _vfma(_vmul(_vsplat(np.float32(-32.0)), sc), _ld_f32x8(xs, g), acc))
+        else:
+            five = code == _T_Q5K
+            oq = ob + (48 if five else 16)
+            sc = _vmul(_vsplat(_ld_f16(w, ob)), _ld_k4_scales(w, ob + 4))
+            mn = _vmul(_vsplat(-_ld_f16(w, ob + 2)), _ld_k4_mins(w, ob + 4))
+            g = go + 8 * sb
+            a = _vmul(sc, _ld_f32x8(xd, g)) if q80x else sc
+            a0, a1 = _k45_chunk(
+                w, oq, ob + 16, 0, five, xf, xb, buf, a, _vfma(mn, _ld_f32x8(xs, g), acc), _vzero()
+            )
+            a0, a1 = _k45_chunk(w, oq + 32, ob + 16, 1, five, xf, xb + 64, buf, a, a0, a1)
+            a0, a1 = _k45_chunk(w, oq + 64, ob + 16, 2, five, xf, xb + 128, buf, a, a0, a1)
+            a0, a1 = _k45_chunk(w, oq + 96, ob + 16, 3, five, xf, xb + 192, buf, a, a0, a1)
+            acc = _vadd(a0, a1)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Row decoders: the float32 values of one weight row (embedding lookups, batched matmul scratch)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@_helper
+def _decode_float(code, w, o, dst):
+    eb = _BLOCK_BYTES[code]
     cols = dst.shape[0]
-    if code <= _BF16_T:
-        i = 0
-        while i + 8 <= cols:
-            _st_f32x8(dst, i, _wload8(code, wr, i))
-            i += 8
-        for j in range(i, cols):
-            dst[j] = _wload1(code, wr, j)
-        return
-    bs = _block_bytes(code)
-    for k in range(cols // 32):
-        o = bs * k
-        d = _vsplat(_ld_f16(wr, o))
-        if code == _Q41_T:
-            m = _vsplat(_ld_f16(wr, o + 2))
-            _st_f32x8(dst, 32 * k, _vfma(d, _ld_lo4x8(wr, o + 4), m))
-            _st_f32x8(dst, 32 * k + 8, _vfma(d, _ld_lo4x8(wr, o + 12), m))
-            _st_f32x8(dst, 32 * k + 16, _vfma(d, _ld_hi4x8(wr, o + 4), m))
-            _st_f32x8(dst, 32 * k + 24, _vfma(d, _ld_hi4x8(wr, o + 12), m))
-        elif code == _Q40_T:
+    i = 0
+    while i + 8 <= cols:
+        _st_f32x8(dst, i, _wload8(code, w, o + eb * i))
+        i += 8
+    for j in range(i, cols):
+        dst[j] = _wload1(code, w, o + eb * j)
+
+
+@_helper
+def _decode_legacy(code, w, o, dst):
+    bs = _BLOCK_BYTES[code]
+    for k in range(dst.shape[0] // 32):
+        ob, i = o + bs * k, 32 * k
+        d = _vsplat(_ld_f16(w, ob))
+        if code == _T_Q41:
+            m = _vsplat(_ld_f16(w, ob + 2))
+            _st_f32x8(dst, i, _vfma(d, _ld_lo4x8(w, ob + 4), m))
+            _st_f32x8(dst, i + 8, _vfma(d, _ld_lo4x8(w, ob + 12), m))
+            _st_f32x8(dst, i + 16, _vfma(d, _ld_hi4x8(w, ob + 4), m))
+            _st_f32x8(dst, i + 24, _vfma(d, _ld_hi4x8(w, ob + 12), m))
+        elif code == _T_Q40:
             m8 = _vsplat(np.float32(-8.0))
-            _st_f32x8(dst, 32 * k, _vmul(d, _vadd(_ld_lo4x8(wr, o + 2), m8)))
-            _st_f32x8(dst, 32 * k + 8, _vmul(d, _vadd(_ld_lo4x8(wr, o + 10), m8)))
-            _st_f32x8(dst, 32 * k + 16, _vmul(d, _vadd(_ld_hi4x8(wr, o + 2), m8)))
-            _st_f32x8(dst, 32 * k + 24, _vmul(d, _vadd(_ld_hi4x8(wr, o + 10), m8)))
+            _st_f32x8(dst, i, _vmul(d, _vadd(_ld_lo4x8(w, ob + 2), m8)))
+            _st_f32x8(dst, i + 8, _vmul(d, _vadd(_ld_lo4x8(w, ob + 10), m8)))
+            _st_f32x8(dst, i + 16, _vmul(d, _vadd(_ld_hi4x8(w, ob + 2), m8)))
+            _st_f32x8(dst, i + 24, _vmul(d, _vadd(_ld_hi4x8(w, ob + 10), m8)))
+        elif code == _T_Q50 or code == _T_Q51:
+            if code == _T_Q50:
+                q0, q1, q2, q3 = _q5x32(w, ob + 6, ob + 2)
+                m = _vmul(d, _vsplat(np.float32(-16.0)))
+            else:
+                q0, q1, q2, q3 = _q5x32(w, ob + 8, ob + 4)
+                m = _vsplat(_ld_f16(w, ob + 2))
+            _st_f32x8(dst, i, _vfma(d, q0, m))
+            _st_f32x8(dst, i + 8, _vfma(d, q1, m))
+            _st_f32x8(dst, i + 16, _vfma(d, q2, m))
+            _st_f32x8(dst, i + 24, _vfma(d, q3, m))
         else:
             for j in range(4):
-                _st_f32x8(dst, 32 * k + 8 * j, _vmul(d, _ld_i8x8(wr, o + 2 + 8 * j)))
+                _st_f32x8(dst, i + 8 * j, _vmul(d, _ld_i8x8(w, ob + 2 + 8 * j)))
+
+
+@_helper
+def _decode_k(code, w, o, dst):
+    bs = _BLOCK_BYTES[code]
+    for sb in range(dst.shape[0] // 256):
+        ob, i0 = o + bs * sb, 256 * sb
+        if code == _T_Q6K:
+            m32 = _vsplat(np.float32(-32.0))
+            for h in range(2):
+                ql, qh, ih = ob + 64 * h, ob + 128 + 32 * h, i0 + 128 * h
+                sc = _vmul(_vsplat(_ld_f16(w, ob + 208)), _ld_i8x8(w, ob + 192 + 8 * h))
+                for j in range(0, 32, 8):
+                    k = j // 16
+                    q = _ld_hb8(w, ql + j, 0, qh + j, 0, 3)
+                    _st_f32x8(dst, ih + j, _vmul(_vsplat(_vget(sc, k)), _vadd(q, m32)))
+                    q = _ld_hb8(w, ql + 32 + j, 0, qh + j, 2, 3)
+                    _st_f32x8(dst, ih + 32 + j, _vmul(_vsplat(_vget(sc, k + 2)), _vadd(q, m32)))
+                    q = _ld_hb8(w, ql + j, 4, qh + j, 4, 3)
+                    _st_f32x8(dst, ih + 64 + j, _vmul(_vsplat(_vget(sc, k + 4)), _vadd(q, m32)))
+                    q = _ld_hb8(w, ql + 32 + j, 4, qh + j, 6, 3)
+                    _st_f32x8(dst, ih + 96 + j, _vmul(_vsplat(_vget(sc, k + 6)), _vadd(q, m32)))
+        else:
+            hmask = 1 if code == _T_Q5K else 0
+            oq = ob + (48 if code == _T_Q5K else 16)
+            sc = _vmul(_vsplat(_ld_f16(w, ob)), _ld_k4_scales(w, ob + 4))
+            mn = _vmul(_vsplat(-_ld_f16(w, ob + 2)), _ld_k4_mins(w, ob + 4))
+            for sub in range(8):
+                c, shift = sub // 2, 4 * (sub % 2)
+                a, m = _vsplat(_vget(sc, sub)), _vsplat(_vget(mn, sub))
+                for j in range(0, 32, 8):
+                    q = _ld_hb8(w, oq + 32 * c + j, shift, ob + 16 + j, sub, hmask)
+                    _st_f32x8(dst, i0 + 32 * sub + j, _vfma(a, q, m))
+
+
+@_helper
+def _decode_row(code, w, o, dst):
+    """Full float32 values of the weight row at byte o into dst (cols,)."""
+    if code == _T_F32 or code == _T_F16 or code == _T_BF16:
+        _decode_float(code, w, o, dst)
+    elif code == _T_Q4K or code == _T_Q5K or code == _T_Q6K:
+        _decode_k(code, w, o, dst)
+    else:
+        _decode_legacy(code, w, o, dst)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Matrix-vector (B = 1). Iteration g computes rows g, g+q, g+2q, g+3q (q = rows/4): the four rows share the
-# activation loads, and each thread reads four long sequential streams, which the hardware prefetcher follows
-# (four adjacent rows per iteration restart the streams every few cache lines and halve the bandwidth).
+# Matrix-vector (B = 1), for a plain matrix or the k experts a token is routed to. Work item t is slot
+# s = t // q (expert idx[s], input at byte s * xstride of x, output rows s*rows..) and quad g = t % q: rows
+# g, g+q, g+2q, g+3q (q = rows/4). The four rows share the activation loads, and each thread reads four long
+# sequential streams, which the hardware prefetcher follows (four adjacent rows per iteration restart the
+# streams every few cache lines and halve the bandwidth). x is always bytes: float32 values or Q80 blocks.
 # Kernels are built per weight type so the type tests fold away at compile time.
 # ---------------------------------------------------------------------------------------------------------
 
@@ -384,80 +738,150 @@ def _quad(g, q, rows):
 
 
 @_helper
-def _xblock(x, k, q80x):
-    """Block k of the activation row as four 8-lane vectors, their sum and the block scale.
+def _xblock(x, xo, k, q80x):
+    """Block k of the activation row at byte xo as four 8-lane vectors, their sum and the block scale.
 
     Float32 x: the values, scale 1. Q80 x: the integer codes as floats, scale d (fp16).
     """
     if q80x:
-        o = _Q80_BYTES * k
+        o = xo + _Q80_BYTES * k
         x0, x1 = _ld_i8x8(x, o + 2), _ld_i8x8(x, o + 10)
         x2, x3 = _ld_i8x8(x, o + 18), _ld_i8x8(x, o + 26)
         dx = _ld_f16(x, o)
     else:
-        x0, x1 = _ld_f32x8(x, 32 * k), _ld_f32x8(x, 32 * k + 8)
-        x2, x3 = _ld_f32x8(x, 32 * k + 16), _ld_f32x8(x, 32 * k + 24)
+        o = xo + 128 * k
+        x0, x1 = _ld_f32x8(x, o), _ld_f32x8(x, o + 32)
+        x2, x3 = _ld_f32x8(x, o + 64), _ld_f32x8(x, o + 96)
         dx = np.float32(1.0)
     return x0, x1, x2, x3, _vadd(_vadd(x0, x1), _vadd(x2, x3)), dx
 
 
-def _make_mv_quant(code: int, q80x: bool):
-    """B = 1 kernel for quantised weights; x float32 (cols,) or, with q80x, Q80 bytes."""
+def _make_mv_legacy(code: int, q80x: bool):
+    """B = 1 kernel for 32-value block weights; x float32 or, with q80x, Q80 bytes."""
 
     @_parallel_kernel
-    def mv_quant(w, x, out):
-        rows = w.shape[0]
-        bs = _block_bytes(code)
+    def mv_legacy(w, rstride, estride, idx, x, xstride, out, rows, cols):
+        bs = _BLOCK_BYTES[code]
         q = (rows + 3) // 4
-        for g in prange(q):
+        for t in prange(idx.shape[0] * q):
+            s, g = t // q, t % q
+            base, xo, oo = idx[s] * estride, s * xstride, s * rows
             r0, r1, r2, r3 = _quad(g, q, rows)
-            w0, w1, w2, w3 = w[r0], w[r1], w[r2], w[r3]
+            o0, o1, o2, o3 = (
+                base + r0 * rstride,
+                base + r1 * rstride,
+                base + r2 * rstride,
+                base + r3 * rstride,
+            )
             a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
-            for k in range(w.shape[1] // bs):
-                x0, x1, x2, x3, sx, dx = _xblock(x, k, q80x)
+            for k in range(cols // 32):
+                x0, x1, x2, x3, sx, dx = _xblock(x, xo, k, q80x)
                 o = bs * k
-                a0 = _vadd(a0, _qblock(code, w0, o, x0, x1, x2, x3, sx, dx))
-                a1 = _vadd(a1, _qblock(code, w1, o, x0, x1, x2, x3, sx, dx))
-                a2 = _vadd(a2, _qblock(code, w2, o, x0, x1, x2, x3, sx, dx))
-                a3 = _vadd(a3, _qblock(code, w3, o, x0, x1, x2, x3, sx, dx))
-            out[r3], out[r2], out[r1], out[r0] = _vsum(a3), _vsum(a2), _vsum(a1), _vsum(a0)
+                a0 = _vadd(a0, _qblock(code, w, o0 + o, x0, x1, x2, x3, sx, dx))
+                a1 = _vadd(a1, _qblock(code, w, o1 + o, x0, x1, x2, x3, sx, dx))
+                a2 = _vadd(a2, _qblock(code, w, o2 + o, x0, x1, x2, x3, sx, dx))
+                a3 = _vadd(a3, _qblock(code, w, o3 + o, x0, x1, x2, x3, sx, dx))
+            out[oo + r3], out[oo + r2] = _vsum(a3), _vsum(a2)
+            out[oo + r1], out[oo + r0] = _vsum(a1), _vsum(a0)
 
-    return mv_quant
+    return mv_legacy
+
+
+@_helper
+def _kprep(x, xstride, n_inputs, cols, q80x, group):
+    """The activations of each slot input s as float32 values (Q80: the integer codes) at xf[s*cols..], their
+    sums over groups of `group` values (Q80: times the block scale) at xs[s*cols/group..] and the Q80 scale
+    of each group (1 for float32) at xd[s*cols/group..]."""
+    n_groups = cols // group
+    xf = np.empty(n_inputs * cols, np.float32)
+    xs = np.empty(n_inputs * n_groups, np.float32)
+    xd = np.ones(n_inputs * n_groups, np.float32)
+    for s in range(n_inputs):
+        for j in range(n_groups):
+            total = np.float32(0.0)
+            first = s * cols + j * group
+            if q80x:
+                ob = s * xstride + _Q80_BYTES * (j * group // 32)
+                for i in range(group):
+                    v = _ld_i8(x, ob + 2 + j * group % 32 + i)
+                    xf[first + i] = v
+                    total += v
+                xd[s * n_groups + j] = _ld_f16(x, ob)
+                xs[s * n_groups + j] = total * xd[s * n_groups + j]
+            else:
+                for i in range(group):
+                    v = _ld_f32(x, s * xstride + 4 * (j * group + i))
+                    xf[first + i] = v
+                    total += v
+                xs[s * n_groups + j] = total
+    return xf, xs, xd
+
+
+def _make_mv_k(code: int):
+    """B = 1 kernel for K-quant weights; x float32 or Q80 bytes (q80x, a run-time flag: the activations are
+    converted to float32 values or codes up front). One row per work item: the activations are not shared
+    between rows, so a single sequential stream per row reads best."""
+
+    @_parallel_kernel
+    def mv_k(w, rstride, estride, idx, x, xstride, q80x, out, rows, cols, n_chunks):
+        group = 16 if code == _T_Q6K else 32
+        n_inputs = idx.shape[0] if xstride else 1
+        xf, xs, xd = _kprep(x, xstride, n_inputs, cols, q80x, group)
+        n_items = idx.shape[0] * rows
+        for c in prange(n_chunks):
+            buf = np.empty(128, np.uint8)
+            for t in range(n_items * c // n_chunks, n_items * (c + 1) // n_chunks):
+                s, r = t // rows, t % rows
+                xi = s if xstride else 0
+                o = idx[s] * estride + r * rstride
+                acc = _krow(code, w, o, xf, xs, xd, xi * cols, xi * cols // group, cols // 256, q80x, buf)
+                out[t] = _vsum(acc)
+
+    return mv_k
 
 
 def _make_mv_float(code: int):
-    """B = 1 kernel for f32/f16/bf16 weights and float32 x (cols,)."""
+    """B = 1 kernel for f32/f16/bf16 weights and float32 x."""
 
     @_parallel_kernel
-    def mv_float(w, x, out):
-        rows, cols = w.shape[0], x.shape[0]
+    def mv_float(w, rstride, estride, idx, x, xstride, out, rows, cols):
+        eb = _BLOCK_BYTES[code]
         q = (rows + 3) // 4
-        for g in prange(q):
+        for t in prange(idx.shape[0] * q):
+            s, g = t // q, t % q
+            base, xo, oo = idx[s] * estride, s * xstride, s * rows
             r0, r1, r2, r3 = _quad(g, q, rows)
-            w0, w1, w2, w3 = w[r0], w[r1], w[r2], w[r3]
+            o0, o1, o2, o3 = (
+                base + r0 * rstride,
+                base + r1 * rstride,
+                base + r2 * rstride,
+                base + r3 * rstride,
+            )
             a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
             i = 0
             while i + 8 <= cols:
-                xv = _ld_f32x8(x, i)
-                a0 = _vfma(_wload8(code, w0, i), xv, a0)
-                a1 = _vfma(_wload8(code, w1, i), xv, a1)
-                a2 = _vfma(_wload8(code, w2, i), xv, a2)
-                a3 = _vfma(_wload8(code, w3, i), xv, a3)
+                xv = _ld_f32x8(x, xo + 4 * i)
+                a0 = _vfma(_wload8(code, w, o0 + eb * i), xv, a0)
+                a1 = _vfma(_wload8(code, w, o1 + eb * i), xv, a1)
+                a2 = _vfma(_wload8(code, w, o2 + eb * i), xv, a2)
+                a3 = _vfma(_wload8(code, w, o3 + eb * i), xv, a3)
                 i += 8
             s0, s1, s2, s3 = _vsum(a0), _vsum(a1), _vsum(a2), _vsum(a3)
             for j in range(i, cols):
-                s0 += _wload1(code, w0, j) * x[j]
-                s1 += _wload1(code, w1, j) * x[j]
-                s2 += _wload1(code, w2, j) * x[j]
-                s3 += _wload1(code, w3, j) * x[j]
-            out[r3], out[r2], out[r1], out[r0] = s3, s2, s1, s0
+                xj = _ld_f32(x, xo + 4 * j)
+                s0 += _wload1(code, w, o0 + eb * j) * xj
+                s1 += _wload1(code, w, o1 + eb * j) * xj
+                s2 += _wload1(code, w, o2 + eb * j) * xj
+                s3 += _wload1(code, w, o3 + eb * j) * xj
+            out[oo + r3], out[oo + r2], out[oo + r1], out[oo + r0] = s3, s2, s1, s0
 
     return mv_float
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Matrix-matrix (B > 1, prefill): each chunk of quads decodes its four rows once into scratch, then dots them
-# with the activation rows two at a time (eight independent accumulators keep both FMA pipes busy).
+# with the activation rows two at a time (eight independent accumulators keep both FMA pipes busy). One
+# kernel for every weight type: the decoder is picked once per row, not per value.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -482,35 +906,29 @@ def _dot4x2(buf, xa, xb, cols):
     return s0, s1, s2, s3, t0, t1, t2, t3
 
 
-def _make_mm_float_x(code: int):
-    """B > 1 kernel for float32 x (B, cols), any weight type."""
-
-    @_parallel_kernel
-    def mm_float_x(w, x, out, n_chunks):
-        rows, n_b, cols = w.shape[0], x.shape[0], x.shape[1]
-        q = (rows + 3) // 4
-        for c in prange(n_chunks):
-            buf = np.empty((4, cols), np.float32)
-            for g in range(q * c // n_chunks, q * (c + 1) // n_chunks):
-                r = _quad(g, q, rows)
-                for i in range(4):
-                    _decode_row(code, w[r[i]], buf[i])
-                for b in range(0, n_b, 2):
-                    b2 = min(b + 1, n_b - 1)
-                    s = _dot4x2(buf, x[b], x[b2], cols)
-                    for i in range(3, -1, -1):
-                        out[b, r[i]] = s[i]
-                        out[b2, r[i]] = s[4 + i]
-
-    return mm_float_x
+@_parallel_kernel
+def _mm(code, w, base, rstride, rows, x, out, n_chunks):
+    """out (B, rows) = x (B, cols) times the matrix whose row r starts at byte base + r * rstride of w."""
+    n_b, cols = x.shape[0], x.shape[1]
+    q = (rows + 3) // 4
+    for c in prange(n_chunks):
+        buf = np.empty((4, cols), np.float32)
+        for g in range(q * c // n_chunks, q * (c + 1) // n_chunks):
+            r = _quad(g, q, rows)
+            for i in range(4):
+                _decode_row(code, w, base + r[i] * rstride, buf[i])
+            for b in range(0, n_b, 2):
+                b2 = min(b + 1, n_b - 1)
+                s = _dot4x2(buf, x[b], x[b2], cols)
+                for i in range(3, -1, -1):
+                    out[b, r[i]] = s[i]
+                    out[b2, r[i]] = s[4 + i]
 
 
-_QUANT_CODES = (_Q40_T, _Q41_T, _Q80_T)
-_FLOAT_CODES = (_F32_T, _F16_T, _BF16_T)
-_MV = {(c, False): _make_mv_quant(c, False) for c in _QUANT_CODES}
-_MV.update({(c, True): _make_mv_quant(c, True) for c in _QUANT_CODES})
+_MV = {(c, False): _make_mv_legacy(c, False) for c in _LEGACY_CODES}
+_MV.update({(c, True): _make_mv_legacy(c, True) for c in _LEGACY_CODES})
 _MV.update({(c, False): _make_mv_float(c) for c in _FLOAT_CODES})
-_MM = {c: _make_mm_float_x(c) for c in _QUANT_CODES + _FLOAT_CODES}
+_MV_K = {c: _make_mv_k(c) for c in _K_CODES}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -538,7 +956,7 @@ def _quantize_q80(x, out):
 @_kernel
 def _dequantize_q80(xq, out):
     for b in range(xq.shape[0]):
-        _decode_row(_Q80_T, xq[b], out[b])
+        _decode_legacy(_T_Q80, xq[b], 0, out[b])
 
 
 @_kernel
@@ -557,13 +975,13 @@ def _merge_add_q80(x, zq):
 
 
 @_kernel
-def _embedding(w, code, tokens, out):
+def _embedding(code, w, rstride, rows, tokens, out):
     """Returns the index of the first out-of-range token, or -1."""
     for b in range(tokens.shape[0]):
         t = tokens[b]
-        if t < 0 or t >= w.shape[0]:
+        if t < 0 or t >= rows:
             return b
-        _decode_row(code, w[t], out[b])
+        _decode_row(code, w, t * rstride, out[b])
     return -1
 
 
@@ -623,15 +1041,26 @@ def _add(x, y):
 
 @_fast_kernel
 def _rmsnorm(x, weight, eps, out):
-    n = x.shape[1]
+    """Each group of m = len(weight) consecutive values of a row is normalised on its own (in place works:
+    a group is read whole before it is written)."""
+    m = weight.shape[0]
     for b in range(x.shape[0]):
         xr, orow = x[b], out[b]
-        ss = np.float32(0.0)
-        for i in range(n):
-            ss += xr[i] * xr[i]
-        inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + np.float32(eps))
-        for i in range(n):
-            orow[i] = weight[i] * (inv * xr[i])
+        for g in range(0, x.shape[1], m):
+            ss = np.float32(0.0)
+            for i in range(m):
+                ss += xr[g + i] * xr[g + i]
+            inv = np.float32(1.0) / np.sqrt(ss / np.float32(m) + np.float32(eps))
+            for i in range(m):
+                orow[g + i] = weight[i] * (inv * xr[g + i])
+
+
+@_fast_kernel
+def _add_bias(x, bias):
+    for b in range(x.shape[0]):
+        xr = x[b]
+        for i in range(xr.shape[0]):
+            xr[i] += bias[i]
 
 
 @_kernel
@@ -762,8 +1191,13 @@ def _attend(q, k_cache, v_cache, pos, b, h, group, head_dim, out, srow):
 def _attention_check(q, k_cache, v_cache, positions, n_heads, out, scratch):
     """-1 when all is well, -2 when a row is not contiguous, else the index of the first position outside the
     cache or the scratch."""
-    if (q.strides[1] != 4 or out.strides[1] != 4 or k_cache.strides[1] != 4 or v_cache.strides[1] != 4
-            or scratch.strides[1] != 4):
+    if (
+        q.strides[1] != 4
+        or out.strides[1] != 4
+        or k_cache.strides[1] != 4
+        or v_cache.strides[1] != 4
+        or scratch.strides[1] != 4
+    ):
         return -2
     limit = min(k_cache.shape[0], scratch.shape[1])
     for b in range(q.shape[0]):
@@ -794,6 +1228,53 @@ def _attention_ser(q, k_cache, v_cache, positions, n_heads, group, head_dim, out
     return -1
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Mixture of experts: routing and the weighted sum of the experts' outputs
+# ---------------------------------------------------------------------------------------------------------
+
+
+@_kernel
+def _moe_route(logits, k, normalize, idx_out, w_out):
+    """Per row: softmax of the logits in float64, the k largest (ties: lower expert first), their weights."""
+    n_e = logits.shape[1]
+    taken = np.zeros(n_e, np.bool_)
+    p = np.empty(k, np.float64)
+    for b in range(logits.shape[0]):
+        row = logits[b]
+        top = np.float64(row[0])
+        for e in range(1, n_e):
+            top = max(top, np.float64(row[e]))
+        total = 0.0
+        for e in range(n_e):
+            total += np.exp(np.float64(row[e]) - top)
+            taken[e] = False
+        chosen = 0.0
+        for j in range(k):
+            best = -1
+            for e in range(n_e):
+                if not taken[e] and (best < 0 or row[e] > row[best]):
+                    best = e
+            taken[best] = True
+            idx_out[b, j] = best
+            p[j] = np.exp(np.float64(row[best]) - top) / total
+            chosen += p[j]
+        for j in range(k):
+            w_out[b, j] = p[j] / chosen if normalize else p[j]
+
+
+@_kernel
+def _moe_sum(ys, w, out):
+    """out[b] = sum over slots s, in slot order, of w[b, s] * ys[b, s*n:(s+1)*n] (float32 mul, then add)."""
+    n = out.shape[1]
+    for b in range(out.shape[0]):
+        yr, orow = ys[b], out[b]
+        for i in range(n):
+            orow[i] = np.float32(0.0)
+        for s in range(w.shape[1]):
+            ws = w[b, s]
+            for i in range(n):
+                orow[i] += ws * yr[s * n + i]
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Public API
@@ -813,26 +1294,36 @@ def set_threads(n: int) -> None:
     numba.set_num_threads(n)
 
 
-def _code(wtype: str) -> int:
-    code = _CODES.get(wtype)
-    if code is None:
-        raise DllamaError(f"unknown weight type {wtype!r} (expected one of {', '.join(_CODES)})")
-    return code
-
-
-def _weight_bytes(w: np.ndarray, code: int) -> tuple[np.ndarray, int]:
-    """The weight as uint8 (rows, row_bytes) and its column count."""
-    if w.ndim == 1:
+def _weight_view(
+    w: np.ndarray, wtype: str, experts: bool
+) -> tuple[WeightType, np.ndarray, int, int, int, int]:
+    """(type, read-only bytes from the weight's first byte to its last, expert stride, row stride, rows, cols)
+    of a matrix (rows, n) or, with experts, an expert stack (E, rows, n); n is cols for float types, bytes
+    of whole blocks otherwise. A 1-D weight is one row."""
+    t = weight_type(wtype)
+    if w.ndim == 1 and not experts:
         w = w.reshape(1, -1)
-    if w.strides[-1] != w.itemsize:
-        raise DllamaError(f"weight rows must be contiguous (strides {w.strides})")
-    w = np.asarray(w).view(np.uint8)
-    if code in _QBLOCK_BYTES:
-        bs = _QBLOCK_BYTES[code]
-        if w.shape[1] % bs:
-            raise DllamaError(f"weight row of {w.shape[1]} bytes is not a whole number of {bs}-byte blocks")
-        return w, w.shape[1] // bs * 32
-    return w, w.shape[1] // _ELEM_BYTES[code]
+    if w.ndim != (3 if experts else 2) or w.strides[-1] != w.itemsize or min(w.strides) < 0:
+        raise DllamaError(
+            f"{wtype} weight must be {3 if experts else 2}-D with contiguous rows "
+            f"(shape {w.shape}, strides {w.strides})"
+        )
+    b = np.asarray(w).view(np.uint8)
+    if b.shape[-1] % t.block_bytes:
+        raise DllamaError(
+            f"weight row of {b.shape[-1]} bytes is not a whole number of {t.ggml_name} blocks "
+            f"({t.block_bytes} bytes for {t.block_values} values)"
+        )
+    if b.flags.c_contiguous or b.size == 0:
+        flat = b.reshape(-1)
+    else:  # strided rows or experts: one span over them all (the bytes between are never read)
+        span = sum((n - 1) * s for n, s in zip(b.shape, b.strides, strict=True)) + 1
+        flat = np.lib.stride_tricks.as_strided(b, (span,), (1,))
+    flat.flags.writeable = (
+        False  # one compiled specialisation whether the model file is mapped read-only or not
+    )
+    cols = b.shape[-1] // t.block_bytes * t.block_values
+    return t, flat, b.strides[0] if experts else 0, b.strides[-2], b.shape[-2], cols
 
 
 def _rows_contiguous(a: np.ndarray, what: str) -> None:
@@ -840,38 +1331,74 @@ def _rows_contiguous(a: np.ndarray, what: str) -> None:
         raise DllamaError(f"{what} must be 2-D with contiguous rows (shape {a.shape}, strides {a.strides})")
 
 
+_SLOT0 = np.zeros(1, np.int32)  # the expert list of a plain matrix: one slot, no expert offset
+
+
+def _mv(
+    code: int,
+    q80x: bool,
+    w: np.ndarray,
+    rstride: int,
+    estride: int,
+    idx: np.ndarray,
+    x: np.ndarray,
+    xstride: int,
+    out: np.ndarray,
+    rows: int,
+    cols: int,
+) -> None:
+    """One activation row (bytes; Q80 blocks when q80x) times the len(idx) experts idx (B = 1 kernels)."""
+    if code in _K_CODES:
+        _MV_K[code](w, rstride, estride, idx, x, xstride, q80x, out, rows, cols, _n_chunks(len(idx) * rows))
+    else:
+        _MV[code, q80x](w, rstride, estride, idx, x, xstride, out, rows, cols)
+
+
 def matmul(w: np.ndarray, wtype: str, x: np.ndarray, out: np.ndarray) -> None:
     """out[b, r] = sum_c W[r, c] * x[b, c] for float32 x (B, cols); W in its native encoding `wtype`."""
-    code = _code(wtype)
-    wb, cols = _weight_bytes(w, code)
+    t, wb, _, rstride, rows, cols = _weight_view(w, wtype, experts=False)
     _rows_contiguous(x, "matmul input")
     _rows_contiguous(out, "matmul output")
-    if x.shape[1] != cols or out.shape != (x.shape[0], wb.shape[0]) or x.dtype != np.float32:
-        raise DllamaError(f"matmul shapes disagree: weight {wb.shape[0]}x{cols}, x {x.shape} {x.dtype}, "
-                          f"out {out.shape}")
+    if (
+        x.shape[1] != cols
+        or out.shape != (x.shape[0], rows)
+        or x.dtype != np.float32
+        or out.dtype != np.float32
+    ):
+        raise DllamaError(
+            f"matmul shapes disagree: {wtype} weight {rows}x{cols}, x {x.shape} {x.dtype}, "
+            f"out {out.shape} {out.dtype}"
+        )
     if x.shape[0] == 1:
-        _MV[code, False](wb, x[0], out[0])
+        _mv(t.code, False, wb, rstride, 0, _SLOT0, x[0].view(np.uint8), 0, out[0], rows, cols)
     elif x.shape[0] > 1:
-        _MM[code](wb, x, out, _n_chunks(wb.shape[0]))
+        _mm(t.code, wb, 0, rstride, rows, x, out, _n_chunks(rows))
 
 
 def matmul_q80(w: np.ndarray, wtype: str, xq: np.ndarray, out: np.ndarray) -> None:
     """matmul with Q80 activations xq uint8 (B, cols/32*34), dllama's numerics.
 
-    B = 1 with quantised W: an exact integer dot per block, d_w*d_x*sum(qw*qx) (+ m_w*d_x*sum(qx) for q41).
-    Otherwise (prefill batches, float weights) the activations are de-quantised into a temporary (their exact
-    values) and multiplied in float32, which differs from the integer form only by float32 rounding.
+    B = 1 with quantised W: an integer-valued dot per 32 values (per K-quant sub-block) times the block
+    scales, d_w*d_x*sum(qw*qx) (+ the min or offset terms, m_w*d_x*sum(qx)). Otherwise (prefill batches,
+    float weights) the activations are de-quantised into a temporary (their exact values) and multiplied in
+    float32, which differs from the integer form only by float32 rounding.
     """
-    code = _code(wtype)
-    wb, cols = _weight_bytes(w, code)
+    t, wb, _, rstride, rows, cols = _weight_view(w, wtype, experts=False)
     _rows_contiguous(xq, "matmul_q80 input")
     _rows_contiguous(out, "matmul_q80 output")
-    if (cols % 32 or xq.shape[1] != cols // 32 * _Q80_BYTES or out.shape != (xq.shape[0], wb.shape[0])
-            or xq.dtype != np.uint8):
-        raise DllamaError(f"matmul_q80 shapes disagree: weight {wb.shape[0]}x{cols}, "
-                          f"xq {xq.shape} {xq.dtype}, out {out.shape}")
-    if xq.shape[0] == 1 and code in _QUANT_CODES:
-        _MV[code, True](wb, xq[0], out[0])
+    if (
+        cols % 32
+        or xq.shape[1] != cols // 32 * _Q80_BYTES
+        or out.shape != (xq.shape[0], rows)
+        or xq.dtype != np.uint8
+        or out.dtype != np.float32
+    ):
+        raise DllamaError(
+            f"matmul_q80 shapes disagree: {wtype} weight {rows}x{cols}, "
+            f"xq {xq.shape} {xq.dtype}, out {out.shape} {out.dtype}"
+        )
+    if xq.shape[0] == 1 and t.quantized:
+        _mv(t.code, True, wb, rstride, 0, _SLOT0, xq[0], 0, out[0], rows, cols)
     elif xq.shape[0] > 0:
         x = np.empty((xq.shape[0], cols), np.float32)
         _dequantize_q80(xq, x)
@@ -915,25 +1442,39 @@ def merge_add_q80(x: np.ndarray, slices_q80: np.ndarray) -> None:
 
 def embedding(w: np.ndarray, wtype: str, tokens: np.ndarray, out: np.ndarray) -> None:
     """out[b] = de-quantised row tokens[b] of the embedding table."""
-    code = _code(wtype)
-    wb, cols = _weight_bytes(w, code)
+    t, wb, _, rstride, rows, cols = _weight_view(w, wtype, experts=False)
     _rows_contiguous(out, "embedding output")
-    if out.shape != (tokens.shape[0], cols):
-        raise DllamaError(f"embedding shapes disagree: table {wb.shape[0]}x{cols}, out {out.shape}")
-    bad = _embedding(wb, code, tokens, out)
+    if out.shape != (tokens.shape[0], cols) or out.dtype != np.float32:
+        raise DllamaError(
+            f"embedding shapes disagree: {wtype} table {rows}x{cols}, out {out.shape} {out.dtype}"
+        )
+    bad = _embedding(t.code, wb, rstride, rows, tokens, out)
     if bad >= 0:
-        raise DllamaError(f"token id {int(tokens[bad])} is outside the vocabulary (0..{wb.shape[0] - 1})")
+        raise DllamaError(f"token id {int(tokens[bad])} is outside the vocabulary (0..{rows - 1})")
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> None:
-    """Per row: out = weight * x / sqrt(mean(x^2) + eps)."""
-    if weight.shape != (x.shape[1],) or out.shape != x.shape:
-        raise DllamaError(f"rmsnorm shapes disagree: x {x.shape}, weight {weight.shape}, out {out.shape}")
+    """Per row and per group of m = len(weight) values: out = weight * x / sqrt(mean(x^2) + eps).
+
+    m = x.shape[1] normalises whole rows; m = head_dim normalises each head (Qwen3's q/k norm). out may be x.
+    """
+    m = weight.shape[0] if weight.ndim == 1 else 0
+    if x.ndim != 2 or m == 0 or x.shape[1] % m or out.shape != x.shape:
+        raise DllamaError(
+            f"rmsnorm shapes disagree: x {x.shape}, weight {weight.shape} (a divisor of the row), "
+            f"out {out.shape}"
+        )
     _rmsnorm(x, weight, float(eps), out)
 
 
-def rope_table(head_dim: int, theta: float, neox: bool, scaling: tuple | None,
-               freq_factors: np.ndarray | None, max_pos: int) -> tuple[np.ndarray, np.ndarray]:
+def rope_table(
+    head_dim: int,
+    theta: float,
+    neox: bool,
+    scaling: tuple | None,
+    freq_factors: np.ndarray | None,
+    max_pos: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """float32 cos/sin (max_pos, head_dim//2) of pos * freq_j, freq_j = theta**(-2j/head_dim).
 
     scaling = (factor, low_freq_factor, high_freq_factor, orig_max_seq_len) applies Llama 3.1's rule when
@@ -962,46 +1503,73 @@ def rope_table(head_dim: int, theta: float, neox: bool, scaling: tuple | None,
     return np.cos(angle64).astype(np.float32), np.sin(angle64).astype(np.float32)
 
 
-def rope(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray, head_dim: int,
-         neox: bool) -> None:
+def rope(
+    x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray, head_dim: int, neox: bool
+) -> None:
     """Rotate x (B, n_heads*head_dim) in place, row b by positions[b], in NeoX or interleaved pairs."""
     if x.shape[1] % head_dim or cos.shape[1] != head_dim // 2 or positions.shape[0] != x.shape[0]:
         raise DllamaError(f"rope shapes disagree: x {x.shape}, head_dim {head_dim}, table {cos.shape}")
     bad = _rope(x, positions, cos, sin, head_dim, neox)
     if bad >= 0:
-        raise DllamaError(f"position {int(positions[bad])} is beyond the RoPE table "
-                          f"({cos.shape[0]} positions)")
+        raise DllamaError(
+            f"position {int(positions[bad])} is beyond the RoPE table ({cos.shape[0]} positions)"
+        )
 
 
-def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, positions: np.ndarray, n_heads: int,
-              n_kv_heads: int, head_dim: int, out: np.ndarray, scratch: np.ndarray) -> None:
+def attention(
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    positions: np.ndarray,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    out: np.ndarray,
+    scratch: np.ndarray,
+) -> None:
     """Causal multi-head attention of q (B, n_heads*head_dim) over cache rows 0..positions[b], into out.
 
     q head h reads kv head h // (n_heads // n_kv_heads). scratch is float32 (>= B*n_heads, > max position):
     row b*n_heads + h holds that head's scores.
     """
     n_b = q.shape[0]
-    if (n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads or q.shape[1] != n_heads * head_dim
-            or out.shape != q.shape or k_cache.shape[1] != n_kv_heads * head_dim
-            or v_cache.shape != k_cache.shape
-            or positions.shape[0] != n_b or scratch.shape[0] < n_b * n_heads):
-        raise DllamaError(f"attention shapes disagree: q {q.shape}, heads {n_heads}/{n_kv_heads}x{head_dim}, "
-                          f"cache {k_cache.shape}, out {out.shape}, scratch {scratch.shape}")
+    if (
+        n_heads <= 0
+        or n_kv_heads <= 0
+        or n_heads % n_kv_heads
+        or q.shape[1] != n_heads * head_dim
+        or out.shape != q.shape
+        or k_cache.shape[1] != n_kv_heads * head_dim
+        or v_cache.shape != k_cache.shape
+        or positions.shape[0] != n_b
+        or scratch.shape[0] < n_b * n_heads
+    ):
+        raise DllamaError(
+            f"attention shapes disagree: q {q.shape}, heads {n_heads}/{n_kv_heads}x{head_dim}, "
+            f"cache {k_cache.shape}, out {out.shape}, scratch {scratch.shape}"
+        )
     last = int(positions[n_b - 1]) if n_b else 0  # the largest position in a prefill batch: sizes the work
     kernel = _attention_par if n_b * n_heads * (last + 1) >= _ATTENTION_PARALLEL_WORK else _attention_ser
     bad = kernel(q, k_cache, v_cache, positions, n_heads, n_heads // n_kv_heads, head_dim, out, scratch)
     if bad == -2:
         raise DllamaError("attention needs q, out, caches and scratch with contiguous rows")
     if bad >= 0:
-        raise DllamaError(f"position {int(positions[bad])} is outside the KV cache ({k_cache.shape[0]} rows) "
-                          f"or the attention scratch ({scratch.shape[1]} columns)")
+        raise DllamaError(
+            f"position {int(positions[bad])} is outside the KV cache ({k_cache.shape[0]} rows) "
+            f"or the attention scratch ({scratch.shape[1]} columns)"
+        )
 
 
-def kv_store(k_cache: np.ndarray, v_cache: np.ndarray, positions: np.ndarray, k: np.ndarray,
-             v: np.ndarray) -> None:
+def kv_store(
+    k_cache: np.ndarray, v_cache: np.ndarray, positions: np.ndarray, k: np.ndarray, v: np.ndarray
+) -> None:
     """k_cache[positions[b]] = k[b] and v_cache[positions[b]] = v[b] for each batch row b."""
-    if k.shape != v.shape or k_cache.shape != v_cache.shape or k.shape[1:] != k_cache.shape[1:] \
-            or positions.shape[0] != k.shape[0]:
+    if (
+        k.shape != v.shape
+        or k_cache.shape != v_cache.shape
+        or k.shape[1:] != k_cache.shape[1:]
+        or positions.shape[0] != k.shape[0]
+    ):
         raise DllamaError(f"kv_store shapes disagree: cache {k_cache.shape}, k {k.shape}, v {v.shape}")
     bad = _kv_store(k_cache, v_cache, positions, k, v)
     if bad >= 0:
@@ -1020,3 +1588,131 @@ def add(x: np.ndarray, y: np.ndarray) -> None:
     if x.shape != y.shape:
         raise DllamaError(f"add shapes disagree: x {x.shape}, y {y.shape}")
     _add(x, y)
+
+
+def add_bias(x: np.ndarray, bias: np.ndarray) -> None:
+    """x (B, n) += bias (n,), float32 (Qwen2's q/k/v biases)."""
+    if x.ndim != 2 or bias.shape != (x.shape[1],) or x.dtype != np.float32 or bias.dtype != np.float32:
+        raise DllamaError(f"add_bias shapes disagree: x {x.shape} {x.dtype}, bias {bias.shape} {bias.dtype}")
+    _add_bias(x, bias)
+
+
+def moe_route(logits: np.ndarray, k: int, normalize: bool, idx_out: np.ndarray, w_out: np.ndarray) -> None:
+    """Router: per row of logits (B, E) float32, the k experts of largest softmax probability p in descending
+    order (ties: lower expert first) into idx_out (B, k) int32, their p into w_out (B, k) float32, divided by
+    the sum of the k chosen p when `normalize`."""
+    n_b = logits.shape[0] if logits.ndim == 2 else -1
+    if (
+        n_b < 0
+        or logits.dtype != np.float32
+        or not isinstance(k, int)
+        or not 1 <= k <= logits.shape[1]
+        or idx_out.shape != (n_b, k)
+        or idx_out.dtype != np.int32
+        or w_out.shape != (n_b, k)
+        or w_out.dtype != np.float32
+    ):
+        raise DllamaError(
+            f"moe_route shapes disagree: logits {logits.shape} {logits.dtype}, k {k!r}, "
+            f"idx_out {idx_out.shape} {idx_out.dtype}, w_out {w_out.shape} {w_out.dtype}"
+        )
+    _moe_route(logits, k, bool(normalize), idx_out, w_out)
+
+
+def moe_matmul(w: np.ndarray, wtype: str, x: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
+    """out[b, s*rows + r] = sum_c W[idx[b, s], r, c] * x_{b,s}[c] for an expert stack w (E, rows, n) and
+    float32 x: (B, cols), shared by the k slots, or (B, k*cols), one input per slot; idx (B, k) int32."""
+    _moe(w, wtype, x, idx, out, False, "moe_matmul")
+
+
+def moe_matmul_q80(w: np.ndarray, wtype: str, xq: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
+    """moe_matmul with Q80 activations xq uint8 (B, cols/32*34) or (B, k*cols/32*34), with matmul_q80's
+    numerics (B = 1: integer-valued block dots; otherwise de-quantised activations)."""
+    _moe(w, wtype, xq, idx, out, True, "moe_matmul_q80")
+
+
+def _moe(
+    w: np.ndarray, wtype: str, x: np.ndarray, idx: np.ndarray, out: np.ndarray, q80x: bool, what: str
+) -> None:
+    t, wb, estride, rstride, rows, cols = _weight_view(w, wtype, experts=True)
+    n_e = w.shape[0]
+    _rows_contiguous(x, f"{what} input")
+    _rows_contiguous(idx, f"{what} expert indices")
+    _rows_contiguous(out, f"{what} output")
+    n_b, k = idx.shape
+    width = cols // 32 * _Q80_BYTES if q80x else cols  # x per slot
+    if (
+        idx.dtype != np.int32
+        or k == 0
+        or x.dtype != (np.uint8 if q80x else np.float32)
+        or x.shape[0] != n_b
+        or x.shape[1] not in (width, k * width)
+        or (q80x and cols % 32)
+        or out.shape != (n_b, k * rows)
+        or out.dtype != np.float32
+    ):
+        raise DllamaError(
+            f"{what} shapes disagree: {wtype} experts {n_e}x{rows}x{cols}, x {x.shape} {x.dtype}, "
+            f"idx {idx.shape} {idx.dtype}, out {out.shape} {out.dtype}"
+        )
+    if n_b == 0 or rows == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= n_e:
+        raise DllamaError(f"expert index {lo if lo < 0 else hi} is outside the {n_e} experts (0..{n_e - 1})")
+    per_slot = x.shape[1] != width
+    if q80x and (n_b > 1 or not t.quantized):
+        xf = np.empty((n_b, x.shape[1] // _Q80_BYTES * 32), np.float32)
+        _dequantize_q80(x, xf)
+        x, q80x, width = xf, False, cols
+    if n_b == 1:
+        xstride = width * (1 if q80x else 4) if per_slot else 0
+        _mv(t.code, q80x, wb, rstride, estride, idx[0], x[0].view(np.uint8), xstride, out[0], rows, cols)
+        return
+    # a batch: each expert's rows are decoded once for all the (token, slot) pairs routed to it
+    flat = idx.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    experts, starts = np.unique(flat[order], return_index=True)
+    ends = np.append(starts[1:], order.size)
+    xs = x.reshape(n_b, k, cols) if per_slot else x
+    out_cols = np.arange(rows)
+    for e, a, z in zip(experts, starts, ends, strict=True):
+        sel = order[a:z]
+        bb, ss = sel // k, sel % k
+        xe = xs[bb, ss] if per_slot else xs[bb]
+        ye = np.empty((sel.size, rows), np.float32)
+        if sel.size == 1:
+            _mv(
+                t.code,
+                False,
+                wb,
+                rstride,
+                estride,
+                np.full(1, e, np.int32),
+                xe[0].view(np.uint8),
+                0,
+                ye[0],
+                rows,
+                cols,
+            )
+        else:
+            _mm(t.code, wb, int(e) * estride, rstride, rows, xe, ye, _n_chunks(rows))
+        out[bb[:, None], ss[:, None] * rows + out_cols] = ye
+
+
+def moe_sum(ys: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """out[b] = sum over the k slots, in slot order, of w[b, s] * ys[b, s*n:(s+1)*n]; ys (B, k*n), w (B, k),
+    out (B, n), float32."""
+    if (
+        ys.ndim != 2
+        or w.ndim != 2
+        or out.ndim != 2
+        or w.shape[0] != out.shape[0]
+        or ys.shape != (out.shape[0], w.shape[1] * out.shape[1])
+        or not ys.dtype == w.dtype == out.dtype == np.float32
+    ):
+        raise DllamaError(
+            f"moe_sum shapes disagree: ys {ys.shape} {ys.dtype}, w {w.shape} {w.dtype}, "
+            f"out {out.shape} {out.dtype}"
+        )
+    _moe_sum(ys, w, out)

@@ -227,7 +227,7 @@ def test_matmul_rejects_bad_input(rng):
     with pytest.raises(DllamaError, match="shapes disagree"):
         K.matmul(w, "q41", np.zeros((1, 32), np.float32), np.zeros((1, 8), np.float32))
     with pytest.raises(DllamaError, match="unknown weight type"):
-        K.matmul(w, "q5k", np.zeros((1, 64), np.float32), np.zeros((1, 8), np.float32))
+        K.matmul(w, "q3k", np.zeros((1, 64), np.float32), np.zeros((1, 8), np.float32))
     with pytest.raises(DllamaError, match="shapes disagree"):
         K.matmul_q80(w, "q41", np.zeros((1, 64), np.uint8), np.zeros((1, 8), np.float32))
 
