@@ -34,7 +34,6 @@ from shaders.weights import (
     group_weights,
     release_file_pages,
     row_arrays,
-    weight_parts,
 )
 
 PIPES = ("tok", "pos", "x", "zq", "logits")
@@ -232,7 +231,7 @@ class VulkanProgram(Program):
         table = array_part(
             rope_table(cfg, None if factors is None else vector_f32(factors), graph.max_seq_len)
         )
-        largest = max([table.words] + [p.words for c in self.chunks for p in weight_parts(c.weights[0])])
+        largest = max([table.words] + [p.words for c in self.chunks for p in c.parts(c.weights[0])])
         up = _Uploader(self, min(largest, STAGING_WORDS))
         self.rope = self._storage(table.words, "RoPE table")
         up.upload(table, self.rope, 0)
@@ -306,7 +305,7 @@ class VulkanProgram(Program):
         w0 = chunk.weights[0]
         tensors = [self._storage(words, f"{w0.name} buffer") for words in chunk.part_words]
         for k, w in enumerate(chunk.weights):
-            for part, t in zip(weight_parts(w), tensors, strict=True):
+            for part, t in zip(chunk.parts(w), tensors, strict=True):
                 up.upload(part, t, k * part.words)
             for a in row_arrays(w):
                 release_file_pages(a)

@@ -144,21 +144,32 @@ def release_file_pages(a: np.ndarray) -> None:
         mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
+def is_vector(w: Weight) -> bool:
+    """A 1-D weight (norm scales, biases): uploaded as float32, never cut into pieces."""
+    return w.rows == 1 and not w.experts
+
+
 def weight_parts(w: Weight) -> list[Part]:
-    """The device parts of any weight: vectors (norms, biases) as float32, matrices as matrix_parts."""
-    return [array_part(vector_f32(w))] if w.rows == 1 and not w.experts else matrix_parts(w)
+    """The device parts of a whole weight: vectors as float32, matrices as matrix_parts."""
+    return [array_part(vector_f32(w))] if is_vector(w) else matrix_parts(w)
 
 
 @dataclass
 class WeightChunk:
-    """Weights of one role, type and shape from consecutive layers, back to back in each part buffer."""
+    """Weights (or the same row piece of weights) of one role, type and shape from consecutive layers, back
+    to back in each part buffer. `vector`: they are vectors (a one-row piece of a matrix is not)."""
 
     weights: list[Weight] = field(default_factory=list)
+    vector: bool = False
+
+    def parts(self, w: Weight) -> list[Part]:
+        """The device parts of one of the chunk's weights."""
+        return [array_part(vector_f32(w))] if self.vector else matrix_parts(w)
 
     @property
     def part_words(self) -> list[int]:
         """Words of each part buffer of the chunk."""
-        return [p.words * len(self.weights) for p in weight_parts(self.weights[0])]
+        return [p.words * len(self.weights) for p in self.parts(self.weights[0])]
 
 
 @dataclass(frozen=True)
@@ -206,7 +217,7 @@ def group_weights(weights: dict[str, Weight], limit: int) -> tuple[list[WeightCh
     in consecutive layers shares a chunk; names whose data is the same array (a tied classifier) share
     their pieces."""
     first: dict[tuple, str] = {}  # data identity -> the name uploaded for it
-    groups: dict[tuple, list[tuple[str, int, Weight]]] = {}
+    groups: dict[tuple, list[tuple[str, int, Weight]]] = {}  # (role, piece, shape) -> (name, row0, view)
     for name in sorted(weights, key=lambda n: (_role(n), _layer(n))):
         w = weights[name]
         if _identity(w) not in first:
@@ -217,10 +228,11 @@ def group_weights(weights: dict[str, Weight], limit: int) -> tuple[list[WeightCh
     chunks: list[WeightChunk] = []
     pieces: dict[str, list[Piece]] = {}
     for members in groups.values():
-        per = max(p.words * 4 for p in weight_parts(members[0][2]))
+        vector = is_vector(weights[members[0][0]])
+        per = 4 * max(WeightChunk([members[0][2]], vector).part_words)
         step = max(1, limit // max(per, 1))
         for i in range(0, len(members), step):
-            chunks.append(WeightChunk([view for _, _, view in members[i : i + step]]))
+            chunks.append(WeightChunk([view for _, _, view in members[i : i + step]], vector))
             for k, (name, r0, view) in enumerate(members[i : i + step]):
                 pieces.setdefault(name, []).append(Piece(len(chunks) - 1, k, r0, view.rows))
     for name, w in weights.items():

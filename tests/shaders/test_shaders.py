@@ -163,6 +163,9 @@ def test_weights_larger_than_a_buffer_become_row_pieces():
         2,
     ]  # a 4-row piece fills a buffer, 2-row ones pair
     assert max(w for c in chunks for w in c.part_words) * 4 <= 4 * row
+    chunks, pieces = group_weights(ws, limit=row)  # one-row pieces stay matrices (not norm vectors)
+    assert len(pieces["blk.0.ffn_up.weight"]) == 10 and not any(c.vector for c in chunks)
+    assert {tuple(c.part_words) for c in chunks} == {(8, 1)}  # 2 blocks: 8 nibble words, 1 scale word
 
 
 @pytest.mark.parametrize("wtype", WTYPES)
