@@ -13,7 +13,8 @@ from vk_harness import Ops, config
 from cpu_fallback import kernels
 from engine.config import RopeScaling
 from engine.graph import BufferSpec, Op
-from engine.weights import BLOCK, Weight, row_bytes
+from engine.weight_types import row_bytes
+from engine.weights import BLOCK, Weight
 from shaders.backend import rope_table
 from shaders.weights import group_weights
 
