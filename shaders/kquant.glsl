@@ -6,5 +6,6 @@ uint scale_byte(uvec4 head, uint i) { return (head[1u + (i >> 2)] >> (8u * (i & 
 uvec2 scale_min(uvec4 head, uint i) {
     if (i < 4u) return uvec2(scale_byte(head, i) & 63u, scale_byte(head, i + 4u) & 63u);
     uint s = scale_byte(head, i + 4u);
-    return uvec2((s & 15u) | ((scale_byte(head, i - 4u) >> 6) << 4), (s >> 4) | ((scale_byte(head, i) >> 6) << 4));
+    uint sc = (s & 15u) | ((scale_byte(head, i - 4u) >> 6) << 4);
+    return uvec2(sc, (s >> 4) | ((scale_byte(head, i) >> 6) << 4));
 }

@@ -9,7 +9,8 @@
 // values, d_w * d_x * sum(q_w * q_x) [+ m_w * d_x * sum(q_x)], as distributed-llama's Q80 kernels do.
 // MOE (moe_matmul): the weight is a stack of EXPERTS matrices per layer and the batch rows are the n * SLOTS
 // (token, slot) pairs: pair q = b * SLOTS + s multiplies expert moe_idx[q] by x row b (or row q when x holds
-// one input per slot) into y row q, i.e. y[b, s * OUT_ROWS + OUT0 + r]. Pairs use different experts, so TB is 1 there.
+// one input per slot) into y row q, i.e. y[b, s * OUT_ROWS + OUT0 + r]. Pairs use different experts, so TB
+// is 1 there.
 layout(constant_id = 2) const uint R = 1;       // output rows per row group (1..4)
 layout(constant_id = 3) const uint SPLIT = 1;   // 1: a workgroup shares a row group; 0: an invocation owns one
 layout(constant_id = 4) const uint TB = 1;      // batch rows per pass (1..4)

@@ -13,7 +13,8 @@ WBlock load_block(uint r, uint j) {
     uvec4 head = wk[o];
     vec2 dm = unpackHalf2x16(head.x);
     uvec2 sm = scale_min(head, i);
-    return WBlock(wk[o + 1u + 2u * c], wk[o + 2u + 2u * c], 4u * (i & 1u), dm.x * float(sm.x), -dm.y * float(sm.y));
+    return WBlock(wk[o + 1u + 2u * c], wk[o + 2u + 2u * c], 4u * (i & 1u), dm.x * float(sm.x),
+                  -dm.y * float(sm.y));
 }
 
 vec4 wvec(WBlock b, uint k) {

@@ -1,7 +1,7 @@
 // Q5_0 blocks (22 bytes), split at upload into three aligned arrays of the same total size: the 16 nibble
-// bytes of every block (one uvec4), the fp16 scales (two per word, each row padded to a word) and the 32 fifth
-// bits (one word per block, bit i for value i). Byte j holds value j (low nibble) and value j + 16 (high
-// nibble); value = d * (q - 16).
+// bytes of every block (one uvec4), the fp16 scales (two per word, each row padded to a word) and the 32
+// fifth bits (one word per block, bit i for value i). Byte j holds value j (low nibble) and value j + 16
+// (high nibble); value = d * (q - 16).
 layout(std430, binding = WBIND) readonly buffer WQ { uvec4 wq[]; };
 layout(std430, binding = WBIND + 1) readonly buffer WD { uint wd[]; };
 layout(std430, binding = WBIND + 2) readonly buffer WH { uint wh[]; };

@@ -20,7 +20,8 @@ WBlock load_block(uint r, uint j) {
 vec4 wvec(WBlock b, uint k) {
     uint w = (k < 4u ? b.q0[k] : b.q1[k - 4u]) >> b.shift;
     uint h = (k < 4u ? b.h0[k] : b.h1[k - 4u]) >> b.bit;
-    return vec4((uvec4(w, w >> 8, w >> 16, w >> 24) & 0xFu) | ((uvec4(h, h >> 8, h >> 16, h >> 24) & 1u) << 4));
+    uvec4 q = (uvec4(w, w >> 8, w >> 16, w >> 24) & 0xFu) | ((uvec4(h, h >> 8, h >> 16, h >> 24) & 1u) << 4);
+    return vec4(q);
 }
 float wscale(WBlock b) { return b.d; }
 float wmin(WBlock b) { return b.m; }
