@@ -108,11 +108,13 @@ def _mix(arch: str) -> dict[str, str]:
     return {**MIX, **({"ffn_down_exps": "q4k"} if arch == "qwen3moe" else {"ffn_down": "q6k"})}
 
 
-def arch_model(tmp_path: Path, arch: str, wtype: str, mix: bool, **kw) -> tuple[Model, RefModel]:
+def arch_model(
+    tmp_path: Path, arch: str, wtype: str, mix: bool, types: dict[str, str] | None = None
+) -> tuple[Model, RefModel]:
     """A random GGUF of one architecture, opened by the engine and by the reference."""
-    shape = {**ARCHS[arch], **kw}
+    types = {**(_mix(arch) if mix else {}), **(types or {})}
     path = write_tiny_gguf(
-        tmp_path / f"{arch}-{wtype}-{mix}.gguf", wtype=wtype, seed=11, types=_mix(arch) if mix else None, **shape
+        tmp_path / f"{arch}-{wtype}-{mix}.gguf", wtype=wtype, seed=11, types=types, **ARCHS[arch]
     )
     return open_model(path), load_ref_model(path)
 
@@ -142,3 +144,14 @@ def check_m_file(tmp_path: Path, backend: Backend, arch: str, wtype: str) -> Non
     assert model.kind == "m" and model.config.arch == arch
     runner = Runner(model, backend, "f32", max_seq_len=64, max_batch=4)
     assert_matches(runner.forward(TOKENS, 0, "all"), ref_forward(tm.ref_model(), TOKENS))
+
+
+VECTOR_TYPES = {"attn_norm": "bf16", "ffn_norm": "f16", "output_norm": "bf16", "attn_q.bias": "bf16"}
+
+
+def check_vector_types(tmp_path: Path, backend: Backend) -> None:
+    """Norm scales and biases stored as bf16 or f16 are decoded as numbers, not read as bit patterns."""
+    model, ref = arch_model(tmp_path, "qwen2", "f32", False, types=VECTOR_TYPES)
+    assert model.weights["blk.0.attn_norm.weight"].dtype == "bf16"
+    runner = Runner(model, backend, "f32", max_seq_len=64, max_batch=4)
+    assert_matches(runner.forward(TOKENS, 0, "all"), ref_forward(ref, TOKENS))

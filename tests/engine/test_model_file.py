@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tinymodel import write_tiny_gguf
 
@@ -13,6 +14,7 @@ from engine.gguf_file import load_gguf
 from engine.mfile import write_m
 from engine.model_file import open_model
 from engine.tfile import TFile, write_tfile
+from engine.weights import Weight, vector_f32
 
 
 def test_dispatch_by_content_not_name(tmp_path: Path) -> None:
@@ -50,3 +52,10 @@ def test_missing_directory_and_tokenizer(tmp_path: Path) -> None:
     write_tfile(tmp_path / "tok.t", TFile([b"a", b"<s>"], [0.0, 0.0], 1, [1], True))
     with pytest.raises(DllamaError, match=r"tok\.t: this is a distributed-llama tokenizer"):
         open_model(tmp_path / "tok.t")
+
+
+def test_vector_decoder_reads_bf16_and_f16_as_numbers():
+    """The one decoder of 1-D weights both backends use: bf16 bits [1.5, 0.25] are 0x3FC0, 0x3E80."""
+    bf16 = Weight("n", "bf16", 1, 2, np.array([[0x3FC0, 0x3E80]], np.uint16))
+    f16 = Weight("n", "f16", 1, 2, np.array([[1.5, 0.25]], np.float16))
+    assert vector_f32(bf16).tolist() == vector_f32(f16).tolist() == [1.5, 0.25]

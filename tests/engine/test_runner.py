@@ -17,6 +17,7 @@ from forward_checks import (
     check_q80_activations,
     check_reference,
     check_tied_embeddings,
+    check_vector_types,
     tiny_model,
 )
 from reference import ref_forward
@@ -122,3 +123,7 @@ def test_architectures_with_q80_activations(tmp_path, backend, arch):
 )
 def test_m_files_of_every_architecture(tmp_path, backend, arch, wtype):
     check_m_file(tmp_path, backend, arch, wtype)
+
+
+def test_bf16_and_f16_vectors_are_decoded(tmp_path, backend):
+    check_vector_types(tmp_path, backend)

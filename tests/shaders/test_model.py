@@ -16,6 +16,7 @@ from forward_checks import (
     check_q80_activations,
     check_reference,
     check_tied_embeddings,
+    check_vector_types,
     tiny_model,
 )
 from reference import ref_forward
@@ -145,3 +146,7 @@ def test_architectures_with_q80_activations(tmp_path, vk, arch):
 @pytest.mark.parametrize(("arch", "wtype"), [("qwen3", "q40"), ("qwen3moe", "q80")])
 def test_m_files_of_qwen3_and_qwen3moe(tmp_path, vk, arch, wtype):
     check_m_file(tmp_path, vk, arch, wtype)
+
+
+def test_bf16_and_f16_vectors_are_decoded(tmp_path, vk):
+    check_vector_types(tmp_path, vk)
