@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from tinymodel import write_tiny_gguf
 
-from engine.config import RopeScaling
-from engine.errors import DllamaError
 from engine.arch import get_arch
 from engine.arch.base import Meta
+from engine.config import RopeScaling
+from engine.errors import DllamaError
 from engine.gguf_file import load_gguf, read_gguf
 from engine.quants import dequantize
 
@@ -99,10 +99,15 @@ def test_rope_scaling_keys_and_rope_freqs_tensor(tmp_path: Path) -> None:
 
 def test_config_fallbacks() -> None:
     base = {
-        "general.architecture": "llama", "llama.embedding_length": 64, "llama.feed_forward_length": 96,
-        "llama.block_count": 1, "llama.attention.head_count": 4, "llama.context_length": 32,
+        "general.architecture": "llama",
+        "llama.embedding_length": 64,
+        "llama.feed_forward_length": 96,
+        "llama.block_count": 1,
+        "llama.attention.head_count": 4,
+        "llama.context_length": 32,
         "tokenizer.ggml.tokens": ["a"] * 40,
     }
+
     def gguf_config(meta: dict, path: str):
         return get_arch("llama").config(Meta(meta, path, "llama"))
 
@@ -129,7 +134,9 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
 def test_unsupported_tensor_type(tmp_path: Path) -> None:
     p = write_tiny_gguf(tmp_path / "t.gguf")
     _patch_tensor_type(p, "blk.1.attn_v.weight", gguf.GGMLQuantizationType.I32)  # same byte size as F32
-    with pytest.raises(DllamaError, match=r"blk\.1\.attn_v\.weight has GGML type I32.*not supported \(F32, F16"):
+    with pytest.raises(
+        DllamaError, match=r"blk\.1\.attn_v\.weight has GGML type I32.*not supported \(F32, F16"
+    ):
         load_gguf(p)
 
 
@@ -156,3 +163,27 @@ def test_truncated_and_missing_files(tmp_path: Path) -> None:
     with pytest.raises(DllamaError, match="no such file"):
         load_gguf(tmp_path / "absent.gguf")
 
+
+def test_tensor_outside_the_architecture_is_refused(tmp_path: Path) -> None:
+    """A qwen2 file relabelled llama (same key lengths) carries q/k/v biases Llama has no place for."""
+    p = write_tiny_gguf(tmp_path / "t.gguf", arch="qwen2")
+    p.write_bytes(p.read_bytes().replace(b"qwen2", b"llama"))
+    with pytest.raises(
+        DllamaError, match=r"tensor blk\.0\.attn_k\.bias \(6 in all\) is not part of the llama"
+    ):
+        load_gguf(p)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "qwen3moe"])
+def test_other_architectures_load_with_their_shapes(tmp_path: Path, arch: str) -> None:
+    p = write_tiny_gguf(tmp_path / "t.gguf", arch=arch, head_dim=32 if arch != "qwen2" else None)
+    m = load_gguf(p)
+    c = m.config
+    assert c.arch == arch and c.rope_neox and c.head_dim == (16 if arch == "qwen2" else 32)
+    if arch == "qwen3moe":
+        w = m.weights["blk.1.ffn_down_exps.weight"]
+        assert (c.n_experts, c.n_active_experts, c.moe_hidden_dim) == (4, 2, 64)
+        assert (w.experts, w.rows, w.cols) == (4, 64, 64)
+    for t in gguf.GGUFReader(p).tensors:
+        w = m.weights[t.name]
+        assert w.shape == ((1,) if len(t.shape) == 1 else ()) + tuple(int(d) for d in t.shape[::-1]), t.name
