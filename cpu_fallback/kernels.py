@@ -715,12 +715,12 @@ def _decode_row(code, w, o, dst):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Matrix-vector (B = 1), for a plain matrix or the k experts a token is routed to. Work item t is slot
-# s = t // q (expert idx[s], input at byte s * xstride of x, output rows s*rows..) and quad g = t % q: rows
-# g, g+q, g+2q, g+3q (q = rows/4). The four rows share the activation loads, and each thread reads four long
-# sequential streams, which the hardware prefetcher follows (four adjacent rows per iteration restart the
-# streams every few cache lines and halve the bandwidth). x is always bytes: float32 values or Q80 blocks.
-# Kernels are built per weight type so the type tests fold away at compile time.
+# Matrix-vector (B = 1), for a plain matrix or the k experts a token is routed to: slot s reads expert
+# idx[s] and its input at byte s * xstride of x, and writes outputs s*rows... Work item g is quad g of every
+# slot: rows g, g+q, g+2q, g+3q (q = rows/4). The four rows share the activation loads, and each thread reads
+# four long sequential streams, which the hardware prefetcher follows (four adjacent rows per iteration
+# restart the streams every few cache lines and halve the bandwidth). x is always bytes: float32 values or
+# Q80 blocks. # Kernels are built per weight type so the type tests fold away at compile time.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -763,26 +763,26 @@ def _make_mv_legacy(code: int, q80x: bool):
     def mv_legacy(w, rstride, estride, idx, x, xstride, out, rows, cols):
         bs = _BLOCK_BYTES[code]
         q = (rows + 3) // 4
-        for t in prange(idx.shape[0] * q):
-            s, g = t // q, t % q
-            base, xo, oo = idx[s] * estride, s * xstride, s * rows
-            r0, r1, r2, r3 = _quad(g, q, rows)
-            o0, o1, o2, o3 = (
-                base + r0 * rstride,
-                base + r1 * rstride,
-                base + r2 * rstride,
-                base + r3 * rstride,
-            )
-            a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
-            for k in range(cols // 32):
-                x0, x1, x2, x3, sx, dx = _xblock(x, xo, k, q80x)
-                o = bs * k
-                a0 = _vadd(a0, _qblock(code, w, o0 + o, x0, x1, x2, x3, sx, dx))
-                a1 = _vadd(a1, _qblock(code, w, o1 + o, x0, x1, x2, x3, sx, dx))
-                a2 = _vadd(a2, _qblock(code, w, o2 + o, x0, x1, x2, x3, sx, dx))
-                a3 = _vadd(a3, _qblock(code, w, o3 + o, x0, x1, x2, x3, sx, dx))
-            out[oo + r3], out[oo + r2] = _vsum(a3), _vsum(a2)
-            out[oo + r1], out[oo + r0] = _vsum(a1), _vsum(a0)
+        for g in prange(q):
+            for s in range(idx.shape[0]):
+                base, xo, oo = idx[s] * estride, s * xstride, s * rows
+                r0, r1, r2, r3 = _quad(g, q, rows)
+                o0, o1, o2, o3 = (
+                    base + r0 * rstride,
+                    base + r1 * rstride,
+                    base + r2 * rstride,
+                    base + r3 * rstride,
+                )
+                a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
+                for k in range(cols // 32):
+                    x0, x1, x2, x3, sx, dx = _xblock(x, xo, k, q80x)
+                    o = bs * k
+                    a0 = _vadd(a0, _qblock(code, w, o0 + o, x0, x1, x2, x3, sx, dx))
+                    a1 = _vadd(a1, _qblock(code, w, o1 + o, x0, x1, x2, x3, sx, dx))
+                    a2 = _vadd(a2, _qblock(code, w, o2 + o, x0, x1, x2, x3, sx, dx))
+                    a3 = _vadd(a3, _qblock(code, w, o3 + o, x0, x1, x2, x3, sx, dx))
+                out[oo + r3], out[oo + r2] = _vsum(a3), _vsum(a2)
+                out[oo + r1], out[oo + r0] = _vsum(a1), _vsum(a0)
 
     return mv_legacy
 
@@ -830,12 +830,16 @@ def _make_mv_k(code: int):
         n_items = idx.shape[0] * rows
         for c in prange(n_chunks):
             buf = np.empty(128, np.uint8)
-            for t in range(n_items * c // n_chunks, n_items * (c + 1) // n_chunks):
-                s, r = t // rows, t % rows
+            first, end = n_items * c // n_chunks, n_items * (c + 1) // n_chunks
+            s, r = first // rows, first % rows  # item t = s * rows + r: row r of slot s
+            for t in range(first, end):
                 xi = s if xstride else 0
                 o = idx[s] * estride + r * rstride
                 acc = _krow(code, w, o, xf, xs, xd, xi * cols, xi * cols // group, cols // 256, q80x, buf)
                 out[t] = _vsum(acc)
+                r += 1
+                if r == rows:
+                    s, r = s + 1, 0
 
     return mv_k
 
@@ -847,33 +851,33 @@ def _make_mv_float(code: int):
     def mv_float(w, rstride, estride, idx, x, xstride, out, rows, cols):
         eb = _BLOCK_BYTES[code]
         q = (rows + 3) // 4
-        for t in prange(idx.shape[0] * q):
-            s, g = t // q, t % q
-            base, xo, oo = idx[s] * estride, s * xstride, s * rows
-            r0, r1, r2, r3 = _quad(g, q, rows)
-            o0, o1, o2, o3 = (
-                base + r0 * rstride,
-                base + r1 * rstride,
-                base + r2 * rstride,
-                base + r3 * rstride,
-            )
-            a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
-            i = 0
-            while i + 8 <= cols:
-                xv = _ld_f32x8(x, xo + 4 * i)
-                a0 = _vfma(_wload8(code, w, o0 + eb * i), xv, a0)
-                a1 = _vfma(_wload8(code, w, o1 + eb * i), xv, a1)
-                a2 = _vfma(_wload8(code, w, o2 + eb * i), xv, a2)
-                a3 = _vfma(_wload8(code, w, o3 + eb * i), xv, a3)
-                i += 8
-            s0, s1, s2, s3 = _vsum(a0), _vsum(a1), _vsum(a2), _vsum(a3)
-            for j in range(i, cols):
-                xj = _ld_f32(x, xo + 4 * j)
-                s0 += _wload1(code, w, o0 + eb * j) * xj
-                s1 += _wload1(code, w, o1 + eb * j) * xj
-                s2 += _wload1(code, w, o2 + eb * j) * xj
-                s3 += _wload1(code, w, o3 + eb * j) * xj
-            out[oo + r3], out[oo + r2], out[oo + r1], out[oo + r0] = s3, s2, s1, s0
+        for g in prange(q):
+            for s in range(idx.shape[0]):
+                base, xo, oo = idx[s] * estride, s * xstride, s * rows
+                r0, r1, r2, r3 = _quad(g, q, rows)
+                o0, o1, o2, o3 = (
+                    base + r0 * rstride,
+                    base + r1 * rstride,
+                    base + r2 * rstride,
+                    base + r3 * rstride,
+                )
+                a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
+                i = 0
+                while i + 8 <= cols:
+                    xv = _ld_f32x8(x, xo + 4 * i)
+                    a0 = _vfma(_wload8(code, w, o0 + eb * i), xv, a0)
+                    a1 = _vfma(_wload8(code, w, o1 + eb * i), xv, a1)
+                    a2 = _vfma(_wload8(code, w, o2 + eb * i), xv, a2)
+                    a3 = _vfma(_wload8(code, w, o3 + eb * i), xv, a3)
+                    i += 8
+                s0, s1, s2, s3 = _vsum(a0), _vsum(a1), _vsum(a2), _vsum(a3)
+                for j in range(i, cols):
+                    xj = _ld_f32(x, xo + 4 * j)
+                    s0 += _wload1(code, w, o0 + eb * j) * xj
+                    s1 += _wload1(code, w, o1 + eb * j) * xj
+                    s2 += _wload1(code, w, o2 + eb * j) * xj
+                    s3 += _wload1(code, w, o3 + eb * j) * xj
+                out[oo + r3], out[oo + r2], out[oo + r1], out[oo + r0] = s3, s2, s1, s0
 
     return mv_float
 
@@ -1303,7 +1307,7 @@ def _weight_view(
     t = weight_type(wtype)
     if w.ndim == 1 and not experts:
         w = w.reshape(1, -1)
-    if w.ndim != (3 if experts else 2) or w.strides[-1] != w.itemsize or min(w.strides) < 0:
+    if w.ndim != (3 if experts else 2) or w.strides[-1] != w.itemsize:
         raise DllamaError(
             f"{wtype} weight must be {3 if experts else 2}-D with contiguous rows "
             f"(shape {w.shape}, strides {w.strides})"
@@ -1314,14 +1318,16 @@ def _weight_view(
             f"weight row of {b.shape[-1]} bytes is not a whole number of {t.ggml_name} blocks "
             f"({t.block_bytes} bytes for {t.block_values} values)"
         )
-    if b.flags.c_contiguous or b.size == 0:
-        flat = b.reshape(-1)
-    else:  # strided rows or experts: one span over them all (the bytes between are never read)
+    if b.flags.c_contiguous:
+        flat = b.ravel()
+    elif min(b.strides) > 0:
+        # strided rows or experts: one span over them all (the bytes between are never read)
         span = sum((n - 1) * s for n, s in zip(b.shape, b.strides, strict=True)) + 1
         flat = np.lib.stride_tricks.as_strided(b, (span,), (1,))
-    flat.flags.writeable = (
-        False  # one compiled specialisation whether the model file is mapped read-only or not
-    )
+    else:
+        raise DllamaError(f"{wtype} weight has a negative or zero stride ({w.strides})")
+    # read-only either way: one compiled specialisation whether the model file is mapped read-only or not
+    flat.setflags(write=False)
     cols = b.shape[-1] // t.block_bytes * t.block_values
     return t, flat, b.strides[0] if experts else 0, b.strides[-2], b.shape[-2], cols
 

@@ -40,6 +40,7 @@ HALF_FIELDS = {
     "q6k": {208: 0.0005},
 }
 TARGET = 0.8  # GB/s of q4k and q6k relative to q40
+MOE = (16, 8, 2048, 768)  # experts, slots, cols, rows: a Qwen3-30B-A3B gate projection, 16 of its 128 experts
 
 
 def random_weight(wtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -104,6 +105,42 @@ def run(n_threads: int, repeats: int) -> list[dict]:
     return records
 
 
+def run_moe(repeats: int) -> list[dict]:
+    """Decode moe_matmul (k slots in one call) against k separate matmuls over the same experts."""
+    n_e, k, cols, rows = MOE
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, cols)).astype(np.float32)
+    xq = np.empty((1, cols // 32 * 34), np.uint8)
+    kernels.quantize_q80(x, xq)
+    idx = rng.choice(n_e, (1, k), replace=False).astype(np.int32)
+    records = []
+    for wtype in ("q4k", "q6k", "q40"):
+        stack = np.stack([random_weight(wtype, rows, cols, rng) for _ in range(n_e)])
+        for act, xin, moe, dense in (
+            ("f32", x, kernels.moe_matmul, kernels.matmul),
+            ("q80", xq, kernels.moe_matmul_q80, kernels.matmul_q80),
+        ):
+            out = np.empty((1, k * rows), np.float32)
+            calls = {
+                "moe": [(moe, (stack, wtype, xin, idx, out))],
+                "dense": [
+                    (dense, (stack[e], wtype, xin, out[:, s * rows : (s + 1) * rows]))
+                    for s, e in enumerate(idx[0])
+                ],
+            }
+            times = {name: [] for name in calls}
+            for rep in range(repeats + 1):  # the first round compiles or loads the kernels
+                for name, steps in calls.items():
+                    t0 = time.perf_counter()
+                    for fn, fn_args in steps:
+                        fn(*fn_args)
+                    if rep:
+                        times[name].append(time.perf_counter() - t0)
+            moe_us, dense_us = (statistics.median(times[n]) * 1e6 for n in ("moe", "dense"))
+            records.append({"wtype": wtype, "act": act, "moe_us": moe_us, "dense_us": dense_us})
+    return records
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nthreads", type=int, default=2, help="numba threads (default 2)")
@@ -127,18 +164,16 @@ def main() -> int:
             f"{r['wtype']:5} {shape:>11} {r['act']:4} {r['us']:9.1f} {r['gbps']:7.2f} {r['vs_q40']:7.2f} "
             f"{r['cpu_us']:9.1f} {r['vs_q40_cpu']:6.2f}{'  < target' if low else ''}"
         )
+    moe = run_moe(args.repeats)
+    n_e, k, cols, rows = MOE
+    print(f"\nMoE decode, {k} of {n_e} experts {cols}->{rows}: one moe_matmul vs {k} matmuls")
+    print(f"{'type':5} {'act':4} {'moe µs':>9} {f'{k}x µs':>9} {'ratio':>6}")
+    for r in moe:
+        ratio = r["moe_us"] / r["dense_us"]
+        print(f"{r['wtype']:5} {r['act']:4} {r['moe_us']:9.1f} {r['dense_us']:9.1f} {ratio:6.2f}")
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "threads": args.nthreads,
-                    "repeats": args.repeats,
-                    "loadavg": [load_before, load_after],
-                    "records": records,
-                },
-                indent=1,
-            )
-        )
+        report = {"threads": args.nthreads, "repeats": args.repeats, "loadavg": [load_before, load_after]}
+        args.json.write_text(json.dumps(report | {"records": records, "moe": moe}, indent=1))
     return 0
 
 
