@@ -1,4 +1,5 @@
-"""numba kernels of the CPU backend: matmul over native weight blocks, Q80 codec, norms, RoPE, attention.
+"""numba kernels of the CPU backend: matmul over native weight blocks of every registry type (plain or per
+expert), Q80 codec, norms, RoPE, attention, mixture-of-experts routing.
 
 Hot loops use 8-lane float32 vectors built from numba intrinsics (explicit LLVM vector IR), so the weight
 stream is decoded with SIMD whatever LLVM's loop vectoriser decides. Every kernel writes into preallocated
@@ -269,14 +270,6 @@ def _vsum8(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
         return v[0]
 
     return _f32x8(*([_f32x8] * 8)), codegen
-
-
-@intrinsic
-def _vsub(typingctx, a, b):
-    def codegen(context, builder, sig, args):
-        return builder.fsub(args[0], args[1])
-
-    return _f32x8(_f32x8, _f32x8), codegen
 
 
 @intrinsic
@@ -1354,6 +1347,8 @@ def _mv(
     cols: int,
 ) -> None:
     """One activation row (bytes; Q80 blocks when q80x) times the len(idx) experts idx (B = 1 kernels)."""
+    if rows == 0:
+        return
     if code in _K_CODES:
         _MV_K[code](w, rstride, estride, idx, x, xstride, q80x, out, rows, cols, _n_chunks(len(idx) * rows))
     else:
@@ -1611,7 +1606,7 @@ def moe_route(logits: np.ndarray, k: int, normalize: bool, idx_out: np.ndarray, 
     if (
         n_b < 0
         or logits.dtype != np.float32
-        or not isinstance(k, int)
+        or not isinstance(k, int | np.integer)
         or not 1 <= k <= logits.shape[1]
         or idx_out.shape != (n_b, k)
         or idx_out.dtype != np.int32
@@ -1622,7 +1617,7 @@ def moe_route(logits: np.ndarray, k: int, normalize: bool, idx_out: np.ndarray, 
             f"moe_route shapes disagree: logits {logits.shape} {logits.dtype}, k {k!r}, "
             f"idx_out {idx_out.shape} {idx_out.dtype}, w_out {w_out.shape} {w_out.dtype}"
         )
-    _moe_route(logits, k, bool(normalize), idx_out, w_out)
+    _moe_route(logits, int(k), bool(normalize), idx_out, w_out)
 
 
 def moe_matmul(w: np.ndarray, wtype: str, x: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
