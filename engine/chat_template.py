@@ -63,7 +63,9 @@ BUILTIN_TEMPLATES: dict[str, str] = {
 
 # Special-token text that identifies a built-in family, checked in this order.
 _FAMILY_MARKERS = (
-    ("<|start_header_id|>", "llama3"), ("<|im_start|>", "chatml"), ("<｜Assistant｜>", "deepseek"),
+    ("<|start_header_id|>", "llama3"),
+    ("<|im_start|>", "chatml"),
+    ("<｜Assistant｜>", "deepseek"),
 )
 
 
@@ -75,10 +77,16 @@ def _raise_exception(message: str) -> None:
     raise _TemplateRaised(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(fmt: str) -> str:
@@ -97,8 +105,9 @@ class ChatTemplate:
     """A compiled chat template; `render` turns a message list into the prompt text."""
 
     def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "", name: str = "model"):
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
@@ -133,13 +142,18 @@ class ChatTemplate:
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for `messages` (dicts with role and content); opens the assistant turn if asked."""
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, eos_token=self.eos_token)
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
         except Exception as e:  # any failure inside a template is the template's (or the messages') problem
             raise DllamaError(f"chat template ({self.name}) failed: {type(e).__name__}: {e}") from None
 
-    def encode(self, tokenizer: Tokenizer, messages: list[dict],
-               add_generation_prompt: bool = True) -> list[int]:
+    def encode(
+        self, tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True
+    ) -> list[int]:
         """Render and encode; BOS per the model's flag unless the rendered text already starts with it."""
         text = self.render(messages, add_generation_prompt)
         starts_with_bos = bool(self.bos_token) and text.startswith(self.bos_token)

@@ -23,10 +23,17 @@ from engine.weights import Model, Weight, map_file, weight_from_bytes
 GGUF_MAGIC = b"GGUF"
 
 _SCALAR = {
-    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
-    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+    GGUFValueType.UINT8: "<B",
+    GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I",
+    GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT64: "<d",
 }
 
 
@@ -146,7 +153,7 @@ def load_gguf(path: str | Path) -> Model:
     unknown = sorted(set(infos) - set(weights))
     if unknown:
         raise DllamaError(
-            f"{path}: tensor {unknown[0]} ({len(unknown)} in all) is not part of the {arch.name} architecture: "
-            "this variant is not supported"
+            f"{path}: tensor {unknown[0]} ({len(unknown)} in all) is not part of the {arch.name} "
+            "architecture: this variant is not supported"
         )
     return Model(cfg, weights, path, len(mm), "gguf", meta)

@@ -110,8 +110,18 @@ class Builder:
         self.g.segments.append(self.seg)
         self.seg = Segment()
 
-    def matmul(self, name: str, weight: str, x: str, out: str, *, kind: str = "matmul", quantize: bool = True,
-               extra: tuple[str, ...] = (), **params) -> None:
+    def matmul(
+        self,
+        name: str,
+        weight: str,
+        x: str,
+        out: str,
+        *,
+        kind: str = "matmul",
+        quantize: bool = True,
+        extra: tuple[str, ...] = (),
+        **params,
+    ) -> None:
         """out = W x (or an expert matmul); with q80 activations x is quantised once until it changes."""
         if quantize and self.g.act == "q80":
             xq = x + "_q"
@@ -159,8 +169,14 @@ def attention(b: Builder, layer: int, *, qkv_bias: bool = False, qk_norm: bool =
     b.op("rope", p + "rope_k", ["k", "pos"], ["k"], head_dim=hd, neox=cfg.rope_neox)
     b.op("kv_store", p + "kv_store", ["k", "v", "pos"], [], layer=layer)
     b.op(
-        "attention", p + "attention", ["q", "pos"], ["att"],
-        layer=layer, n_heads=sl.n_heads, n_kv_heads=sl.n_kv_heads, head_dim=hd,
+        "attention",
+        p + "attention",
+        ["q", "pos"],
+        ["att"],
+        layer=layer,
+        n_heads=sl.n_heads,
+        n_kv_heads=sl.n_kv_heads,
+        head_dim=hd,
     )
     b.matmul(p + "wo", p + "attn_output.weight", "att", "y")
     b.partial(p + "attn_out", "y")
@@ -182,8 +198,8 @@ def feed_forward(b: Builder, layer: int) -> None:
 
 
 def moe_feed_forward(b: Builder, layer: int, *, normalize: bool) -> None:
-    """Pre-norm mixture of SwiGLU experts: the router picks k experts per token (every node computes the same
-    routing from the same x), each node runs its rows of those experts and sums them by the routing weights."""
+    """Pre-norm mixture of SwiGLU experts: the router picks k experts per token (every node computes the
+    same routing from the same x); each node runs its rows of those experts, summed by the routing weights."""
     cfg, p = b.cfg, f"blk.{layer}."
     k, n_ff = cfg.n_active_experts, b.sl.moe[1] - b.sl.moe[0]
     b.buf("router", cfg.n_experts)
@@ -241,4 +257,3 @@ def build_graph(cfg: ModelConfig, sl: NodeSlice, act: str = "f32", max_seq_len: 
     b.matmul("classifier", "output.weight", "h", "logits")
     b.end_segment(Sync("logits", "gather_root"))
     return g
-

@@ -22,15 +22,32 @@ M_MAGIC = 0x0A00ABCD
 OLD_M_MAGICS = (0xABCD00, 0xABCD01)
 ROPE_LLAMA, ROPE_FALCON, ROPE_LLAMA3_1 = 0, 1, 2
 HEADER_KEYS = (
-    "version", "arch_type", "dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "n_experts",
-    "n_active_experts", "vocab_size", "max_seq_len", "hidden_act", "rope_theta", "weights_float_type",
-    "rope_scaling_factor", "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factory",
-    "rope_scaling_orig_max_seq_len", "rope_type", "head_dim", "norm_epsilon", "moe_hidden_dim",
+    "version",
+    "arch_type",
+    "dim",
+    "hidden_dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "n_experts",
+    "n_active_experts",
+    "vocab_size",
+    "max_seq_len",
+    "hidden_act",
+    "rope_theta",
+    "weights_float_type",
+    "rope_scaling_factor",
+    "rope_scaling_low_freq_factor",
+    "rope_scaling_high_freq_factory",
+    "rope_scaling_orig_max_seq_len",
+    "rope_type",
+    "head_dim",
+    "norm_epsilon",
+    "moe_hidden_dim",
 )
 KEY_ID = {name: i for i, name in enumerate(HEADER_KEYS)}
 NORM_EPS = {5: 1e-5, 6: 1e-6}
 REQUIRED = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len")
-NEOX_ARCHS = ("qwen3", "qwen3moe")  # distributed-llama forces NeoX ("Falcon") RoPE for these, whatever rope_type
 _CHUNK_VALUES = 1 << 22  # values converted at a time while writing (bounds the writer's memory)
 
 
@@ -120,7 +137,7 @@ def _config(h: dict[str, int], path: str) -> tuple[ModelConfig, str]:
         context_len=h["max_seq_len"],
         norm_eps=eps,
         rope_theta=float(h.get("rope_theta", 10000)),
-        rope_neox=rope_type == ROPE_FALCON or arch.name in NEOX_ARCHS,
+        rope_neox=rope_type == ROPE_FALCON or arch.neox,  # distributed-llama forces Falcon RoPE for Qwen3
         rope_scaling=scaling,
         n_experts=h.get("n_experts", 0),
         n_active_experts=h.get("n_active_experts", 0) if moe else 0,
@@ -171,11 +188,20 @@ def _header_pairs(cfg: ModelConfig, wtype: str) -> list[tuple[str, int]]:
     if eps_code is None:
         raise DllamaError(f"norm epsilon {cfg.norm_eps} cannot be stored in a .m file (only 1e-5 and 1e-6)")
     pairs = [
-        ("version", 0), ("arch_type", get_arch(cfg.arch).m_arch_type), ("hidden_act", 1), ("dim", cfg.dim),
-        ("hidden_dim", cfg.hidden_dim), ("n_layers", cfg.n_layers), ("n_heads", cfg.n_heads),
-        ("n_kv_heads", cfg.n_kv_heads), ("weights_float_type", weight_type(wtype).m_code),
-        ("max_seq_len", cfg.context_len), ("vocab_size", cfg.vocab_size), ("n_experts", cfg.n_experts),
-        ("n_active_experts", cfg.n_active_experts), ("rope_theta", int(cfg.rope_theta)),
+        ("version", 0),
+        ("arch_type", get_arch(cfg.arch).m_arch_type),
+        ("hidden_act", 1),
+        ("dim", cfg.dim),
+        ("hidden_dim", cfg.hidden_dim),
+        ("n_layers", cfg.n_layers),
+        ("n_heads", cfg.n_heads),
+        ("n_kv_heads", cfg.n_kv_heads),
+        ("weights_float_type", weight_type(wtype).m_code),
+        ("max_seq_len", cfg.context_len),
+        ("vocab_size", cfg.vocab_size),
+        ("n_experts", cfg.n_experts),
+        ("n_active_experts", cfg.n_active_experts),
+        ("rope_theta", int(cfg.rope_theta)),
     ]
     rs = cfg.rope_scaling
     if rs is not None:
@@ -183,9 +209,10 @@ def _header_pairs(cfg: ModelConfig, wtype: str) -> list[tuple[str, int]]:
             ("rope_scaling_factor", int(rs.factor)),
             ("rope_scaling_low_freq_factor", int(rs.low_freq_factor)),
             ("rope_scaling_high_freq_factory", int(rs.high_freq_factor)),
-            ("rope_scaling_orig_max_seq_len", int(rs.orig_max_seq_len)), ("rope_type", ROPE_LLAMA3_1),
+            ("rope_scaling_orig_max_seq_len", int(rs.orig_max_seq_len)),
+            ("rope_type", ROPE_LLAMA3_1),
         ]
-    elif cfg.rope_neox and cfg.arch not in NEOX_ARCHS:
+    elif cfg.rope_neox and not get_arch(cfg.arch).neox:
         pairs.append(("rope_type", ROPE_FALCON))
     pairs += [("head_dim", cfg.head_dim), ("norm_epsilon", eps_code)]
     if cfg.n_experts:
@@ -193,7 +220,9 @@ def _header_pairs(cfg: ModelConfig, wtype: str) -> list[tuple[str, int]]:
     return pairs
 
 
-def _write_matrix(f: BinaryIO, data: np.ndarray, src: str, dtype: str, cols: int, order: np.ndarray | None) -> None:
+def _write_matrix(
+    f: BinaryIO, data: np.ndarray, src: str, dtype: str, cols: int, order: np.ndarray | None
+) -> None:
     """Write a (rows, ...) matrix stored as `src` as `dtype`, rows permuted by `order`: same encoding ->
     bytes copied, else re-encoded a chunk of rows at a time."""
     rows = data.shape[0]
@@ -227,7 +256,7 @@ def write_m(
         raise DllamaError(f"{model.path}: distributed-llama's .m format has no {cfg.arch} architecture")
     lost = [n for n, s in arch.table(cfg) if s.m is None and not s.optional and n in model.weights]
     if lost:
-        raise DllamaError(f"{model.path}: a .m file cannot hold tensor {lost[0]} of the {cfg.arch} architecture")
+        raise DllamaError(f"{model.path}: a .m file cannot hold tensor {lost[0]} ({cfg.arch} architecture)")
     order = None
     if vocab_order is not None:
         order = np.asarray(vocab_order, dtype=np.int64)
@@ -250,7 +279,7 @@ def write_m(
         for group in plan:
             if len(group[0][2]) == 3:
                 for e in range(group[0][2][0]):
-                    for name, dtype, shape in group:
+                    for name, dtype, _ in group:
                         w = model.weights[name]
                         _write_matrix(f, w.data[e], w.dtype, dtype, w.cols, None)
             else:

@@ -114,8 +114,15 @@ class Runner:
             from net.root import RootCluster
 
             self.cluster = RootCluster(
-                model, self.slices, workers, act, self.max_seq_len, max_batch, backend,
-                net_timeout or NET_TIMEOUT, log,
+                model,
+                self.slices,
+                workers,
+                act,
+                self.max_seq_len,
+                max_batch,
+                backend,
+                net_timeout or NET_TIMEOUT,
+                log,
             )
         try:
             weights = slice_weights(model, self.slice)

@@ -57,7 +57,11 @@ def _default_unit(total: int) -> int:
 
 
 def node_slice(
-    cfg: ModelConfig, node: int = 0, n_nodes: int = 1, ffn_unit: int | None = None, moe_unit: int | None = None
+    cfg: ModelConfig,
+    node: int = 0,
+    n_nodes: int = 1,
+    ffn_unit: int | None = None,
+    moe_unit: int | None = None,
 ) -> NodeSlice:
     """Slice of node `node`; FFN rows are cut in multiples of `ffn_unit` / `moe_unit` values (default 32).
     More nodes than KV heads is refused (a query head needs its whole KV head)."""
@@ -70,11 +74,14 @@ def node_slice(
     kv = split(cfg.n_kv_heads, n_nodes, node)
     ffn_unit = ffn_unit or _default_unit(cfg.hidden_dim)
     moe_unit = moe_unit or _default_unit(cfg.moe_hidden_dim)
-    for what, total, unit in (("FFN", cfg.hidden_dim, ffn_unit), ("expert FFN", cfg.moe_hidden_dim, moe_unit)):
+    widths = (("FFN", cfg.hidden_dim, ffn_unit), ("expert FFN", cfg.moe_hidden_dim, moe_unit))
+    for what, total, unit in widths:
         if total % unit:
             raise DllamaError(f"the {what} width {total} cannot be cut in blocks of {unit} values")
         if n_nodes > 1 and 0 < total // unit < n_nodes:
-            raise DllamaError(f"the {what} width {total} has fewer {unit}-value blocks than the {n_nodes} nodes")
+            raise DllamaError(
+                f"the {what} width {total} has fewer {unit}-value blocks than the {n_nodes} nodes: use fewer"
+            )
     return NodeSlice(
         node,
         n_nodes,

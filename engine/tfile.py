@@ -28,8 +28,17 @@ class TFile:
 T_MAGIC = 0x567124
 T_MAGIC_LEGACY = 0x567123
 T_KEYS = (
-    "version", "vocab_size", "max_token_length", "bos_id", "eos_id", "pad_id", "chat_eos_id", "chat_template",
-    "chat_stop", "n_eos_tokens", "add_bos",
+    "version",
+    "vocab_size",
+    "max_token_length",
+    "bos_id",
+    "eos_id",
+    "pad_id",
+    "chat_eos_id",
+    "chat_template",
+    "chat_stop",
+    "n_eos_tokens",
+    "add_bos",
 )
 T_KEY_ID = {name: i for i, name in enumerate(T_KEYS)}
 # GGUF token types that are not ordinary vocabulary: UNKNOWN, CONTROL, USER_DEFINED.

@@ -23,8 +23,14 @@ SPECIAL_TYPES = (UNKNOWN, CONTROL, USER_DEFINED)
 
 # Texts of control tokens that end a turn or a document, besides the declared EOS.
 END_TEXTS = (
-    "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>",
-    "<end_of_turn>", "<｜end▁of▁sentence｜>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|im_end|>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<｜end▁of▁sentence｜>",
 )
 
 # Pre-tokenizer regexes (Oniguruma syntax, run by the tokenizers library).
@@ -37,9 +43,13 @@ QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 
 # tokenizer.ggml.pre values -> pre-split style; anything else gets plain GPT-2.
 PRE_STYLES = {
-    "llama-bpe": "llama3", "llama3": "llama3", "llama-v3": "llama3",
-    "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2",
-    "smollm": "digits+gpt2", "starcoder": "digits+gpt2",
+    "llama-bpe": "llama3",
+    "llama3": "llama3",
+    "llama-v3": "llama3",
+    "qwen2": "qwen2",
+    "deepseek-r1-qwen": "qwen2",
+    "smollm": "digits+gpt2",
+    "starcoder": "digits+gpt2",
 }
 
 _BRACKETED = re.compile(r"<[^<>\s]+>")
@@ -108,9 +118,16 @@ class Tokenizer:
     _bytes: list[bytes]
     _special_re: re.Pattern[str] | None
 
-    def _init_common(self, token_bytes: list[bytes], special_ids: set[int], bos_id: int | None,
-                     eos_ids: list[int], add_bos: bool, chat_template: str | None,
-                     dummy_prefix: bool) -> None:
+    def _init_common(
+        self,
+        token_bytes: list[bytes],
+        special_ids: set[int],
+        bos_id: int | None,
+        eos_ids: list[int],
+        add_bos: bool,
+        chat_template: str | None,
+        dummy_prefix: bool,
+    ) -> None:
         self._bytes = token_bytes
         self.vocab_size = len(token_bytes)
         self.special_ids = frozenset(special_ids)
@@ -162,7 +179,7 @@ class Tokenizer:
         pos = 0
         for m in self._special_re.finditer(text):
             if m.start() > pos:
-                out.append((text[pos:m.start()], None))
+                out.append((text[pos : m.start()], None))
             out.append((m.group(), self.special_tokens[m.group()]))
             pos = m.end()
         if pos < len(text):
@@ -202,8 +219,9 @@ class GGUFBPETokenizer(Tokenizer):
         pre = str(meta.get("tokenizer.ggml.pre", "default"))
         style = PRE_STYLES.get(pre, "gpt2")
         try:
-            model = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                               ignore_merges=style == "llama3")
+            model = models.BPE(
+                vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=style == "llama3"
+            )
         except Exception as e:
             raise DllamaError(f"GGUF tokenizer: invalid BPE vocabulary or merges ({e})") from None
         hf = HFTokenizer(model)
@@ -212,19 +230,25 @@ class GGUFBPETokenizer(Tokenizer):
         hf.decoder = decoders.ByteLevel()
         specials = {i for i, t in enumerate(types) if t in SPECIAL_TYPES}
         hf.add_special_tokens(
-            [AddedToken(tokens[i], special=True, normalized=False) for i in sorted(specials)])
+            [AddedToken(tokens[i], special=True, normalized=False) for i in sorted(specials)]
+        )
         self._hf = hf
 
         byte_of = {c: b for b, c in enumerate(gpt2_byte_table())}
         token_bytes = [
-            t.encode() if i in specials else b"".join(
-                bytes([byte_of[c]]) if c in byte_of else c.encode() for c in t)
+            t.encode()
+            if i in specials
+            else b"".join(bytes([byte_of[c]]) if c in byte_of else c.encode() for c in t)
             for i, t in enumerate(tokens)
         ]
         self._init_common(
-            token_bytes, specials, meta.get("tokenizer.ggml.bos_token_id"), _eos_list(meta, tokens, specials),
+            token_bytes,
+            specials,
+            meta.get("tokenizer.ggml.bos_token_id"),
+            _eos_list(meta, tokens, specials),
             bool(meta.get("tokenizer.ggml.add_bos_token", style == "llama3")),
-            meta.get("tokenizer.chat_template"), dummy_prefix=False,
+            meta.get("tokenizer.chat_template"),
+            dummy_prefix=False,
         )
 
     def _encode_text(self, text: str) -> list[int]:
@@ -280,8 +304,13 @@ class GGUFSentencePieceTokenizer(Tokenizer):
                 token_bytes.append(text.encode())
         specials = {i for i, t in enumerate(types) if t in SPECIAL_TYPES}
         self._init_common(
-            token_bytes, specials, meta.get("tokenizer.ggml.bos_token_id"), _eos_list(meta, tokens, specials),
-            bool(meta.get("tokenizer.ggml.add_bos_token", True)), meta.get("tokenizer.chat_template"), dummy,
+            token_bytes,
+            specials,
+            meta.get("tokenizer.ggml.bos_token_id"),
+            _eos_list(meta, tokens, specials),
+            bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+            meta.get("tokenizer.chat_template"),
+            dummy,
         )
 
     def _encode_text(self, text: str) -> list[int]:
@@ -439,8 +468,10 @@ class TFileTokenizer(Tokenizer):
             elif self._fallback is not None:
                 ids.extend(self._fallback + b for b in p)
             else:
-                raise DllamaError(f".t tokenizer: cannot encode {p.decode(errors='replace')!r} (not in the "
-                                  "vocabulary and no byte fallback)")
+                raise DllamaError(
+                    f".t tokenizer: cannot encode {p.decode(errors='replace')!r} (not in the "
+                    "vocabulary and no byte fallback)"
+                )
         return ids
 
 

@@ -36,7 +36,8 @@ class WeightType:
         """Bytes of `cols` values; they must be whole blocks."""
         if cols % self.block_values:
             raise DllamaError(
-                f"{cols} values is not a whole number of {self.ggml_name} blocks ({self.block_values} values each)"
+                f"{cols} values is not a whole number of {self.ggml_name} blocks "
+                f"({self.block_values} values each)"
             )
         return cols // self.block_values * self.block_bytes
 
@@ -73,7 +74,8 @@ def from_ggml(ggml_id: int, what: str) -> WeightType:
     t = _BY_GGML.get(ggml_id)
     if t is None:
         supported = ", ".join(t.ggml_name for t in _TYPES)
-        raise DllamaError(f"{what} has GGML type {_ggml_label(ggml_id)}, which is not supported ({supported})")
+        label = _ggml_label(ggml_id)
+        raise DllamaError(f"{what} has GGML type {label}, which is not supported ({supported})")
     return t
 
 

@@ -9,13 +9,10 @@ import numpy as np
 
 from engine.config import ModelConfig
 from engine.errors import DllamaError
-from engine.weight_types import WEIGHT_TYPES, row_bytes, weight_type
+from engine.weight_types import row_bytes, weight_type
 
 BLOCK = 32  # values per Q80 activation block (and per legacy quantized weight block)
 _PLAIN = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}  # element dtype of unquantized data
-# TRANSITION (removed once every module reads engine.weight_types): the old per-file tables.
-BLOCK_BYTES = {t.name: t.block_bytes for t in WEIGHT_TYPES.values() if t.block_values == BLOCK}
-ELEM_BYTES = {t.name: t.block_bytes for t in WEIGHT_TYPES.values() if not t.quantized}
 
 
 def map_file(path: str) -> np.memmap:
@@ -113,4 +110,3 @@ class Model:
     @property
     def tied(self) -> bool:
         return self.weights["output.weight"] is self.weights["token_embd.weight"]
-

@@ -18,8 +18,8 @@ import struct
 from enum import IntEnum
 from typing import Any, NamedTuple
 
-from engine.backend import Backend
 from engine.arch import registry
+from engine.backend import Backend
 from engine.config import ModelConfig, RopeScaling
 from engine.errors import DllamaError
 from engine.graph import ACT_TYPES
@@ -158,12 +158,23 @@ def config_from_json(d: Any, peer: str) -> ModelConfig:
                 int(rs["orig_max_seq_len"]),
             )
         cfg = ModelConfig(**d)
-        ints = (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size,
-                cfg.context_len)
+        ints = (
+            cfg.dim,
+            cfg.n_layers,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            cfg.vocab_size,
+            cfg.context_len,
+        )
         sizes = (cfg.hidden_dim, cfg.n_experts, cfg.n_active_experts, cfg.moe_hidden_dim)
-        ok = (all(isinstance(v, int) and v > 0 for v in ints) and cfg.n_heads % cfg.n_kv_heads == 0
-              and all(isinstance(v, int) and v >= 0 for v in sizes)
-              and cfg.arch in registry() and isinstance(cfg.rope_neox, bool))
+        ok = (
+            all(isinstance(v, int) and v > 0 for v in ints)
+            and cfg.n_heads % cfg.n_kv_heads == 0
+            and all(isinstance(v, int) and v >= 0 for v in sizes)
+            and cfg.arch in registry()
+            and isinstance(cfg.rope_neox, bool)
+        )
     except (TypeError, KeyError, ValueError):
         ok = False
     if not ok:

@@ -272,8 +272,11 @@ class _Session:
             name, dtype, shape = h.get("name"), h.get("dtype"), h.get("shape")
             if name not in expected or name in self.weights:
                 raise ProtocolError(f"{peer} sent tensor {name!r}, which node {sc.node} does not use")
-            if (dtype not in WEIGHT_TYPES or not isinstance(shape, list)
-                    or not all(isinstance(v, int) and v > 0 for v in shape)):
+            if (
+                dtype not in WEIGHT_TYPES
+                or not isinstance(shape, list)
+                or not all(isinstance(v, int) and v > 0 for v in shape)
+            ):
                 raise ProtocolError(f"{peer} sent tensor {name} with a bad type or shape")
             if tuple(shape) != expected[name][0]:
                 need = "x".join(map(str, expected[name][0]))
@@ -338,8 +341,10 @@ class _Session:
             passes += 1
             sent += sum(x.sent for x in self.links.values()) - s0
             recv += sum(x.recv for x in self.links.values()) - r0 + 8  # + the FORWARD message
-            self.summary = (f"{passes} forward passes; sent {sent} B, received {recv} B in them "
-                            f"(sync {sync.sync_s:.2f} s)")
+            self.summary = (
+                f"{passes} forward passes; sent {sent} B, received {recv} B in them "
+                f"(sync {sync.sync_s:.2f} s)"
+            )
 
 
 def _release_memory() -> None:
@@ -377,4 +382,3 @@ def _keepalive(link: Link, interval: float) -> Iterator[None]:
 def serve(host: str, port: int, backend: Backend, log: Callable[[str], None] | None = None) -> None:
     """Run a worker until the process is stopped; every log line is flushed at once."""
     WorkerServer(host, port, backend, log or (lambda line: print(line, flush=True))).serve_forever()
-

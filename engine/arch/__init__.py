@@ -30,7 +30,8 @@ def get_arch(name: object, where: str = "") -> Arch:
     arch = registry().get(name) if isinstance(name, str) else None
     if arch is None:
         prefix = f"{where}: " if where else ""
-        raise DllamaError(f"{prefix}architecture {name!r} is not supported (supported: {', '.join(sorted(registry()))})")
+        known = ", ".join(sorted(registry()))
+        raise DllamaError(f"{prefix}architecture {name!r} is not supported (supported: {known})")
     return arch
 
 
@@ -39,5 +40,5 @@ def arch_for_m_type(code: int, where: str) -> Arch:
     for arch in registry().values():
         if arch.m_arch_type == code:
             return arch
-    known = ", ".join(f"{a.m_arch_type:#x} {a.name}" for a in registry().values() if a.m_arch_type is not None)
+    known = ", ".join(f"{a.m_arch_type:#x} {a.name}" for a in registry().values() if a.m_arch_type)
     raise DllamaError(f"{where}: unknown architecture {code:#x} in the .m header (known: {known})")

@@ -22,7 +22,18 @@ if TYPE_CHECKING:
 # How the nodes of a cluster share a tensor. "<range>:out" cuts output rows (a vector's elements) to the
 # node's range, "<range>:in" cuts input columns; the ranges are the node's query heads (q), KV heads (kv),
 # dense FFN rows (ffn), expert FFN rows (moe) and vocabulary rows (vocab) of engine.slicing.NodeSlice.
-SPLITS = ("replicate", "root", "q:out", "kv:out", "q:in", "ffn:out", "ffn:in", "moe:out", "moe:in", "vocab:out")
+SPLITS = (
+    "replicate",
+    "root",
+    "q:out",
+    "kv:out",
+    "q:in",
+    "ffn:out",
+    "ffn:in",
+    "moe:out",
+    "moe:in",
+    "vocab:out",
+)
 
 
 @dataclass(frozen=True)
@@ -50,12 +61,13 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Arch:
-    """An architecture: GGUF `general.architecture` name, `.m` arch_type (None: none exists), its tensor
-    table (in `.m` stream order: the leading global tensors, the per-layer ones, the trailing global ones),
-    the metadata reader and the layer block of the forward pass."""
+    """An architecture: GGUF `general.architecture` name, `.m` arch_type (None: none exists), its RoPE
+    pairing, its tensor table (in `.m` stream order: leading global tensors, the per-layer ones, trailing
+    global ones), the metadata reader and the layer block of the forward pass."""
 
     name: str
     m_arch_type: int | None
+    neox: bool  # q/k pairs rotated half-split (NeoX) whatever a file says; False: a `.m` rope_type decides
     tensors: tuple[TensorSpec, ...]
     config: Callable[[Meta], ModelConfig]
     layer: Callable[[Builder, int], None]
@@ -72,7 +84,9 @@ class Arch:
         for s in self.tensors[last + 1 :]:
             yield s.name, s
 
-    def collect(self, cfg: ModelConfig, found: Callable[[str], Weight | None], path: str) -> dict[str, Weight]:
+    def collect(
+        self, cfg: ModelConfig, found: Callable[[str], Weight | None], path: str
+    ) -> dict[str, Weight]:
         """A model file's tensors by name, checked against the table: every required one present with the
         shape the config implies, vectors in a float type; a missing tied tensor is the one it is tied to."""
         weights: dict[str, Weight] = {}
@@ -155,7 +169,9 @@ def standard_config(m: Meta, *, rope_neox: bool, **extra: Any) -> ModelConfig:
     elif m.meta.get("tokenizer.ggml.tokens"):
         vocab = len(m.meta["tokenizer.ggml.tokens"])
     else:
-        raise DllamaError(f"{m.path}: neither {m.arch}.vocab_size nor tokenizer.ggml.tokens gives the vocab size")
+        raise DllamaError(
+            f"{m.path}: neither {m.arch}.vocab_size nor tokenizer.ggml.tokens gives the vocab size"
+        )
     return ModelConfig(
         arch=m.arch,
         dim=dim,
@@ -196,7 +212,9 @@ def rope_scaling(m: Meta) -> RopeScaling | None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def vector(name: str, length: Callable[[ModelConfig], int], split: str = "replicate", **kw: Any) -> TensorSpec:
+def vector(
+    name: str, length: Callable[[ModelConfig], int], split: str = "replicate", **kw: Any
+) -> TensorSpec:
     """A 1-D tensor (norm scales, biases), f32 in `.m` files."""
     return TensorSpec(name, lambda c: (length(c),), split, m=kw.pop("m", "f32"), **kw)
 

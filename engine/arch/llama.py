@@ -1,10 +1,20 @@
 """Llama (and Mistral, SmolLM2, DeepSeek-R1-Distill-Llama): pre-norm GQA attention with interleaved RoPE on
-permuted q/k rows (llama.cpp's and distributed-llama's converters both permute), SwiGLU FFN, optional Llama 3.1
-RoPE scaling (metadata keys or a rope_freqs tensor), optionally tied classifier."""
+permuted q/k rows (llama.cpp's and distributed-llama's converters both permute), SwiGLU FFN, optional
+Llama 3.1 RoPE scaling (metadata keys or a rope_freqs tensor), optionally tied classifier."""
 
 from __future__ import annotations
 
-from engine.arch.base import ATTENTION, DENSE_FFN, EMBEDDING, NORMS, OUTPUT, Arch, Meta, standard_config, vector
+from engine.arch.base import (
+    ATTENTION,
+    DENSE_FFN,
+    EMBEDDING,
+    NORMS,
+    OUTPUT,
+    Arch,
+    Meta,
+    standard_config,
+    vector,
+)
 from engine.config import ModelConfig
 from engine.graph import Builder, attention, feed_forward
 
@@ -18,9 +28,11 @@ TENSORS = (
     *OUTPUT,
 )
 
+NEOX = False
+
 
 def config(m: Meta) -> ModelConfig:
-    return standard_config(m, rope_neox=False)
+    return standard_config(m, rope_neox=NEOX)
 
 
 def layer(b: Builder, index: int) -> None:
@@ -28,4 +40,4 @@ def layer(b: Builder, index: int) -> None:
     feed_forward(b, index)
 
 
-ARCH = Arch("llama", 0xABCD00, TENSORS, config, layer)
+ARCH = Arch("llama", 0xABCD00, NEOX, TENSORS, config, layer)

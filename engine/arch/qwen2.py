@@ -3,8 +3,19 @@ classifier is untied in most files. distributed-llama has no `.m` type for it (i
 
 from __future__ import annotations
 
-from engine.arch.base import ATTENTION, DENSE_FFN, EMBEDDING, NORMS, OUTPUT, Arch, Meta, kv_dim, q_dim
-from engine.arch.base import standard_config, vector
+from engine.arch.base import (
+    ATTENTION,
+    DENSE_FFN,
+    EMBEDDING,
+    NORMS,
+    OUTPUT,
+    Arch,
+    Meta,
+    kv_dim,
+    q_dim,
+    standard_config,
+    vector,
+)
 from engine.config import ModelConfig
 from engine.graph import Builder, attention, feed_forward
 
@@ -15,9 +26,11 @@ BIASES = (
 )
 TENSORS = (EMBEDDING, *ATTENTION, *BIASES, *DENSE_FFN, *NORMS, *OUTPUT)
 
+NEOX = True
+
 
 def config(m: Meta) -> ModelConfig:
-    return standard_config(m, rope_neox=True)
+    return standard_config(m, rope_neox=NEOX)
 
 
 def layer(b: Builder, index: int) -> None:
@@ -25,4 +38,4 @@ def layer(b: Builder, index: int) -> None:
     feed_forward(b, index)
 
 
-ARCH = Arch("qwen2", None, TENSORS, config, layer)
+ARCH = Arch("qwen2", None, NEOX, TENSORS, config, layer)

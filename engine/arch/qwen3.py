@@ -3,15 +3,27 @@
 
 from __future__ import annotations
 
-from engine.arch.base import ATTENTION, DENSE_FFN, EMBEDDING, NORMS, OUTPUT, QK_NORMS, Arch, Meta, standard_config
+from engine.arch.base import (
+    ATTENTION,
+    DENSE_FFN,
+    EMBEDDING,
+    NORMS,
+    OUTPUT,
+    QK_NORMS,
+    Arch,
+    Meta,
+    standard_config,
+)
 from engine.config import ModelConfig
 from engine.graph import Builder, attention, feed_forward
 
-TENSORS = (EMBEDDING, *ATTENTION, *DENSE_FFN, *QK_NORMS, *NORMS, *OUTPUT)  # .m order: q/k norms, then the rest
+TENSORS = (EMBEDDING, *ATTENTION, *DENSE_FFN, *QK_NORMS, *NORMS, *OUTPUT)  # .m order: q/k norms first
+
+NEOX = True
 
 
 def config(m: Meta) -> ModelConfig:
-    return standard_config(m, rope_neox=True)
+    return standard_config(m, rope_neox=NEOX)
 
 
 def layer(b: Builder, index: int) -> None:
@@ -19,4 +31,4 @@ def layer(b: Builder, index: int) -> None:
     feed_forward(b, index)
 
 
-ARCH = Arch("qwen3", 0xABCD01, TENSORS, config, layer)
+ARCH = Arch("qwen3", 0xABCD01, NEOX, TENSORS, config, layer)

@@ -5,8 +5,19 @@ node holds its rows of every expert."""
 
 from __future__ import annotations
 
-from engine.arch.base import ATTENTION, EMBEDDING, NORMS, OUTPUT, QK_NORMS, Arch, Meta, TensorSpec, dim
-from engine.arch.base import matrix, standard_config
+from engine.arch.base import (
+    ATTENTION,
+    EMBEDDING,
+    NORMS,
+    OUTPUT,
+    QK_NORMS,
+    Arch,
+    Meta,
+    TensorSpec,
+    dim,
+    matrix,
+    standard_config,
+)
 from engine.config import ModelConfig
 from engine.errors import DllamaError
 from engine.graph import Builder, attention, moe_feed_forward
@@ -29,11 +40,13 @@ EXPERTS = (  # .m order per expert: w1 (gate), w2 (down), w3 (up), interleaved e
 )
 TENSORS = (EMBEDDING, *ATTENTION, *EXPERTS, *QK_NORMS, *NORMS, *OUTPUT)
 
+NEOX = True
+
 
 def config(m: Meta) -> ModelConfig:
     cfg = standard_config(
         m,
-        rope_neox=True,
+        rope_neox=NEOX,
         n_experts=m.int("expert_count"),
         n_active_experts=m.int("expert_used_count"),
         moe_hidden_dim=m.int("expert_feed_forward_length"),
@@ -50,4 +63,4 @@ def layer(b: Builder, index: int) -> None:
     moe_feed_forward(b, index, normalize=True)
 
 
-ARCH = Arch("qwen3moe", 0xABCD02, TENSORS, config, layer)
+ARCH = Arch("qwen3moe", 0xABCD02, NEOX, TENSORS, config, layer)
