@@ -1635,6 +1635,7 @@ def moe_matmul_q80(w: np.ndarray, wtype: str, xq: np.ndarray, idx: np.ndarray, o
 def _moe(
     w: np.ndarray, wtype: str, x: np.ndarray, idx: np.ndarray, out: np.ndarray, q80x: bool, what: str
 ) -> None:
+    """moe_matmul (x float32) or moe_matmul_q80 (x Q80 blocks); `what` names the function in errors."""
     t, wb, estride, rstride, rows, cols = _weight_view(w, wtype, experts=True)
     n_e = w.shape[0]
     _rows_contiguous(x, f"{what} input")
@@ -1683,19 +1684,8 @@ def _moe(
         xe = xs[bb, ss] if per_slot else xs[bb]
         ye = np.empty((sel.size, rows), np.float32)
         if sel.size == 1:
-            _mv(
-                t.code,
-                False,
-                wb,
-                rstride,
-                estride,
-                np.full(1, e, np.int32),
-                xe[0].view(np.uint8),
-                0,
-                ye[0],
-                rows,
-                cols,
-            )
+            xrow, expert = xe[0].view(np.uint8), np.full(1, e, np.int32)
+            _mv(t.code, False, wb, rstride, estride, expert, xrow, 0, ye[0], rows, cols)
         else:
             _mm(t.code, wb, int(e) * estride, rstride, rows, xe, ye, _n_chunks(rows))
         out[bb[:, None], ss[:, None] * rows + out_cols] = ye
