@@ -7,73 +7,17 @@ import math
 import numba
 import numpy as np
 import pytest
-from gguf.constants import GGML_QUANT_SIZES
-from gguf.quants import GGMLQuantizationType, dequantize, quantize
+from blocks import FLOAT, QUANT, decode, random_weight
+from gguf.quants import GGMLQuantizationType, quantize
 
 from cpu_fallback import kernels as K
 from engine.errors import DllamaError
-
-G = GGMLQuantizationType
-GGML = {
-    "q40": G.Q4_0,
-    "q41": G.Q4_1,
-    "q50": G.Q5_0,
-    "q51": G.Q5_1,
-    "q80": G.Q8_0,
-    "q4k": G.Q4_K,
-    "q5k": G.Q5_K,
-    "q6k": G.Q6_K,
-}
-QUANT = tuple(GGML)
-FLOAT = ("f32", "f16", "bf16")
-# fp16 fields of a block (GGML layouts): the scale d first, then the offset m (q41, q51) or dmin (K-quants)
-HALF_FIELDS = {
-    "q40": (0,),
-    "q41": (0, 2),
-    "q50": (0,),
-    "q51": (0, 2),
-    "q80": (0,),
-    "q4k": (0, 2),
-    "q5k": (0, 2),
-    "q6k": (208,),
-}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# independent references
-# ----------------------------------------------------------------------------------------------------------
-
-
-def decode(data: np.ndarray, wtype: str) -> np.ndarray:
-    """float64 (rows, cols) values of a weight in its native layout: numpy for floats, gguf-py for blocks."""
-    if wtype in ("f32", "f16"):
-        return data.astype(np.float64)
-    if wtype == "bf16":
-        return (data.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return dequantize(np.ascontiguousarray(data), GGML[wtype]).astype(np.float64)
+from engine.weight_types import weight_type
 
 
 def unit(wtype: str) -> int:
     """Values per block (32 for the float types, whose rows the kernels also run 32 at a time)."""
-    return GGML_QUANT_SIZES[GGML[wtype]][0] if wtype in GGML else 32
-
-
-def random_weight(wtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """A weight in its native layout: random codes (any bytes are valid codes and 6-bit scales), finite fp16
-    fields: positive scales d and dmin, an any-sign offset m."""
-    if wtype == "f32":
-        return rng.standard_normal((rows, cols)).astype(np.float32)
-    if wtype == "f16":
-        return rng.standard_normal((rows, cols)).astype(np.float16)
-    if wtype == "bf16":
-        return (rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
-    values, nbytes = GGML_QUANT_SIZES[GGML[wtype]]
-    nb = cols // values
-    blocks = rng.integers(0, 256, (rows, nb, nbytes), dtype=np.uint8)
-    ranges = [(0.001, 0.05), (-0.4, 0.1) if wtype in ("q41", "q51") else (0.0005, 0.01)]
-    for at, (lo, hi) in zip(HALF_FIELDS[wtype], ranges, strict=False):
-        blocks[..., at : at + 2] = rng.uniform(lo, hi, (rows, nb, 1)).astype(np.float16).view(np.uint8)
-    return blocks.reshape(rows, nb * nbytes)
+    return max(weight_type(wtype).block_values, 32)
 
 
 def q80_reference(x: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from blocks import decoded, q80_blocks, random_blocks, within
+from blocks import decode, q80_blocks, random_weight, within
 from vk_harness import Ops, config
 
 from engine.graph import BufferSpec, Op
@@ -115,8 +115,8 @@ def expert_stack(wtype: str, experts: int, rows: int, cols: int, seed: int) -> t
     rng = np.random.default_rng(seed)
     wt = weight_type(wtype)
     if wt.quantized:
-        mats = [random_blocks(wtype, rows, cols, rng) for _ in range(2 * experts)]
-        values = np.stack([decoded(wtype, m) for m in mats[::2]])
+        mats = [random_weight(wtype, rows, cols, rng) for _ in range(2 * experts)]
+        values = np.stack([decode(m, wtype) for m in mats[::2]])
     else:
         f = rng.standard_normal((2 * experts, rows, cols)).astype(np.float32)
         bits = (f.view(np.uint32) >> 16).astype(np.uint16)
@@ -152,7 +152,7 @@ def run_moe_matmul(be, wtype: str, act: str, per_slot: bool, pieces: list | None
     if act == "q80":
         xq = q80_blocks(x)
         ops.write(xin, xq)
-        x64 = decoded("q80", xq)
+        x64 = decode(xq, "q80")
     else:
         ops.write(xin, x)
         x64 = x.astype(np.float64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from blocks import decoded, q80_blocks, random_blocks, within
+from blocks import decode, q80_blocks, random_weight, within
 from vk_harness import Ops, config
 
 from engine.graph import BufferSpec, Op
@@ -23,7 +23,7 @@ def test_parts_keep_the_total_size():
     row_bytes = {"q50": 33 * 22 + 2, "q51": 33 * 24, "q4k": 3 * 144, "q5k": 3 * 176, "q6k": 3 * 210 + 2}
     rng = np.random.default_rng(0)
     for wtype in NEW_TYPES:
-        w = Weight("m", wtype, 5, COLS[wtype], random_blocks(wtype, 5, COLS[wtype], rng))
+        w = Weight("m", wtype, 5, COLS[wtype], random_weight(wtype, 5, COLS[wtype], rng))
         parts = matrix_parts(w)
         assert sum(p.words * 4 for p in parts) == 5 * row_bytes[wtype], wtype
         assert parts[0].row_words * 4 % 16 == 0, wtype  # the quantised values load as whole uvec4
@@ -35,8 +35,8 @@ def test_matmul(any_vk, wtype, act):
     """f32 and Q80 activations, in the device's tuning, the GPU split and its shared-memory variant."""
     rng = np.random.default_rng(1)
     rows, cols = 37, COLS[wtype]  # 37 rows: not a multiple of any row group
-    w = Weight("blk.0.attn_q.weight", wtype, rows, cols, random_blocks(wtype, rows, cols, rng))
-    wf = decoded(wtype, w.data)
+    w = Weight("blk.0.attn_q.weight", wtype, rows, cols, random_weight(wtype, rows, cols, rng))
+    wf = decode(w.data, wtype)
     xin = "h_q" if act == "q80" else "h"
     ops = Ops(
         any_vk,
@@ -50,7 +50,7 @@ def test_matmul(any_vk, wtype, act):
         if act == "q80":
             xq = q80_blocks(x)
             ops.write(xin, xq)
-            x64 = decoded("q80", xq)
+            x64 = decode(xq, "q80")
         else:
             ops.write(xin, x)
             x64 = x.astype(np.float64)
@@ -62,7 +62,7 @@ def test_matmul(any_vk, wtype, act):
 def test_embedding(vk, wtype):
     rng = np.random.default_rng(2)
     vocab, dim = 50, COLS[wtype]
-    w = Weight("token_embd.weight", wtype, vocab, dim, random_blocks(wtype, vocab, dim, rng))
+    w = Weight("token_embd.weight", wtype, vocab, dim, random_weight(wtype, vocab, dim, rng))
     ops = Ops(
         vk,
         [Op("embedding", "embedding", ("tok",), ("x",), w.name)],
@@ -73,7 +73,7 @@ def test_embedding(vk, wtype):
     tokens = np.array([0, 49, 7, 7, 23], np.int32)
     ops.write("tok", tokens[:, None])
     ops.run(len(tokens))
-    want = decoded(wtype, w.data)[tokens]
+    want = decode(w.data, wtype)[tokens]
     np.testing.assert_allclose(ops.read("x")[: len(tokens)], want, rtol=1e-6, atol=1e-7)
 
 
@@ -83,7 +83,7 @@ def test_tied_table_in_row_pieces(vk, monkeypatch, wtype):
     embedding reads each token from its piece and the tied classifier writes each piece's logits."""
     rng = np.random.default_rng(3)
     vocab, dim = 50, 256
-    table = Weight("token_embd.weight", wtype, vocab, dim, random_blocks(wtype, vocab, dim, rng))
+    table = Weight("token_embd.weight", wtype, vocab, dim, random_weight(wtype, vocab, dim, rng))
     monkeypatch.setattr(vk, "buffer_limit", 16 * matrix_parts(table)[0].row_words * 4)  # 16 rows a piece
     ops = Ops(
         vk,
@@ -106,7 +106,7 @@ def test_tied_table_in_row_pieces(vk, monkeypatch, wtype):
     ops.write("tok", tokens[:, None])
     ops.write("h", h)
     ops.run(len(tokens))
-    wf = decoded(wtype, table.data)
+    wf = decode(table.data, wtype)
     np.testing.assert_allclose(ops.read("x")[: len(tokens)], wf[tokens], rtol=1e-6, atol=1e-7)
     h64 = h.astype(np.float64)
     within(ops.read("logits")[: len(tokens)], h64 @ wf.T, np.abs(h64) @ np.abs(wf).T)
