@@ -44,6 +44,7 @@ class CpuProgram(Program):
         )
         self.att_scratch = np.zeros((max_batch * max(graph.slice.n_heads, 1), graph.max_seq_len), np.float32)
         self.segments: list[list[Step]] = [[self._bind(op) for op in seg.ops] for seg in graph.segments]
+        kernels.compile_parallel_attention()
 
     def pipe(self, name: str) -> np.ndarray:
         return self.bufs[name]

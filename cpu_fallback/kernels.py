@@ -8,6 +8,8 @@ outputs; the Python wrappers only check shapes and pick the compiled kernel.
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -1559,6 +1561,16 @@ def attention(
             f"position {int(positions[bad])} is outside the KV cache ({k_cache.shape[0]} rows) "
             f"or the attention scratch ({scratch.shape[1]} columns)"
         )
+
+
+@functools.cache
+def compile_parallel_attention() -> None:
+    """Compile (or load from numba's cache) the parallel attention kernel, which only batches with enough
+    positions choose: otherwise its first use would compile inside a forward pass (where cluster peers time
+    each other). Called once per process when a program is built."""
+    q, cache = np.zeros((2, 8), np.float32), np.zeros((4, 8), np.float32)
+    positions = np.zeros((2, 1), np.int32)[:, 0]
+    _attention_par(q, cache, cache, positions, 1, 1, 8, np.zeros_like(q), np.zeros((2, 4), np.float32))
 
 
 def kv_store(
