@@ -17,8 +17,17 @@ from shaders.backend import OP_KINDS as VULKAN_OPS
 def _config(arch: str) -> ModelConfig:
     moe = dict(n_experts=4, n_active_experts=2, moe_hidden_dim=64) if arch == "qwen3moe" else {}
     return ModelConfig(
-        arch=arch, dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=288,
-        context_len=64, rope_neox=arch != "llama", **moe,
+        arch=arch,
+        dim=64,
+        hidden_dim=96,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        vocab_size=288,
+        context_len=64,
+        rope_neox=arch != "llama",
+        **moe,
     )
 
 

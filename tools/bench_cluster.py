@@ -80,8 +80,21 @@ class Namespaces:
             sh("ip", "-n", root, "link", "set", "br0", "up")
             for i in range(1, self.n_nodes):
                 ns, port = self.names[i], f"p{i}"
-                sh("ip", "link", "add", port, "netns", root, "type", "veth",
-                   "peer", "name", "eth0", "netns", ns)
+                sh(
+                    "ip",
+                    "link",
+                    "add",
+                    port,
+                    "netns",
+                    root,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    ns,
+                )
                 sh("ip", "-n", root, "link", "set", port, "master", "br0")
                 sh("ip", "-n", root, "link", "set", port, "up")
                 sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{i + 1}/24", "dev", "eth0")
@@ -102,8 +115,23 @@ class Namespaces:
             except RuntimeError as e:
                 raise RuntimeError(f"{e} (no sch_netem in this kernel? --rate alone uses tbf)") from None
         elif self.rate:
-            sh("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rate,
-               "burst", "256kb", "latency", "50ms")
+            sh(
+                "tc",
+                "-n",
+                ns,
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                self.rate,
+                "burst",
+                "256kb",
+                "latency",
+                "50ms",
+            )
 
     def exec(self, node: int) -> list[str]:
         return ["ip", "netns", "exec", self.names[node]]
@@ -118,10 +146,27 @@ class Worker:
     """A `dllama worker` process and its log, read continuously so its pipe never fills."""
 
     def __init__(self, prefix: list[str], host: str, port: int, nthreads: int, deadline: Deadline):
-        cmd = [*prefix, sys.executable, "-m", "engine.cli", "worker", "--host", host, "--port", str(port),
-               "--nthreads", str(nthreads)]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        cmd = [
+            *prefix,
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "worker",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--nthreads",
+            str(nthreads),
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         while True:
@@ -147,9 +192,28 @@ class Worker:
 def run_root(prefix: list[str], workers: list[Worker], args, setting: str, deadline: Deadline) -> Result:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        cmd = [*prefix, sys.executable, "-m", "engine.cli", "inference", "--prompt", PROMPT, "--steps",
-               str(args.steps), "--temperature", "0", "--ignore-eos", "--nthreads", str(args.nthreads),
-               "--buffer-float-type", args.buffer_float_type, "--max-seq-len", "512", "--json", str(out)]
+        cmd = [
+            *prefix,
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "inference",
+            "--prompt",
+            PROMPT,
+            "--steps",
+            str(args.steps),
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--nthreads",
+            str(args.nthreads),
+            "--buffer-float-type",
+            args.buffer_float_type,
+            "--max-seq-len",
+            "512",
+            "--json",
+            str(out),
+        ]
         if args.model:
             cmd += ["--model", args.model]
         if workers:
@@ -159,13 +223,21 @@ def run_root(prefix: list[str], workers: list[Worker], args, setting: str, deadl
             raise RuntimeError(f"the root failed ({setting}, {1 + len(workers)} nodes): {r.stderr.strip()}")
         j = json.loads(out.read_text())
     n = max(j["decode_tokens"], 1)
-    return Result(setting, j["nodes"], j["decode_tokens"], j["decode_eval_s"] * 1e3 / n,
-                  j["decode_sync_s"] * 1e3 / n, j["decode_sent_bytes_per_token"],
-                  j["decode_recv_bytes_per_token"], j["decode_tokens_per_s"])
+    return Result(
+        setting,
+        j["nodes"],
+        j["decode_tokens"],
+        j["decode_eval_s"] * 1e3 / n,
+        j["decode_sync_s"] * 1e3 / n,
+        j["decode_sent_bytes_per_token"],
+        j["decode_recv_bytes_per_token"],
+        j["decode_tokens_per_s"],
+    )
 
 
-def run_setting(setting: str, nodes: list[int], args, deadline: Deadline, ns: Namespaces | None
-                ) -> list[Result]:
+def run_setting(
+    setting: str, nodes: list[int], args, deadline: Deadline, ns: Namespaces | None
+) -> list[Result]:
     """Start max(nodes)-1 workers once (they serve one root after another) and time a root per node count."""
     workers: list[Worker] = []
     results = []
@@ -189,8 +261,10 @@ HEADER = "| setting | nodes | eval ms/tok | sync ms/tok | sent kB/tok | recv kB/
 
 
 def format_row(r: Result) -> str:
-    return (f"| {r.setting} | {r.nodes} | {r.eval_ms:.2f} | {r.sync_ms:.2f} | {r.sent_bytes / 1024:.1f} | "
-            f"{r.recv_bytes / 1024:.1f} | {r.tokens_per_s:.1f} |")
+    return (
+        f"| {r.setting} | {r.nodes} | {r.eval_ms:.2f} | {r.sync_ms:.2f} | {r.sent_bytes / 1024:.1f} | "
+        f"{r.recv_bytes / 1024:.1f} | {r.tokens_per_s:.1f} |"
+    )
 
 
 def namespaces_unavailable() -> str | None:

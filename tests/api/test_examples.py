@@ -49,7 +49,10 @@ def test_readme_quotes_the_examples_verbatim():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     examples = Path(__file__).resolve().parents[2] / "docs" / "api-examples"
     client = (examples / "openai-client.py").read_text()
-    curl = "".join(line for line in (examples / "curl-chat.sh").read_text().splitlines(keepends=True)
-                   if not line.startswith("#"))
+    curl = "".join(
+        line
+        for line in (examples / "curl-chat.sh").read_text().splitlines(keepends=True)
+        if not line.startswith("#")
+    )
     assert client.strip() in readme
     assert curl.strip() in readme

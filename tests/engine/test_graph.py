@@ -7,7 +7,14 @@ from engine.graph import build_graph
 from engine.slicing import node_slice
 
 CFG = ModelConfig(
-    arch="llama", dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=288,
+    arch="llama",
+    dim=64,
+    hidden_dim=96,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    vocab_size=288,
     context_len=64,
 )
 
@@ -45,14 +52,27 @@ def test_partial_sums_are_q80_only_on_the_network():
 
 
 QWEN3MOE = ModelConfig(
-    arch="qwen3moe", dim=64, hidden_dim=0, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=288,
-    context_len=64, rope_neox=True, n_experts=4, n_active_experts=2, moe_hidden_dim=64,
+    arch="qwen3moe",
+    dim=64,
+    hidden_dim=0,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=32,
+    vocab_size=288,
+    context_len=64,
+    rope_neox=True,
+    n_experts=4,
+    n_active_experts=2,
+    moe_hidden_dim=64,
 )
 
 
 def test_qwen2_adds_the_qkv_biases_after_their_matmuls():
     cfg = ModelConfig(**{**CFG.__dict__, "arch": "qwen2", "rope_neox": True})
-    ops = [op for op in build_graph(cfg, node_slice(cfg, 0, 1), "f32", 64).ops() if op.name.startswith("blk.0.")]
+    ops = [
+        op for op in build_graph(cfg, node_slice(cfg, 0, 1), "f32", 64).ops() if op.name.startswith("blk.0.")
+    ]
     kinds = [op.kind for op in ops]
     assert kinds[1:7] == ["matmul", "add_bias", "matmul", "add_bias", "matmul", "add_bias"]
     assert [op.weight for op in ops if op.kind == "add_bias"] == [f"blk.0.attn_{t}.bias" for t in "qkv"]
@@ -67,7 +87,8 @@ def test_qwen3_normalises_q_and_k_per_head_before_rope():
     i = kinds.index("rope")
     assert kinds[i - 2 : i] == ["rmsnorm", "rmsnorm"] and "add_bias" not in kinds
     assert [(op.inputs, op.outputs, op.weight) for op in ops[i - 2 : i]] == [
-        (("q",), ("q",), "blk.1.attn_q_norm.weight"), (("k",), ("k",), "blk.1.attn_k_norm.weight")
+        (("q",), ("q",), "blk.1.attn_q_norm.weight"),
+        (("k",), ("k",), "blk.1.attn_k_norm.weight"),
     ]
     assert g.buffers["q"].width == 4 * 32  # head_dim 32 although dim / heads is 16
 
@@ -76,12 +97,24 @@ def test_qwen3moe_ffn_routes_each_token_to_its_experts():
     g = build_graph(QWEN3MOE, node_slice(QWEN3MOE, 1, 2), "q80", 64)
     ffn = [op for op in g.ops() if op.name.startswith("blk.0.")][-10:]
     assert [op.kind for op in ffn] == [
-        "matmul", "moe_route", "quantize_q80", "moe_matmul", "moe_matmul", "silu_mul", "quantize_q80",
-        "moe_matmul", "moe_sum", "to_pipe",
+        "matmul",
+        "moe_route",
+        "quantize_q80",
+        "moe_matmul",
+        "moe_matmul",
+        "silu_mul",
+        "quantize_q80",
+        "moe_matmul",
+        "moe_sum",
+        "to_pipe",
     ]
     router, route = ffn[0], ffn[1]
     assert router.inputs == ("h",) and router.weight == "blk.0.ffn_gate_inp.weight"  # f32 input
     assert route.params == {"k": 2, "normalize": True}
     assert [op.inputs[1] for op in ffn if op.kind == "moe_matmul"] == ["moe_idx"] * 3
     # node 1 of 2 holds 32 of the 64 rows of every expert; the two routed slots side by side
-    assert (g.buffers["moe_gate"].width, g.buffers["moe_y"].width, g.buffers["moe_idx"].dtype) == (64, 128, "i32")
+    assert (g.buffers["moe_gate"].width, g.buffers["moe_y"].width, g.buffers["moe_idx"].dtype) == (
+        64,
+        128,
+        "i32",
+    )

@@ -66,15 +66,38 @@ def test_header_and_stream_parsed_independently(tmp_path: Path) -> None:
     pairs, header_size = _pairs(tmp_path / "t.m")
     assert [k for k, _ in pairs] == CONVERTER_ORDER
     assert dict(pairs) == {
-        0: 0, 1: 0xABCD00, 11: 1, 2: 64, 3: 96, 4: 2, 5: 4, 6: 2, 13: 0, 10: 256, 9: 288, 7: 0, 8: 0,
-        12: 500000, 19: 16, 20: 5,
+        0: 0,
+        1: 0xABCD00,
+        11: 1,
+        2: 64,
+        3: 96,
+        4: 2,
+        5: 4,
+        6: 2,
+        13: 0,
+        10: 256,
+        9: 288,
+        7: 0,
+        8: 0,
+        12: 500000,
+        19: 16,
+        20: 5,
     }
     ref = tiny_weights(**TINY, seed=0, tied=False)
     # spec 1.4: embedding, per layer wq wk wv wo w1(gate) w2(down) w3(up) attn_norm ffn_norm, norm, wcls
     order = ["token_embd"]
     for layer in range(2):
-        names = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_down", "ffn_up", "attn_norm",
-                 "ffn_norm")
+        names = (
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_gate",
+            "ffn_down",
+            "ffn_up",
+            "attn_norm",
+            "ffn_norm",
+        )
         order += [f"blk.{layer}.{t}" for t in names]
     order += ["output_norm", "output"]
     raw = (tmp_path / "t.m").read_bytes()
@@ -160,11 +183,18 @@ BASE = [(0, 0), (1, 0xABCD00), (2, 64), (3, 96), (4, 1), (5, 4), (6, 4), (9, 32)
         ([*BASE, (22, 1)], 0x0A00ABCD, "unsupported .m header key 22"),
         ([p for p in BASE if p[0] != 13], 0x0A00ABCD, "does not specify the weight type"),
         ([*BASE, (20, 7)], 0x0A00ABCD, "norm_epsilon code 7"),
-        ([(k, 0xABCD03 if k == 1 else v) for k, v in BASE], 0x0A00ABCD, r"unknown architecture 0xabcd03.*qwen3"),
+        (
+            [(k, 0xABCD03 if k == 1 else v) for k, v in BASE],
+            0x0A00ABCD,
+            r"unknown architecture 0xabcd03.*qwen3",
+        ),
         ([*BASE, (7, 8), (8, 2), (21, 32)], 0x0A00ABCD, r"8 experts \(2 active\) do not fit the llama"),
         ([(k, 0xABCD02 if k == 1 else v) for k, v in BASE], 0x0A00ABCD, r"0 experts \(0 active\) do not fit"),
-        ([(k, 0xABCD02 if k == 1 else v) for k, v in [*BASE, (7, 2), (8, 3), (21, 32)]], 0x0A00ABCD,
-         r"2 experts \(3 active\) do not fit the qwen3moe"),
+        (
+            [(k, 0xABCD02 if k == 1 else v) for k, v in [*BASE, (7, 2), (8, 3), (21, 32)]],
+            0x0A00ABCD,
+            r"2 experts \(3 active\) do not fit the qwen3moe",
+        ),
     ],
 )
 def test_header_errors(tmp_path: Path, pairs: list[tuple[int, int]], magic: int, message: str) -> None:

@@ -18,8 +18,15 @@ SCORES = [0.0, -1.0, -2.0, -3.5, 1.25, -6.0, 0.0, 0.0]
 
 
 def _sample() -> TFile:
-    return TFile(list(VOCAB), list(SCORES), bos_id=6, eos_ids=[7, 3], add_bos=False,
-                 chat_template="{{ messages }} ✓", max_token_length=0)
+    return TFile(
+        list(VOCAB),
+        list(SCORES),
+        bos_id=6,
+        eos_ids=[7, 3],
+        add_bos=False,
+        chat_template="{{ messages }} ✓",
+        max_token_length=0,
+    )
 
 
 def test_round_trip(tmp_path: Path) -> None:
@@ -60,7 +67,12 @@ def test_legacy_format(tmp_path: Path) -> None:
     (tmp_path / "old.t").write_bytes(raw)
     tf = read_tfile(tmp_path / "old.t")
     assert (tf.vocab, tf.scores, tf.bos_id, tf.eos_ids, tf.chat_template) == (
-        [b"x", b"<s>", b"</s>"], [0.5, 0.0, 0.0], 1, [2], None)
+        [b"x", b"<s>", b"</s>"],
+        [0.5, 0.0, 0.0],
+        1,
+        [2],
+        None,
+    )
 
 
 def test_legacy_keys_eos_and_chat_stop(tmp_path: Path) -> None:
@@ -122,7 +134,7 @@ def test_sentencepiece_vocab(shared: Path) -> None:
     tf, order = tfile_from_gguf(meta)
     n = 32000
     assert order[: n - 3].tolist() == list(range(3, n)) and order[n - 3 :].tolist() == [1, 0, 2]
-    assert tf.vocab[: 256] == [bytes([b]) for b in range(256)]  # <0xNN> pieces are single raw bytes
+    assert tf.vocab[:256] == [bytes([b]) for b in range(256)]  # <0xNN> pieces are single raw bytes
     tokens = meta["tokenizer.ggml.tokens"]
     the = tokens.index("▁the")
     assert tf.vocab[the - 3] == b" the"

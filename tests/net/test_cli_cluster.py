@@ -19,8 +19,14 @@ from engine.cli import _expand_workers, _worker_list
 
 def dllama(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=ROOT, text=True,
-                          capture_output=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +39,36 @@ def long_tiny(tmp_path_factory):
 def test_workers_option_syntaxes():
     argv = ["inference", "--workers", "a:1", "b:2", "--steps", "3", "--workers", "c:3,d:4"]
     assert _expand_workers(argv) == [
-        "inference", "--workers", "a:1", "--workers", "b:2", "--steps", "3", "--workers", "c:3,d:4"
+        "inference",
+        "--workers",
+        "a:1",
+        "--workers",
+        "b:2",
+        "--steps",
+        "3",
+        "--workers",
+        "c:3,d:4",
     ]
     assert _worker_list(["a:1", "b:2", "c:3,d:4", "e:5 f:6"]) == ["a:1", "b:2", "c:3", "d:4", "e:5", "f:6"]
 
 
 def test_inference_on_three_nodes_matches_one_node(pool, tiny8_paths, tmp_path):
-    base = ["inference", "--model", str(tiny8_paths["q40"]), "--prompt", "hello there", "--steps", "12",
-            "--temperature", "0", "--ignore-eos", "--nthreads", "1", "--buffer-float-type", "q80"]
+    base = [
+        "inference",
+        "--model",
+        str(tiny8_paths["q40"]),
+        "--prompt",
+        "hello there",
+        "--steps",
+        "12",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--nthreads",
+        "1",
+        "--buffer-float-type",
+        "q80",
+    ]
     one = dllama(*base, "--json", str(tmp_path / "one.json"))
     assert one.returncode == 0, one.stderr
     w1, w2 = pool.get(2)
@@ -58,8 +86,15 @@ def test_inference_on_three_nodes_matches_one_node(pool, tiny8_paths, tmp_path):
 
 
 def test_perplexity_on_two_nodes_matches_one_node(pool, tiny8_paths, tmp_path):
-    base = ["perplexity", "--model", str(tiny8_paths["f32"]), "--prompt", "the quick brown fox jumps",
-            "--nthreads", "1"]
+    base = [
+        "perplexity",
+        "--model",
+        str(tiny8_paths["f32"]),
+        "--prompt",
+        "the quick brown fox jumps",
+        "--nthreads",
+        "1",
+    ]
     one = dllama(*base, "--json", str(tmp_path / "one.json"))
     (w,) = pool.get(1)
     two = dllama(*base, "--json", str(tmp_path / "two.json"), "--workers", w.address)
@@ -74,10 +109,33 @@ class Generation:
 
     def __init__(self, model, workers):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "inference", "--model", str(model), "--prompt", "hi",
-             "--steps", "4000", "--max-seq-len", "4096", "--temperature", "0", "--ignore-eos",
-             "--nthreads", "1", "--buffer-float-type", "q80", "--workers", *[w.address for w in workers]],
-            cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [
+                sys.executable,
+                "-m",
+                "engine.cli",
+                "inference",
+                "--model",
+                str(model),
+                "--prompt",
+                "hi",
+                "--steps",
+                "4000",
+                "--max-seq-len",
+                "4096",
+                "--temperature",
+                "0",
+                "--ignore-eos",
+                "--nthreads",
+                "1",
+                "--buffer-float-type",
+                "q80",
+                "--workers",
+                *[w.address for w in workers],
+            ],
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
         self.predicting = threading.Event()  # set once a few tokens came out: mid-generation
@@ -130,8 +188,19 @@ def test_worker_serves_a_new_root_after_the_root_is_killed(pool, tiny8_paths, lo
     gen.finish(10)
     w.wait_for("Session ended: the root .* closed the connection", m)
     w.wait_for("Waiting for a root", m)
-    r = dllama("inference", "--model", str(tiny8_paths["f32"]), "--prompt", "hi", "--steps", "3",
-               "--nthreads", "1", "--workers", w.address)
+    r = dllama(
+        "inference",
+        "--model",
+        str(tiny8_paths["f32"]),
+        "--prompt",
+        "hi",
+        "--steps",
+        "3",
+        "--nthreads",
+        "1",
+        "--workers",
+        w.address,
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -155,8 +224,19 @@ def test_worker_gives_up_a_stopped_root(pool, tiny8_paths, long_tiny):
         w.wait_for(r"Session ended: the root \(\S+\) sent nothing for (4|10) s", m, timeout=15)
         assert time.monotonic() - t0 < 12
         w.wait_for("Waiting for a root", m)
-        r = dllama("inference", "--model", str(tiny8_paths["f32"]), "--prompt", "hi", "--steps", "3",
-                   "--nthreads", "1", "--workers", w.address)
+        r = dllama(
+            "inference",
+            "--model",
+            str(tiny8_paths["f32"]),
+            "--prompt",
+            "hi",
+            "--steps",
+            "3",
+            "--nthreads",
+            "1",
+            "--workers",
+            w.address,
+        )
         assert r.returncode == 0, r.stderr
     finally:
         gen.proc.kill()

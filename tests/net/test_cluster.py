@@ -23,8 +23,15 @@ def backend() -> CpuBackend:
 
 
 def cluster(model, backend, act: str, workers, max_batch: int = 4) -> Runner:
-    return Runner(model, backend, act, max_seq_len=64, max_batch=max_batch,
-                  workers=[w.address for w in workers], log=lambda line: None)
+    return Runner(
+        model,
+        backend,
+        act,
+        max_seq_len=64,
+        max_batch=max_batch,
+        workers=[w.address for w in workers],
+        log=lambda line: None,
+    )
 
 
 @pytest.mark.parametrize("n_nodes", [2, 3, 4])
@@ -117,8 +124,9 @@ def test_weight_streaming_reports_progress_and_capabilities(pool, tiny8_paths, b
     monkeypatch.setattr(net.root, "PROGRESS_EVERY", 0.0)  # a progress line after every chunk
     lines: list[str] = []
     (w,) = pool.get(1)
-    r = Runner(open_model(tiny8_paths["f32"]), backend, "f32", max_seq_len=64, workers=[w.address],
-               log=lines.append)
+    r = Runner(
+        open_model(tiny8_paths["f32"]), backend, "f32", max_seq_len=64, workers=[w.address], log=lines.append
+    )
     r.close()
     caps = rf"⭕ Worker 1 at {w.address}: CPU \(numba, 1 thread\) on \S+, [\d.]+ GiB free"
     assert re.fullmatch(caps, lines[0])  # what the worker said of itself in its greeting

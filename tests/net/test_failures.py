@@ -232,9 +232,20 @@ def test_worker_refuses_a_tensor_it_does_not_need(pool, model, backend):
     """The worker checks every tensor against the graph it rebuilt from the session config."""
     (w,) = pool.get(1)
     m = w.mark()
-    sc = SessionConfig(session="t", node=1, n_nodes=2, act="f32", max_seq_len=64, max_batch=4, timeout=3.0,
-                       heartbeat=1.0, weight_bytes=10**6, peers=[("127.0.0.1", 1)], model=model.config,
-                       slice=node_slice(model.config, 1, 2))
+    sc = SessionConfig(
+        session="t",
+        node=1,
+        n_nodes=2,
+        act="f32",
+        max_seq_len=64,
+        max_batch=4,
+        timeout=3.0,
+        heartbeat=1.0,
+        weight_bytes=10**6,
+        peers=[("127.0.0.1", 1)],
+        model=model.config,
+        slice=node_slice(model.config, 1, 2),
+    )
     header = {"name": "blk.0.attn_q.weight", "dtype": "f32", "shape": [7, 256]}
 
     def config_then_tensor(c: socket.socket) -> None:

@@ -34,8 +34,15 @@ def test_vulkan_and_cpu_nodes_give_the_cpu_tokens(pool, tiny8_paths, vulkan, vul
     want_logits, want = one.forward(TOKENS, 0, "all"), greedy(one, TOKENS, 8)
     workers = pool.get(1, backend="vulkan" if vulkan_node == "worker" else "cpu")
     m = workers[0].mark()
-    r = Runner(model, vulkan if vulkan_node == "root" else cpu, act, max_seq_len=64, max_batch=4,
-               workers=[workers[0].address], log=lambda line: None)
+    r = Runner(
+        model,
+        vulkan if vulkan_node == "root" else cpu,
+        act,
+        max_seq_len=64,
+        max_batch=4,
+        workers=[workers[0].address],
+        log=lambda line: None,
+    )
     try:
         got_logits, got = r.forward(TOKENS, 0, "all"), greedy(r, TOKENS, 8)
     finally:

@@ -75,9 +75,20 @@ def test_frame_bounds():
 
 
 def session(**kw) -> SessionConfig:
-    base = dict(session="abc", node=1, n_nodes=3, act="q80", max_seq_len=128, max_batch=32, timeout=3.0,
-                heartbeat=1.0, weight_bytes=1234, peers=[("10.0.0.2", 9990), ("10.0.0.3", 9991)], model=CFG,
-                slice=node_slice(CFG, 1, 3))
+    base = dict(
+        session="abc",
+        node=1,
+        n_nodes=3,
+        act="q80",
+        max_seq_len=128,
+        max_batch=32,
+        timeout=3.0,
+        heartbeat=1.0,
+        weight_bytes=1234,
+        peers=[("10.0.0.2", 9990), ("10.0.0.3", 9991)],
+        model=CFG,
+        slice=node_slice(CFG, 1, 3),
+    )
     return SessionConfig(**{**base, **kw})
 
 
@@ -90,8 +101,15 @@ def test_session_config_round_trip():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(node=3), dict(node=0), dict(act="f16"), dict(max_seq_len=1000), dict(peers=[("a", 1)]),
-     dict(max_batch=0), dict(timeout=0.0)],
+    [
+        dict(node=3),
+        dict(node=0),
+        dict(act="f16"),
+        dict(max_seq_len=1000),
+        dict(peers=[("a", 1)]),
+        dict(max_batch=0),
+        dict(timeout=0.0),
+    ],
 )
 def test_session_config_out_of_range(bad):
     with pytest.raises(ProtocolError, match="out of range"):

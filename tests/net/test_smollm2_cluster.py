@@ -25,8 +25,14 @@ def test_smollm2_cluster_matches_golden(pool, shared, smollm2_path, n_nodes):
     tok = tokenizer_from_gguf(model.metadata)
     workers = pool.get(n_nodes - 1)
     marks = [w.mark() for w in workers]
-    r = Runner(model, CpuBackend(1), "f32", max_seq_len=128, workers=[w.address for w in workers],
-               log=lambda line: None)
+    r = Runner(
+        model,
+        CpuBackend(1),
+        "f32",
+        max_seq_len=128,
+        workers=[w.address for w in workers],
+        log=lambda line: None,
+    )
     try:
         for k, (w, m) in enumerate(zip(workers, marks, strict=True), 1):
             # every worker holds 1 of the 3 KV heads; the root holds the rest (2 of them on 2 nodes)
