@@ -19,6 +19,7 @@ test: models
 
 lint: setup
 	@.venv/bin/ruff check .
+	@.venv/bin/ruff format --check .
 
 bench: setup
 	@.venv/bin/python tools/bench_cpu.py
