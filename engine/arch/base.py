@@ -98,11 +98,12 @@ class Arch:
                 elif not spec.optional:
                     raise DllamaError(f"{path}: required tensor {name} is missing")
                 continue
-            want = as_weight_shape(spec.shape(cfg))
+            shape = spec.shape(cfg)
+            want = as_weight_shape(shape)
             if w.shape != want:
                 need, got = "x".join(map(str, want)), "x".join(map(str, w.shape))
                 raise DllamaError(f"{path}: tensor {name} is {got}, the config needs {need}")
-            if len(want) == 2 and want[0] == 1 and weight_type(w.dtype).quantized:
+            if len(shape) == 1 and weight_type(w.dtype).quantized:
                 raise DllamaError(f"{path}: vector {name} is {w.dtype}; vectors must be F32, F16 or BF16")
             weights[name] = w
         return weights
@@ -175,7 +176,7 @@ def standard_config(m: Meta, *, rope_neox: bool, **extra: Any) -> ModelConfig:
     return ModelConfig(
         arch=m.arch,
         dim=dim,
-        hidden_dim=m.int("feed_forward_length", 0),
+        hidden_dim=m.int("feed_forward_length", 0 if extra.get("n_experts") else None),
         n_layers=m.int("block_count"),
         n_heads=n_heads,
         n_kv_heads=m.int("attention.head_count_kv", n_heads),
