@@ -12,7 +12,7 @@ import numpy as np
 from engine.config import RopeScaling
 from engine.errors import DllamaError
 from engine.gguf_file import load_gguf
-from engine.mfile import write_m
+from engine.mfile import check_writable, write_m
 from engine.tfile import tfile_from_gguf, write_tfile
 
 M_WEIGHT_TYPES = ("f32", "f16", "q40", "q80")
@@ -75,13 +75,15 @@ def convert_gguf(
     out_t: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> None:
-    """Convert a Llama GGUF to a `.m` model with matrices in `wtype` and, optionally, its `.t` tokenizer.
+    """Convert a GGUF (llama, qwen3, qwen3moe) to a `.m` model with matrices in `wtype` and, optionally, its
+    `.t` tokenizer.
 
     Both files share one vocabulary order that moves special tokens behind the regular ones (spec 3.3).
     """
     if wtype not in M_WEIGHT_TYPES:
         raise DllamaError(f"weight type {wtype!r} is not one of {', '.join(M_WEIGHT_TYPES)} (.m types)")
     model = load_gguf(src)
+    check_writable(model)
     cfg = model.config
     if wtype == "q40" and any(w.dtype == "q41" for w in model.weights.values()):
         log(

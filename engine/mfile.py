@@ -236,6 +236,17 @@ def _write_matrix(
             f.write(quantize(dequantize(chunk, src, stop - start, cols), dtype).tobytes())
 
 
+def check_writable(model: Model) -> None:
+    """Refuse a model that a `.m` file cannot hold (an architecture or a tensor distributed-llama lacks)."""
+    cfg = model.config
+    arch = get_arch(cfg.arch)
+    if arch.m_arch_type is None:
+        raise DllamaError(f"{model.path}: distributed-llama's .m format has no {cfg.arch} architecture")
+    lost = [n for n, s in arch.table(cfg) if s.m is None and not s.optional and n in model.weights]
+    if lost:
+        raise DllamaError(f"{model.path}: a .m file cannot hold tensor {lost[0]} ({cfg.arch} architecture)")
+
+
 def write_m(
     path: str | Path,
     model: Model,
@@ -250,13 +261,8 @@ def write_m(
     wt = weight_type(wtype)
     if wt.m_code is None:
         raise DllamaError(f"weight type {wtype!r} cannot be written to a .m file (use f32, f16, q40 or q80)")
+    check_writable(model)
     cfg = model.config
-    arch = get_arch(cfg.arch)
-    if arch.m_arch_type is None:
-        raise DllamaError(f"{model.path}: distributed-llama's .m format has no {cfg.arch} architecture")
-    lost = [n for n, s in arch.table(cfg) if s.m is None and not s.optional and n in model.weights]
-    if lost:
-        raise DllamaError(f"{model.path}: a .m file cannot hold tensor {lost[0]} ({cfg.arch} architecture)")
     order = None
     if vocab_order is not None:
         order = np.asarray(vocab_order, dtype=np.int64)

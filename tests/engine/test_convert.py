@@ -117,3 +117,31 @@ def test_smollm2_vocab_order_shared_by_m_and_t(tmp_path: Path, smollm2_path: Pat
         assert m.weights["output.weight"].data[new].tobytes() == ge[old].tobytes()  # tied, q80 copied
     assert tf.vocab[tf.bos_id] == b"<|im_start|>" and tf.bos_id == 49152 - 17
     assert m.config.vocab_size == 49152 and m.config.n_layers == 30
+
+
+def test_qwen2_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    src = write_tiny_gguf(tmp_path / "q.gguf", arch="qwen2")
+    lines: list[str] = []
+    with pytest.raises(DllamaError, match="has no qwen2 architecture"):
+        convert_gguf(src, tmp_path / "q.m", "q40", tmp_path / "q.t", log=lines.append)
+    assert lines == [] and sorted(p.name for p in tmp_path.iterdir()) == ["q.gguf"]
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3moe"])
+def test_qwen3_ggufs_with_k_quants_convert_to_m(tmp_path: Path, arch: str) -> None:
+    """Every tensor of the .m (matrices re-encoded from Q6_K/Q4_K to f32) decodes to the GGUF's values."""
+    types = {"ffn_down_exps" if arch == "qwen3moe" else "ffn_down": "q6k", "attn_q": "q4k"}
+    shape = dict(dim=256, hidden_dim=512, head_dim=64, moe_hidden_dim=256)
+    src = write_tiny_gguf(tmp_path / "q.gguf", arch=arch, wtype="q50", types=types, **shape)
+    convert_gguf(src, tmp_path / "q.m", "f32", log=lambda line: None)
+    g, m = load_gguf(src), read_m(tmp_path / "q.m")
+    assert (
+        m.config == g.config
+        and _header(tmp_path / "q.m")[1] == {"qwen3": 0xABCD01, "qwen3moe": 0xABCD02}[arch]
+    )
+    assert set(m.weights) == set(g.weights)
+    for name, w in g.weights.items():
+        rows = w.rows * max(w.experts, 1)
+        want = dequantize(w.data.reshape(rows, -1), w.dtype, rows, w.cols)
+        got = m.weights[name].data.reshape(rows, w.cols)
+        assert np.array_equal(got, want), name
