@@ -26,7 +26,7 @@ from engine.graph import ACT_TYPES
 from engine.slicing import NodeSlice
 
 MAGIC = b"DLMA"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the session config carries the worker's NodeSlice, tensor headers a shape
 GREETING = struct.Struct("<4sHBBI")  # magic, version, role, reserved, payload length
 HEADER = struct.Struct("<BBHI")  # type, a, b, c
 GREETING_BOUND = 4096  # bytes of a greeting's JSON payload
