@@ -100,9 +100,6 @@ class Model:
     kind: str  # "gguf" or "m"
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    def weight(self, name: str) -> Weight:
-        return self.weights[name]
-
     @property
     def classifier(self) -> Weight:
         return self.weights["output.weight"]
