@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import struct
 from enum import IntEnum
 from typing import Any, NamedTuple
 
-from engine.arch import registry
 from engine.backend import Backend
 from engine.config import ModelConfig, RopeScaling
 from engine.errors import DllamaError
@@ -31,7 +31,32 @@ GREETING = struct.Struct("<4sHBBI")  # magic, version, role, reserved, payload l
 HEADER = struct.Struct("<BBHI")  # type, a, b, c
 GREETING_BOUND = 4096  # bytes of a greeting's JSON payload
 NET_TIMEOUT = 3.0  # seconds of silence from a peer in a forward pass before it is reported
+MAX_NET_TIMEOUT = 3600.0  # the longest silence a node can be told to allow
+MIN_RATE = 1 << 20  # bytes/s: a step moving n bytes must end within its silence bound + n / MIN_RATE
+WEIGHT_CHUNK = 4 << 20  # bytes of tensor data per step while streaming weights (each a deadline of its own)
+HEARTBEAT_MIN = 0.01  # seconds: the shortest keep-alive interval a worker accepts
+JSON_DEPTH = 8  # nesting levels a JSON payload may use (a session config uses 3)
+NUMBER_CHARS = 32  # characters of one JSON number (20 digits hold any 64-bit integer)
 MODES = ("none", "last", "all")  # FORWARD `a`: which logits the root wants back
+
+
+def check_timeout(timeout: float, what: str = "--net-timeout") -> float:
+    """`timeout` if it is a usable silence bound (finite, > 0, at most MAX_NET_TIMEOUT); else one line."""
+    number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    if not (number and math.isfinite(timeout) and 0 < timeout <= MAX_NET_TIMEOUT):
+        raise DllamaError(f"{what} must be a number of seconds in (0, {MAX_NET_TIMEOUT:g}] (got {timeout!r})")
+    return float(timeout)
+
+
+def step_time(silence: float, nbytes: int) -> float:
+    """Seconds one transfer of `nbytes` may take in all: its silence bound plus the bytes at MIN_RATE, so a
+    peer that trickles (a byte now and then, never silent for long) is still given up."""
+    return silence + nbytes / MIN_RATE
+
+
+def compile_wait(timeout: float) -> float:
+    """Longest a root waits for a worker to compile and warm up its slice, even while it keeps PINGing."""
+    return 10 * setup_silence(timeout)
 
 
 def setup_silence(timeout: float) -> float:
@@ -103,11 +128,68 @@ def version_mismatch(peer: str, theirs: int) -> str:
     )
 
 
+def printable(text: Any, limit: int = 200) -> str:
+    """`text` as one printable line of at most `limit` characters: what a peer sends may hold anything."""
+    s = "".join(c if c.isprintable() else " " for c in str(text)[:limit])
+    return s + ("..." if len(str(text)) > limit else "")
+
+
+def json_depth(payload: bytes) -> int:
+    """Deepest nesting of arrays and objects in `payload` (brackets inside strings do not count), counted
+    before parsing because the parser recurses once per level."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in payload:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == 0x5C:  # backslash
+                escaped = True
+            elif ch == 0x22:  # quote
+                in_string = False
+        elif ch == 0x22:
+            in_string = True
+        elif ch in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in b"]}":
+            depth -= 1
+    return deepest
+
+
+class _BadNumber(ValueError):
+    """A JSON number over NUMBER_CHARS characters, or NaN/Infinity, or one that overflows a float."""
+
+
+def _json_int(text: str) -> int:
+    if len(text) > NUMBER_CHARS:
+        raise _BadNumber(f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    if len(text) > NUMBER_CHARS or not math.isfinite(value := float(text)):
+        raise _BadNumber(f"the number {printable(text, 40)}")
+    return value
+
+
+def _json_constant(text: str) -> float:
+    raise _BadNumber(f"the number {text}")
+
+
 def parse_json(payload: bytes, what: str, peer: str) -> dict[str, Any]:
-    """A JSON object from a greeting or message payload."""
+    """A JSON object from a greeting or message payload, nested at most JSON_DEPTH levels, its numbers
+    finite and at most NUMBER_CHARS long."""
+    depth = json_depth(payload)
+    if depth > JSON_DEPTH:
+        raise ProtocolError(
+            f"{peer} sent a {what} nested {depth} levels deep, over the bound of {JSON_DEPTH}"
+        )
     try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        obj = json.loads(payload, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
+    except _BadNumber as e:
+        raise ProtocolError(f"{peer} sent a {what} with {e}: numbers must be finite and short") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
         obj = None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{peer} sent a {what} that is not a JSON object")
@@ -123,7 +205,12 @@ def pack_frame(msg: Msg, payload: bytes = b"", a: int = 0, b: int = 0) -> bytes:
 
 def pack_error(text: str) -> bytes:
     """An ERROR frame, the text cut to the bound."""
-    return pack_frame(Msg.ERROR, text.encode()[: BOUNDS[Msg.ERROR]])
+    return pack_frame(Msg.ERROR, text.encode(errors="replace")[: BOUNDS[Msg.ERROR]])
+
+
+def error_text(payload: bytes) -> str:
+    """The text of a peer's ERROR frame as one printable line."""
+    return printable(payload.decode(errors="replace"), 500)
 
 
 def pack_forward(pos: int, n_tokens: int, mode: str) -> bytes:
@@ -145,54 +232,69 @@ def parse_header(raw: bytes, peer: str) -> tuple[Msg, int, int, int]:
     return msg, a, b, c
 
 
+def _int(v: Any) -> int:
+    """A JSON integer (not a boolean); TypeError otherwise."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(v)
+    return v
+
+
+def _num(v: Any) -> float:
+    """A JSON number (not a boolean) as a float; TypeError otherwise."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise TypeError(v)
+    return float(v)
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError(v)
+    return v
+
+
 def config_from_json(d: Any, peer: str) -> ModelConfig:
-    """The ModelConfig a root sent, type-checked field by field."""
+    """The ModelConfig a root sent, checked by the same validation as a model file's."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
     try:
-        d = dict(d)
+        if not isinstance(d, dict) or not set(d) <= names:
+            raise TypeError(d)
         rs = d.get("rope_scaling")
         if rs is not None:
-            d["rope_scaling"] = RopeScaling(
-                float(rs["factor"]),
-                float(rs["low_freq_factor"]),
-                float(rs["high_freq_factor"]),
-                int(rs["orig_max_seq_len"]),
+            rs = RopeScaling(
+                *(rs[k] for k in ("factor", "low_freq_factor", "high_freq_factor", "orig_max_seq_len"))
             )
-        cfg = ModelConfig(**d)
-        ints = (
-            cfg.dim,
-            cfg.n_layers,
-            cfg.n_heads,
-            cfg.n_kv_heads,
-            cfg.head_dim,
-            cfg.vocab_size,
-            cfg.context_len,
-        )
-        sizes = (cfg.hidden_dim, cfg.n_experts, cfg.n_active_experts, cfg.moe_hidden_dim)
-        ok = (
-            all(isinstance(v, int) and v > 0 for v in ints)
-            and cfg.n_heads % cfg.n_kv_heads == 0
-            and all(isinstance(v, int) and v >= 0 for v in sizes)
-            and cfg.arch in registry()
-            and isinstance(cfg.rope_neox, bool)
-        )
-    except (TypeError, KeyError, ValueError):
-        ok = False
-    if not ok:
-        raise ProtocolError(f"{peer} sent a model config this worker cannot use")
+        cfg = ModelConfig(**{**d, "rope_scaling": rs})
+    except (TypeError, KeyError):
+        raise ProtocolError(f"{peer} sent a model config this worker cannot use") from None
+    try:
+        cfg.validate(f"{peer} sent a model config this worker cannot use")
+    except DllamaError as e:
+        raise ProtocolError(printable(e, 300)) from None
     return cfg
 
 
-def slice_from_json(d: Any, peer: str) -> NodeSlice:
-    """The NodeSlice a root sent, its ranges checked to be ordered."""
+def slice_from_json(d: Any, cfg: ModelConfig, peer: str) -> NodeSlice:
+    """The NodeSlice a root sent, its ranges checked to be ordered, inside the model and whole KV groups."""
+    keys = ("kv_heads", "q_heads", "ffn", "moe", "vocab")
+    sizes = (cfg.n_kv_heads, cfg.n_heads, cfg.hidden_dim, cfg.moe_hidden_dim, cfg.vocab_size)
     try:
-        d = dict(d)
-        ranges = {k: (int(d[k][0]), int(d[k][1])) for k in ("kv_heads", "q_heads", "ffn", "moe", "vocab")}
-        sl = NodeSlice(node=int(d["node"]), n_nodes=int(d["n_nodes"]), **ranges)
-        ok = all(0 <= a <= b for a, b in ranges.values())
-    except (TypeError, KeyError, ValueError, IndexError):
-        ok = False
-    if not ok:
-        raise ProtocolError(f"{peer} sent a node slice this worker cannot use")
+        ranges = {}
+        for k in keys:
+            a, b = d[k]
+            ranges[k] = (_int(a), _int(b))
+        sl = NodeSlice(node=_int(d["node"]), n_nodes=_int(d["n_nodes"]), **ranges)
+    except (TypeError, KeyError, ValueError):
+        raise ProtocolError(f"{peer} sent a node slice this worker cannot use") from None
+    group = cfg.n_heads // cfg.n_kv_heads
+    kv0, kv1 = sl.kv_heads
+    if not (
+        all(0 <= a <= b <= size for (a, b), size in zip(ranges.values(), sizes, strict=True))
+        and kv0 < kv1
+        and sl.q_heads == (kv0 * group, kv1 * group)
+    ):
+        raise ProtocolError(
+            f"{peer} sent a node slice this worker cannot use (outside its model or unordered)"
+        )
     return sl
 
 
@@ -220,31 +322,37 @@ class SessionConfig:
     def from_bytes(cls, payload: bytes, peer: str) -> SessionConfig:
         d = parse_json(payload, "session config", peer)
         try:
+            model = config_from_json(d["model"], peer)
+            peers = []
+            for host, port in d["peers"]:
+                peers.append((_str(host), _int(port)))
             sc = cls(
-                session=str(d["session"]),
-                node=int(d["node"]),
-                n_nodes=int(d["n_nodes"]),
-                act=str(d["act"]),
-                max_seq_len=int(d["max_seq_len"]),
-                max_batch=int(d["max_batch"]),
-                timeout=float(d["timeout"]),
-                heartbeat=float(d["heartbeat"]),
-                weight_bytes=int(d["weight_bytes"]),
-                peers=[(str(h), int(p)) for h, p in d["peers"]],
-                model=config_from_json(d["model"], peer),
-                slice=slice_from_json(d["slice"], peer),
+                session=_str(d["session"]),
+                node=_int(d["node"]),
+                n_nodes=_int(d["n_nodes"]),
+                act=_str(d["act"]),
+                max_seq_len=_int(d["max_seq_len"]),
+                max_batch=_int(d["max_batch"]),
+                timeout=_num(d["timeout"]),
+                heartbeat=_num(d["heartbeat"]),
+                weight_bytes=_int(d["weight_bytes"]),
+                peers=peers,
+                model=model,
+                slice=slice_from_json(d["slice"], model, peer),
             )
         except (KeyError, TypeError, ValueError):
             raise ProtocolError(f"{peer} sent an incomplete session config") from None
         if not (
-            1 <= sc.node < sc.n_nodes
+            1 <= sc.node < sc.n_nodes <= sc.model.n_kv_heads
             and len(sc.peers) == sc.n_nodes - 1
+            and all(0 < len(h) <= 255 and h.isprintable() and 1 <= p <= 65535 for h, p in sc.peers)
+            and 0 < len(sc.session) <= 64
             and sc.act in ACT_TYPES
             and 1 <= sc.max_batch <= 65535
             and 1 <= sc.max_seq_len <= sc.model.context_len
-            and 0 < sc.timeout
-            and 0 < sc.heartbeat
-            and 0 <= sc.weight_bytes
+            and 0 < sc.timeout <= MAX_NET_TIMEOUT
+            and HEARTBEAT_MIN <= sc.heartbeat <= max(1.0, sc.timeout)
+            and 0 <= sc.weight_bytes < 1 << 50
             and sc.slice.node == sc.node
             and sc.slice.n_nodes == sc.n_nodes
         ):
@@ -279,7 +387,7 @@ def capabilities(backend: Backend) -> dict[str, Any]:
 
 
 def describe(caps: dict[str, Any]) -> str:
-    """One line for a log: device, threads, free memory."""
+    """One line for a log: device, host, free memory (a peer's own words, made printable and short)."""
     mem = caps.get("memory")
     free = f", {mem / 2**30:.1f} GiB free" if isinstance(mem, int) and mem > 0 else ""
-    return f"{caps.get('device', '?')} on {caps.get('host', '?')}{free}"
+    return f"{printable(caps.get('device', '?'), 100)} on {printable(caps.get('host', '?'), 100)}{free}"

@@ -27,14 +27,19 @@ from engine.slicing import NodeSlice, slice_weights
 from engine.weights import Model, Weight
 from net.protocol import (
     GREETING,
+    HEARTBEAT_MIN,
     NET_TIMEOUT,
     PROTOCOL_VERSION,
+    WEIGHT_CHUNK,
     Msg,
     ProtocolError,
     Role,
     SessionConfig,
     capabilities,
+    check_timeout,
+    compile_wait,
     describe,
+    error_text,
     pack_forward,
     pack_frame,
     pack_greeting,
@@ -45,7 +50,6 @@ from net.protocol import (
 )
 from net.transport import Link, NodeSync, PeerError, Transfer, connect, exchange, parse_address
 
-CHUNK = 4 << 20  # bytes of tensor data per send while streaming weights
 PROGRESS_EVERY = 1.0  # seconds between progress lines of a weight transfer
 STOP_WAIT = 2.0  # seconds a worker gets to confirm STOP
 
@@ -65,13 +69,12 @@ class RootCluster:
         timeout: float = NET_TIMEOUT,
         log: Callable[[str], None] = print,
     ):
-        if timeout <= 0:
-            raise DllamaError(f"--net-timeout must be positive (got {timeout:g})")
+        timeout = check_timeout(timeout)
         self.addresses = [parse_address(a) for a in addresses]
         self.n_nodes = 1 + len(self.addresses)
         self.slices = list(slices)
         self.timeout, self.log = timeout, log
-        self.heartbeat = min(1.0, timeout / 3)
+        self.heartbeat = max(HEARTBEAT_MIN, min(1.0, timeout / 3))
         self.links: dict[int, Link] = {}
         self.sync: NodeSync | None = None
         self.failed: str | None = None
@@ -104,8 +107,8 @@ class RootCluster:
                     model=model.config,
                     slice=self.slices[k],
                 )
-                self._setup_step(k, lambda link, sc=sc: self._send_config(link, sc))
-                self._setup_step(k, lambda link, w=weights: self._send_weights(link, w))
+                self._setup_step(k, "the session config", lambda link, sc=sc: self._send_config(link, sc))
+                self._setup_step(k, "the weights", lambda link, w=weights: self._send_weights(link, w))
                 del weights
         except BaseException:
             self._abort()
@@ -113,19 +116,13 @@ class RootCluster:
 
     # ---- set-up ----
     def _greet(self, k: int, host: str, port: int, caps: dict) -> Link:
+        """Connect worker k and exchange greetings; every failure is one line naming the worker."""
         name = f"worker {k} ({host}:{port})"
         link = connect(host, port, name, self.timeout)
+        head = None
         try:
             link.send(pack_greeting(Role.ROOT, caps), self.timeout)
-            try:
-                head = link.recv_exact(GREETING.size, self.timeout)
-            except PeerError as e:
-                if e.reason.startswith("sent nothing"):
-                    raise DllamaError(
-                        f"{name} accepted the connection but sent no dllama greeting within "
-                        f"{self.timeout:g} s: is a `dllama worker` listening there?"
-                    ) from None
-                raise DllamaError(f"{name} {e.reason} during the greeting: is it a dllama worker?") from None
+            head = link.recv_exact(GREETING.size, self.timeout)
             try:
                 version, role, length = parse_greeting_head(head, name)
             except ProtocolError as e:
@@ -134,32 +131,43 @@ class RootCluster:
                 raise ProtocolError(version_mismatch(name, version))
             wcaps = parse_json(link.recv_exact(length, self.timeout), "greeting", name)
             if role != Role.WORKER:
-                raise ProtocolError(f"{name} answered as a {Role(role).name.lower()}, not as a worker")
-            link.expect(Msg.OK, self.timeout, of=Msg.OK)
+                what = Role(role).name.lower() if role in set(Role) else f"node of role {role}"
+                raise ProtocolError(f"{name} answered as a {what}, not as a worker")
+            link.expect(Msg.OK, self.timeout, of=Msg.OK, total=self.timeout)
+        except PeerError as e:
+            link.close()
+            if head is None and e.kind == "silent" and link.recv == 0:
+                raise DllamaError(
+                    f"{name} accepted the connection but sent no dllama greeting within "
+                    f"{self.timeout:g} s: is a `dllama worker` listening there?"
+                ) from None
+            hint = ": is it a dllama worker?" if head is None else ""
+            raise DllamaError(f"{e} during the greeting{hint}") from None
         except BaseException:
             link.close()
             raise
         self.log(f"⭕ Worker {k} at {host}:{port}: {describe(wcaps)}")
         return link
 
-    def _setup_step(self, k: int, step: Callable[[Link], None]) -> None:
-        """Run one set-up exchange with worker k; a worker that hangs up explains itself in an ERROR frame."""
+    def _setup_step(self, k: int, what: str, step: Callable[[Link], None]) -> None:
+        """Send `what` to worker k; a worker that hangs up explains itself in an ERROR frame."""
         link = self.links[k]
         try:
             with link.lock:
                 step(link)
         except PeerError as e:
             try:
-                f = link.read_frame(0.5)
+                f = link.read_frame(0.5, total=0.5)
             except DllamaError:
                 f = None
             if f is not None and f.msg == Msg.ERROR:
-                raise DllamaError(f"{link.name}: {f.payload.decode(errors='replace')}") from None
-            raise DllamaError(f"{e} while setting up the cluster") from None
+                raise DllamaError(f"{link.name}: {error_text(f.payload)}") from None
+            raise DllamaError(f"{e} while the root sent it {what}") from None
 
     def _send_config(self, link: Link, sc: SessionConfig) -> None:
         link.send(pack_frame(Msg.CONFIG, sc.to_bytes()), self.timeout)
-        link.expect(Msg.OK, setup_silence(self.timeout), of=Msg.CONFIG)
+        silence = setup_silence(self.timeout)
+        link.expect(Msg.OK, silence, of=Msg.CONFIG, total=silence)
 
     def _send_weights(self, link: Link, weights: dict[str, Weight]) -> None:
         total = sum(w.nbytes for w in weights.values())
@@ -171,9 +179,9 @@ class RootCluster:
             data = memoryview(np.ascontiguousarray(w.data)).cast("B")
             if len(data) != w.nbytes:
                 raise DllamaError(f"tensor {name} holds {len(data)} bytes, its shape needs {w.nbytes}")
-            for i in range(0, len(data), CHUNK):
-                link.send(data[i : i + CHUNK], setup_silence(self.timeout))
-                done += min(CHUNK, len(data) - i)
+            for i in range(0, len(data), WEIGHT_CHUNK):
+                link.send(data[i : i + WEIGHT_CHUNK], setup_silence(self.timeout))
+                done += min(WEIGHT_CHUNK, len(data) - i)
                 now = time.monotonic()
                 if now - last >= PROGRESS_EVERY:
                     self.log(f"💿 {link.name}: {done / 1e6:.1f} / {total / 1e6:.1f} MB of weights sent")
@@ -184,16 +192,24 @@ class RootCluster:
 
     def start(self, program: Program, graph: Graph) -> None:
         """Wait until every worker has compiled its graph, build the mesh, and get ready for forwards."""
+        silence = setup_silence(self.timeout)
+        step = "while the root waited for it to compile its slice"
         try:
             for link in self.links.values():
-                link.expect(Msg.OK, setup_silence(self.timeout), of=Msg.WEIGHTS_DONE)
+                link.expect(Msg.OK, silence, of=Msg.WEIGHTS_DONE, total=compile_wait(self.timeout))
             for k in self.links:
-                self._setup_step(k, lambda link: link.send(pack_frame(Msg.MESH), self.timeout))
+                self._setup_step(
+                    k,
+                    "the order to build the mesh",
+                    lambda link: link.send(pack_frame(Msg.MESH), self.timeout),
+                )
+            step = "while the root waited for it to build the mesh"
             for link in self.links.values():
-                link.expect(Msg.OK, setup_silence(self.timeout), of=Msg.MESH)
+                # a worker connects the higher-numbered ones, then waits up to `silence` for the lower ones
+                link.expect(Msg.OK, silence, of=Msg.MESH, total=2 * silence)
         except PeerError as e:
             self._abort()
-            raise DllamaError(f"{e} while setting up the cluster") from None
+            raise DllamaError(f"{e} {step}") from None
         except BaseException:
             self._abort()
             raise
@@ -218,7 +234,7 @@ class RootCluster:
             yield
         except PeerError as e:
             self._abort(f"{e} during a forward pass")
-            if e.reason.startswith("closed"):
+            if e.kind == "closed":
                 hint = "it crashed, was killed or lost its network (see its log)"
             else:
                 hint = "raise --net-timeout if it is only slow"
@@ -276,7 +292,7 @@ class RootCluster:
                 pass
         for link in live:
             try:
-                link.expect(Msg.OK, STOP_WAIT, of=Msg.STOP)
+                link.expect(Msg.OK, STOP_WAIT, of=Msg.STOP, total=STOP_WAIT)
             except DllamaError:
                 pass
         self.closed = True

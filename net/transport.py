@@ -2,9 +2,11 @@
 
 All sockets are non-blocking with TCP_NODELAY. `exchange` moves the bytes of several links at once with
 poll(), so two nodes sending each other more than their socket buffers hold never deadlock, and a peer that
-sends nothing for `timeout` seconds (dead, SIGSTOPped, unplugged) or closes its end raises a PeerError naming
-it. `NodeSync` is the network half of a forward pass: broadcast of `x` by the root, the all-to-all exchange
-of the partial sums in `zq` over a full mesh, and the gather of the logits rows at the root (spec 5.6).
+sends nothing for `timeout` seconds (dead, SIGSTOPped, unplugged), closes its end, or trickles so slowly that
+the step overruns its deadline (`step_time`: the silence bound plus its bytes at MIN_RATE) raises a PeerError
+naming it. `NodeSync` is the network half of a forward pass: broadcast of `x` by the root, the all-to-all
+exchange of the partial sums in `zq` over a full mesh, and the gather of the logits rows at the root
+(spec 5.6).
 """
 
 from __future__ import annotations
@@ -20,23 +22,27 @@ import numpy as np
 from engine.backend import Program
 from engine.errors import DllamaError
 from engine.graph import Graph, Sync
-from net.protocol import HEADER, Frame, Msg, ProtocolError, parse_header
+from net.protocol import HEADER, Frame, Msg, ProtocolError, error_text, parse_header, step_time
 
 _POLL_ERR = select.POLLERR | select.POLLHUP | select.POLLNVAL
+_POLL_MAX = 3600.0  # seconds of one poll() call (a longer wait loops)
 
 
 class PeerError(DllamaError):
-    """A link failed: the peer closed it, reset it or went silent; `link` says which peer."""
+    """A link failed; `link` says which peer, `kind` how: "closed" (closed or reset), "silent" (nothing
+    for the silence bound), "slow" (too few bytes before the step's deadline) or "failed" (an OS error)."""
 
-    def __init__(self, link: Link, reason: str):
+    def __init__(self, link: Link, reason: str, kind: str = "failed"):
         super().__init__(f"{link.name} {reason}")
-        self.link, self.reason = link, reason
+        self.link, self.reason, self.kind = link, reason, kind
 
 
-def _os_reason(e: OSError) -> str:
+def _os_error(link: Link, e: OSError) -> PeerError:
     if isinstance(e, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
-        return "closed the connection (reset by peer)"
-    return f"failed: {e.strerror or e}"
+        link.broken = "closed the connection (reset by peer)"
+        return PeerError(link, link.broken, "closed")
+    link.broken = f"failed: {e.strerror or e}"
+    return PeerError(link, link.broken)
 
 
 class Link:
@@ -51,31 +57,41 @@ class Link:
         self.lock = threading.Lock()
         self.broken: str | None = None  # set when a message was cut short: the stream is unusable
 
-    def send(self, data: bytes | memoryview, timeout: float) -> None:
-        exchange([Transfer(self, out=data)], timeout)
+    def send(self, data: bytes | memoryview, timeout: float, deadline: float | None = None) -> None:
+        exchange([Transfer(self, out=data)], timeout, deadline)
 
-    def recv_into(self, view: memoryview, timeout: float) -> None:
-        exchange([Transfer(self, into=view)], timeout)
+    def recv_into(self, view: memoryview, timeout: float, deadline: float | None = None) -> None:
+        exchange([Transfer(self, into=view)], timeout, deadline)
 
-    def recv_exact(self, n: int, timeout: float) -> bytes:
+    def recv_exact(self, n: int, timeout: float, deadline: float | None = None) -> bytes:
         buf = bytearray(n)
         if n:
-            self.recv_into(memoryview(buf), timeout)
+            self.recv_into(memoryview(buf), timeout, deadline)
         return bytes(buf)
 
-    def read_frame(self, timeout: float) -> Frame:
-        """The next frame other than PING; `timeout` is the longest silence allowed (pings restart it)."""
+    def read_frame(self, timeout: float, total: float | None = None) -> Frame:
+        """The next frame other than PING. `timeout` is the longest silence allowed (pings restart it);
+        `total`, where given, the seconds within which the frame must arrive even while pings keep coming."""
+        start = time.monotonic()
         while True:
-            msg, a, b, c = parse_header(self.recv_exact(HEADER.size, timeout), self.name)
+            silence = timeout if total is None else min(timeout, start + total - time.monotonic())
+            try:
+                head = self.recv_exact(HEADER.size, max(silence, 0.0))
+            except PeerError as e:
+                if e.kind == "silent" and silence < timeout:
+                    self.broken = f"gave no answer within {total:g} s (only keep-alives)"
+                    raise PeerError(self, self.broken, "slow") from None
+                raise
+            msg, a, b, c = parse_header(head, self.name)
             payload = b"" if msg == Msg.FORWARD else self.recv_exact(c, timeout)
             if msg != Msg.PING:
                 return Frame(msg, a, b, c, payload)
 
-    def expect(self, msg: Msg, timeout: float, of: Msg | None = None) -> Frame:
+    def expect(self, msg: Msg, timeout: float, of: Msg | None = None, total: float | None = None) -> Frame:
         """The next frame, which must be `msg` (an OK acknowledging `of`); an ERROR frame raises its text."""
-        f = self.read_frame(timeout)
+        f = self.read_frame(timeout, total)
         if f.msg == Msg.ERROR:
-            raise DllamaError(f"{self.name}: {f.payload.decode(errors='replace')}")
+            raise DllamaError(f"{self.name}: {error_text(f.payload)}")
         if f.msg != msg or (of is not None and f.a != of):
             raise ProtocolError(f"{self.name} sent {f.msg.name} (a={f.a}) where {msg.name} was expected")
         return f
@@ -124,6 +140,12 @@ class Transfer:
         self.last = 0.0
 
     @property
+    def nbytes(self) -> int:
+        return (len(self.out) if self.out is not None else 0) + (
+            len(self.into) if self.into is not None else 0
+        )
+
+    @property
     def out_left(self) -> bool:
         return self.out is not None and self.out_at < len(self.out)
 
@@ -139,8 +161,7 @@ class Transfer:
             except BlockingIOError:
                 return
             except OSError as e:
-                self.link.broken = _os_reason(e)
-                raise PeerError(self.link, self.link.broken) from None
+                raise _os_error(self.link, e) from None
             self.out_at += n
             self.link.sent += n
             self.last = time.monotonic()
@@ -153,23 +174,25 @@ class Transfer:
             except BlockingIOError:
                 return
             except OSError as e:
-                self.link.broken = _os_reason(e)
-                raise PeerError(self.link, self.link.broken) from None
+                raise _os_error(self.link, e) from None
             if n == 0:
                 self.link.broken = "closed the connection"
-                raise PeerError(self.link, self.link.broken)
+                raise PeerError(self.link, self.link.broken, "closed")
             self.into_at += n
             self.link.recv += n
             self.last = time.monotonic()
 
 
-def exchange(transfers: Sequence[Transfer], timeout: float) -> None:
+def exchange(transfers: Sequence[Transfer], timeout: float, deadline: float | None = None) -> None:
     """Complete every transfer, sending and receiving on all links at once.
 
-    Sends are tried first in list order; a link on which no byte moves for `timeout` seconds while it still
-    owes or is owed data raises PeerError, as does a closed or reset connection.
+    Sends are tried first in list order. A link on which no byte moves for `timeout` seconds while it still
+    owes or is owed data raises PeerError, as does a closed or reset connection, and so does the exchange
+    still unfinished at `deadline` (time.monotonic(); by default step_time(timeout, all its bytes) from now).
     """
-    now = time.monotonic()
+    now = start = time.monotonic()
+    if deadline is None:
+        deadline = now + step_time(timeout, sum(t.nbytes for t in transfers))
     for t in transfers:
         t.last = now
         if t.out is not None:
@@ -188,12 +211,15 @@ def exchange(transfers: Sequence[Transfer], timeout: float) -> None:
             poller.register(t.link.fd, events)
             by_fd[t.link.fd] = t
         stalest = min(live, key=lambda t: t.last)
-        wait = stalest.last + timeout - time.monotonic()
-        if wait <= 0:
+        now = time.monotonic()
+        if stalest.last + timeout <= now:
             what = "sent nothing" if stalest.into_left else "took no data"
             stalest.link.broken = f"{what} for {timeout:g} s"
-            raise PeerError(stalest.link, f"{stalest.link.broken} (stalled, stopped or overloaded)")
-        for fd, ev in poller.poll(wait * 1000 + 1):
+            raise PeerError(stalest.link, f"{stalest.link.broken} (stalled, stopped or overloaded)", "silent")
+        if deadline <= now:
+            raise _too_slow(next((t for t in live if t.into_left), live[0]), now - start)
+        wait = min(stalest.last + timeout, deadline) - now
+        for fd, ev in poller.poll(min(wait, _POLL_MAX) * 1000 + 1):
             t = by_fd[fd]
             if t.out_left and ev & (select.POLLOUT | _POLL_ERR):
                 t.pump_out()
@@ -202,6 +228,16 @@ def exchange(transfers: Sequence[Transfer], timeout: float) -> None:
             if ev & select.POLLNVAL:
                 raise PeerError(t.link, "is closed")
         live = [t for t in live if t.out_left or t.into_left]
+
+
+def _too_slow(t: Transfer, elapsed: float) -> PeerError:
+    """The error for a transfer still unfinished at its exchange's deadline."""
+    if t.into_left:
+        what = f"sent {t.into_at} of {len(t.into)} bytes"
+    else:
+        what = f"took {t.out_at} of {len(t.out)} bytes"
+    t.link.broken = f"{what} in {elapsed:.1f} s"
+    return PeerError(t.link, f"{t.link.broken} (trickling, overloaded or a very slow link)", "slow")
 
 
 def connect(host: str, port: int, name: str, timeout: float) -> Link:

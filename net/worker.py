@@ -10,6 +10,7 @@ buffer released, so the next root finds the worker as fresh as after start-up.
 from __future__ import annotations
 
 import ctypes
+import errno
 import gc
 import os
 import queue
@@ -34,6 +35,7 @@ from net.protocol import (
     MODES,
     NET_TIMEOUT,
     PROTOCOL_VERSION,
+    WEIGHT_CHUNK,
     Msg,
     ProtocolError,
     Role,
@@ -47,12 +49,14 @@ from net.protocol import (
     pack_greeting,
     parse_greeting_head,
     parse_json,
+    printable,
     setup_silence,
     version_mismatch,
 )
 from net.transport import Link, NodeSync, PeerError, connect
 
-GREETING_WAIT = 10.0  # seconds a new connection has to send its complete greeting
+GREETING_WAIT = 10.0  # seconds a new connection has to complete its greeting, however it trickles
+MAX_GREETINGS = 16  # connections greeted at once; more are closed at once (a flood cannot exhaust threads)
 
 
 class _Stopped(Exception):
@@ -76,6 +80,7 @@ class WorkerServer:
         self._session: str | None = None  # id of its session, once configured
         self._roots: queue.Queue[Link] = queue.Queue()
         self._mesh: queue.Queue[tuple[int, Link]] = queue.Queue()
+        self._greeting = threading.BoundedSemaphore(MAX_GREETINGS)
 
     def serve_forever(self) -> None:
         threading.Thread(target=self._accept_loop, name="dllama-accept", daemon=True).start()
@@ -90,19 +95,36 @@ class WorkerServer:
         while True:
             try:
                 sock, addr = self.listener.accept()
-            except OSError:
-                return
+            except OSError as e:
+                if e.errno in (errno.EBADF, errno.EINVAL):  # the listener was closed
+                    return
+                self.log(f"⚠️ Cannot accept a connection: {os.strerror(e.errno) if e.errno else e}")
+                time.sleep(0.1)  # out of descriptors or memory: let greetings finish
+                continue
+            if not self._greeting.acquire(blocking=False):
+                self.log(f"⚠️ Refused {addr[0]}:{addr[1]}: {MAX_GREETINGS} connections are already greeting")
+                sock.close()
+                continue
             threading.Thread(target=self._greet, args=(sock, addr), daemon=True).start()
 
     def _greet(self, sock: socket.socket, addr: tuple) -> None:
+        """Greet one connection within GREETING_WAIT in all; whatever it sends, this thread ends with the
+        connection handed on (a root or a mesh peer) or closed, and at most one line in the log."""
         peer = f"{addr[0]}:{addr[1]}"
-        link = Link(sock, f"the connection from {peer}")
-        greeted = False
         try:
-            head = link.recv_exact(GREETING.size, GREETING_WAIT)
+            link = Link(sock, f"the connection from {peer}")
+        except OSError as e:  # the peer already hung up
+            sock.close()
+            self._greeting.release()
+            self.log(f"⚠️ Connection from {peer} ended before its greeting: {e.strerror or e}")
+            return
+        greeted = handed_on = False
+        try:
+            deadline = time.monotonic() + GREETING_WAIT
+            head = link.recv_exact(GREETING.size, GREETING_WAIT, deadline)
             version, role, length = parse_greeting_head(head, peer)
-            caps = parse_json(link.recv_exact(length, GREETING_WAIT), "greeting", peer)
-            link.send(pack_greeting(Role.WORKER, capabilities(self.backend)), GREETING_WAIT)
+            caps = parse_json(link.recv_exact(length, GREETING_WAIT, deadline), "greeting", peer)
+            link.send(pack_greeting(Role.WORKER, capabilities(self.backend)), GREETING_WAIT, deadline)
             greeted = True
             if version != PROTOCOL_VERSION:
                 raise ProtocolError(version_mismatch(peer, version))
@@ -112,8 +134,9 @@ class WorkerServer:
                 self._admit_peer(link, peer, caps)
             else:
                 raise ProtocolError(f"{peer} greeted as role {role}; a worker serves roots and their workers")
+            handed_on = True
         except ProtocolError as e:
-            self.log(f"⚠️ Refused {peer}: {e}")
+            self.log(f"⚠️ Refused {peer}: {printable(e, 500)}")
             try:
                 if not greeted:
                     link.send(pack_greeting(Role.WORKER, capabilities(self.backend)), 1.0)
@@ -123,7 +146,12 @@ class WorkerServer:
             link.hang_up()
         except PeerError as e:
             self.log(f"⚠️ Connection from {peer} ended during its greeting: it {e.reason}")
-            link.close()
+        except Exception as e:  # a bug must not leave the connection open or the log with a traceback
+            self.log(f"⚠️ Refused {peer}: internal error while greeting it: {printable(repr(e), 300)}")
+        finally:
+            if not handed_on:
+                link.close()
+            self._greeting.release()
 
     def _admit_root(self, link: Link, peer: str, caps: dict) -> None:
         with self._lock:
@@ -146,7 +174,7 @@ class WorkerServer:
         node = caps.get("node")
         with self._lock:
             ours = self._session is not None and caps.get("session") == self._session
-        if not ours or not isinstance(node, int):
+        if not ours or not isinstance(node, int) or isinstance(node, bool):
             raise ProtocolError(f"{peer} belongs to no session of this worker")
         link.name = f"node {node} ({peer})"
         link.send(pack_frame(Msg.OK, a=Msg.OK), GREETING_WAIT)
@@ -241,11 +269,12 @@ class _Session:
             f"{graph.slice.n_kv_heads} of {cfg.n_kv_heads} KV heads, {sc.act} sync"
         )
         kv_bytes = 2 * cfg.n_layers * sc.max_seq_len * graph.slice.n_kv_heads * cfg.head_dim * 4
-        need, free = sc.weight_bytes + kv_bytes, available_memory()
+        act_bytes = sc.max_batch * sum(b.row_bytes for b in graph.buffers.values())
+        need, free = sc.weight_bytes + kv_bytes + act_bytes, available_memory()
         if free and need > free:
             raise DllamaError(
-                f"not enough memory for node {sc.node}: its slice and KV cache need {need / 1e9:.2f} GB, "
-                f"{free / 1e9:.2f} GB are available"
+                f"not enough memory for node {sc.node}: its slice, KV cache and buffers need "
+                f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB are available"
             )
         self.root.send(pack_frame(Msg.OK, a=Msg.CONFIG), sc.timeout)
         self._receive_weights(sc, node_tensors(cfg, sc.slice), idle)
@@ -270,12 +299,15 @@ class _Session:
                 raise ProtocolError(f"{peer} sent {f.msg.name} where a tensor was expected")
             h = parse_json(f.payload, "tensor header", peer)
             name, dtype, shape = h.get("name"), h.get("dtype"), h.get("shape")
-            if name not in expected or name in self.weights:
-                raise ProtocolError(f"{peer} sent tensor {name!r}, which node {sc.node} does not use")
+            if not isinstance(name, str) or name not in expected or name in self.weights:
+                raise ProtocolError(
+                    f"{peer} sent tensor {printable(repr(name), 100)}, which node {sc.node} does not use"
+                )
             if (
-                dtype not in WEIGHT_TYPES
+                not isinstance(dtype, str)
+                or dtype not in WEIGHT_TYPES
                 or not isinstance(shape, list)
-                or not all(isinstance(v, int) and v > 0 for v in shape)
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
             ):
                 raise ProtocolError(f"{peer} sent tensor {name} with a bad type or shape")
             if tuple(shape) != expected[name][0]:
@@ -286,7 +318,9 @@ class _Session:
             if total + nbytes > sc.weight_bytes:
                 raise ProtocolError(f"{peer} sent more than the {sc.weight_bytes} tensor bytes it announced")
             w = empty_weight(name, dtype, tuple(shape))
-            self.root.recv_into(memoryview(w.data).cast("B"), idle)
+            data = memoryview(w.data).cast("B")
+            for i in range(0, len(data), WEIGHT_CHUNK):  # each chunk a step: slow links keep progressing
+                self.root.recv_into(data[i : i + WEIGHT_CHUNK], idle)
             self.weights[name] = w
             total += nbytes
         missing = sorted(n for n, (_, required) in expected.items() if required and n not in self.weights)

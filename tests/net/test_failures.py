@@ -20,7 +20,17 @@ from engine.errors import DllamaError
 from engine.model_file import open_model
 from engine.runner import Runner
 from engine.slicing import node_slice
-from net.protocol import GREETING, HEADER, MAGIC, Msg, Role, SessionConfig, pack_frame, pack_greeting
+from net.protocol import (
+    GREETING,
+    HEADER,
+    MAGIC,
+    PROTOCOL_VERSION,
+    Msg,
+    Role,
+    SessionConfig,
+    pack_frame,
+    pack_greeting,
+)
 
 TOKENS = [5, 17, 200, 3, 99, 42, 7, 150, 11]
 
@@ -145,7 +155,7 @@ def test_worker_of_another_protocol_version(model, backend):
 
     with fake_peer(newer) as addr:
         msg = raises_fast(lambda: root(model, backend, [addr]), 3)
-    assert f"worker 1 ({addr}) speaks dllama protocol 99 but this node speaks 1" in msg
+    assert f"worker 1 ({addr}) speaks dllama protocol 99 but this node speaks {PROTOCOL_VERSION}" in msg
 
 
 def test_oversize_message_from_a_worker(model, backend):
@@ -204,8 +214,8 @@ def test_root_of_another_protocol_version(pool, model, backend):
     (w,) = pool.get(1)
     m = w.mark()
     reply = talk(w.address, pack_greeting(Role.ROOT, {"device": "future"}, version=99))
-    assert int.from_bytes(reply[4:6], "little") == 1  # the worker still says which version it speaks
-    assert "speaks dllama protocol 99 but this node speaks 1" in error_text(reply)
+    assert int.from_bytes(reply[4:6], "little") == PROTOCOL_VERSION  # the worker still says its version
+    assert f"speaks dllama protocol 99 but this node speaks {PROTOCOL_VERSION}" in error_text(reply)
     w.wait_for("⚠️ Refused .* speaks dllama protocol 99", m)
     assert_serves(model, backend, [w])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import threading
@@ -21,11 +22,18 @@ from net.protocol import (
     ProtocolError,
     Role,
     SessionConfig,
+    check_timeout,
+    describe,
+    error_text,
+    json_depth,
     pack_forward,
     pack_frame,
     pack_greeting,
     parse_greeting_head,
     parse_header,
+    parse_json,
+    printable,
+    step_time,
 )
 from net.transport import Link, PeerError, Transfer, exchange, parse_address
 
@@ -181,3 +189,189 @@ def test_read_frame_skips_pings_and_reads_payloads():
     a.send(pack_frame(Msg.ERROR, b"no such model"), 1)
     with pytest.raises(DllamaError, match="peer a: no such model"):
         b.expect(Msg.OK, 1)
+
+
+# ---- limits on what a peer may send ----
+def test_deep_nesting_is_refused_before_the_parser_recurses():
+    t0 = time.monotonic()
+    with pytest.raises(ProtocolError, match="greeting nested 60000 levels deep, over the bound of 8"):
+        parse_json(b"[" * 60000 + b"]" * 60000, "greeting", "p")
+    with pytest.raises(ProtocolError, match="nested 9 levels deep"):
+        parse_json(b'{"a":' * 9 + b"1" + b"}" * 9, "greeting", "p")
+    assert time.monotonic() - t0 < 1
+    assert parse_json(b'{"a":' * 8 + b"1" + b"}" * 8, "greeting", "p")  # 8 levels are fine
+    assert json_depth(b'{"s": "[[[[\\"{{{{"}') == 1  # brackets in strings, escaped quotes, do not count
+    assert parse_json(b'{"s": "[[[[[[[[[[[[[[[[[["}', "greeting", "p") == {"s": "[" * 18}
+
+
+@pytest.mark.parametrize(
+    "raw, why",
+    [
+        (b'{"n": ' + b"7" * 5000 + b"}", "an integer of 5000 digits"),
+        (b'{"n": NaN}', "the number NaN"),
+        (b'{"n": -Infinity}', "the number -Infinity"),
+        (b'{"n": 1e999}', "the number 1e999"),
+        (b'{"n": 0.' + b"5" * 40 + b"}", "the number 0.555"),
+    ],
+)
+def test_huge_and_non_finite_numbers_are_refused(raw, why):
+    with pytest.raises(
+        ProtocolError, match=f"p sent a greeting with {why}.*: numbers must be finite and short"
+    ):
+        parse_json(raw, "greeting", "p")
+
+
+def test_json_that_is_not_an_object_or_not_text():
+    for raw in (b"[1, 2]", b'"x"', b"\xff\xfe\x00", b'{"a": 1', b"", b"\x00" * 100):
+        with pytest.raises(ProtocolError, match="p sent a greeting that is not a JSON object"):
+            parse_json(raw, "greeting", "p")
+
+
+def test_a_peers_words_are_made_one_short_printable_line():
+    caps = {"device": "GPU\n⭕ Waiting for a root\x1b[2J", "host": "h\ud800", "memory": 2**31}
+    line = describe(caps)
+    assert line == "GPU ⭕ Waiting for a root [2J on h , 2.0 GiB free"
+    assert printable("x" * 300, 10) == "x" * 10 + "..."
+    assert error_text(b"bad\r\nthing\x07") == "bad  thing "
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 0, -1.0, 3601, "3", None, True])
+def test_net_timeout_must_be_finite_positive_and_bounded(bad):
+    with pytest.raises(DllamaError, match=r"--net-timeout must be a number of seconds in \(0, 3600\]"):
+        check_timeout(bad)
+
+
+def test_net_timeout_in_range_is_kept():
+    assert check_timeout(0.05) == 0.05 and check_timeout(3600) == 3600.0
+
+
+def test_step_time_is_the_silence_plus_the_bytes_at_the_minimum_rate():
+    assert step_time(3.0, 0) == 3.0
+    assert step_time(3.0, 2 << 20) == 5.0  # 2 MiB at 1 MiB/s
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(timeout=1e9),
+        dict(heartbeat=0.0),
+        dict(heartbeat=1e-9),
+        dict(peers=[("10.0.0.2", 9990), ("bad\nhost", 9991)]),
+        dict(peers=[("10.0.0.2", 9990), ("10.0.0.3", 70000)]),
+        dict(weight_bytes=-1),
+        dict(session=""),
+        dict(n_nodes=9, peers=[("h", 1)] * 8, slice=node_slice(CFG, 1, 8)),  # 9 nodes, 8 KV heads
+    ],
+)
+def test_session_config_values_out_of_range(bad):
+    with pytest.raises(ProtocolError, match="out of range"):
+        SessionConfig.from_bytes(session(**bad).to_bytes(), "root")
+
+
+def test_session_config_fields_of_the_wrong_type():
+    good = json.loads(session().to_bytes())
+    for key, value in [("node", True), ("node", 1.0), ("timeout", "3"), ("session", 7), ("peers", "ab")]:
+        raw = json.dumps({**good, key: value}).encode()
+        with pytest.raises(ProtocolError, match="incomplete session config"):
+            SessionConfig.from_bytes(raw, "root")
+
+
+@pytest.mark.parametrize(
+    "field, value, why",
+    [
+        ("n_layers", 0, "n_layers 0 is out of range"),
+        ("n_layers", 10**9, "n_layers 1000000000 is out of range"),
+        ("dim", -5, "dim -5 is out of range"),
+        ("head_dim", 31, "head_dim 31 is odd"),
+        ("norm_eps", 0.0, "norm_eps 0.0 must be a finite number above 0"),
+        ("vocab_size", "288", "vocab_size '288' is not an integer"),
+    ],
+)
+def test_the_model_config_is_validated_like_a_model_files(field, value, why):
+    d = json.loads(session().to_bytes())
+    d["model"][field] = value
+    with pytest.raises(ProtocolError, match=f"root sent a model config this worker cannot use: {why}"):
+        SessionConfig.from_bytes(json.dumps(d).encode(), "root")
+
+
+def test_an_unknown_model_field_is_refused():
+    d = json.loads(session().to_bytes())
+    d["model"]["n_dragons"] = 3
+    with pytest.raises(ProtocolError, match="root sent a model config this worker cannot use"):
+        SessionConfig.from_bytes(json.dumps(d).encode(), "root")
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("kv_heads", [2, 9]), ("q_heads", [0, 4]), ("vocab", [0, 289]), ("ffn", [0, 321]), ("kv_heads", [3, 3])],
+)
+def test_a_slice_outside_the_model_is_refused(key, value):
+    d = json.loads(session().to_bytes())  # node 1 of 3: KV heads [3, 6), query heads [3, 6) of 8
+    d["slice"][key] = value
+    with pytest.raises(ProtocolError, match="node slice this worker cannot use"):
+        SessionConfig.from_bytes(json.dumps(d).encode(), "root")
+
+
+# ---- every wait is bounded in total, not only in silence ----
+def trickle(link: Link, data: bytes, every: float, stop: threading.Event) -> threading.Thread:
+    """Send `data` one byte at a time, `every` seconds apart, until done or `stop` is set."""
+
+    def run() -> None:
+        for i in range(len(data)):
+            if stop.wait(every):
+                return
+            try:
+                link.send(data[i : i + 1], 1)
+            except PeerError:
+                return
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_trickling_peer_is_given_up_at_the_step_deadline():
+    """One byte every 0.1 s is never silent for the 0.5 s bound, but 100 bytes need 10 s."""
+    a, b = tcp_pair()
+    stop = threading.Event()
+    trickle(a, b"x" * 100, 0.1, stop)
+    t0 = time.monotonic()
+    with pytest.raises(PeerError, match=r"peer a sent (\d+) of 100 bytes in 0\.5 s \(trickling") as ei:
+        b.recv_exact(100, 0.5)
+    stop.set()
+    assert ei.value.kind == "slow" and b.broken
+    assert 0.45 < time.monotonic() - t0 < 1.5
+    assert 1 <= int(ei.value.reason.split()[1]) < 10
+
+
+def test_an_explicit_deadline_bounds_several_steps_together():
+    a, b = tcp_pair()
+    stop = threading.Event()
+    trickle(a, b"y" * 50, 0.05, stop)
+    deadline = time.monotonic() + 0.6
+    got = b.recv_exact(4, 1.0, deadline)  # arrives in ~0.2 s
+    with pytest.raises(PeerError, match="sent .* of 40 bytes"):
+        b.recv_exact(40, 1.0, deadline)  # would need 2 s more
+    stop.set()
+    assert got == b"yyyy"
+    assert time.monotonic() - deadline < 0.5
+
+
+def test_a_peer_that_only_pings_is_given_up_after_the_total_wait():
+    a, b = tcp_pair()
+    stop = threading.Event()
+    trickle(a, pack_frame(Msg.PING) * 100, 0.0, stop)  # a steady stream of whole PING frames
+    t0 = time.monotonic()
+    with pytest.raises(PeerError, match=r"peer a gave no answer within 0\.4 s \(only keep-alives\)"):
+        b.expect(Msg.OK, 5.0, total=0.4)
+    stop.set()
+    assert 0.35 < time.monotonic() - t0 < 1.5
+
+
+def test_a_peers_error_text_becomes_one_line():
+    a, b = tcp_pair()
+    a.send(pack_frame(Msg.ERROR, b"first\nTraceback (most recent call last):\n  x\x1b[0m"), 1)
+    with pytest.raises(DllamaError) as ei:
+        b.expect(Msg.OK, 1)
+    assert "\n" not in str(ei.value) and "\x1b" not in str(ei.value)
+    assert str(ei.value) == "peer a: first Traceback (most recent call last):   x [0m"
