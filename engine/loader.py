@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.backend import Backend
 from engine.catalog import resolve_model
@@ -47,6 +49,52 @@ def make_backend(name: str, n_threads: int | None, gpu_index: int | None = None)
     return CpuBackend(n_threads)
 
 
+def padding_rows_allowed(model_vocab: int) -> int:
+    """How many more rows a model may have than its tokenizer has tokens: at most 1% of its vocabulary and
+    at most 1024 (distributed-llama's Qwen3 tokenizers have 151669 tokens for 151936 rows)."""
+    return min(model_vocab // 100, 1024)
+
+
+def check_vocab_sizes(tokens: int, rows: int, model_name: str) -> None:
+    """Refuse a tokenizer that does not belong to the model by its size; warn (one line on stderr) when
+    the model only has a few padding rows more, which are never sampled (the sampler sees `tokens` ids)."""
+    if tokens > rows:
+        raise DllamaError(
+            f"the tokenizer has {tokens} tokens but the model {model_name} only {rows}: "
+            "they do not belong together"
+        )
+    if rows - tokens > padding_rows_allowed(rows):
+        raise DllamaError(
+            f"the tokenizer has {tokens} tokens but the model {model_name} {rows}: they do not belong "
+            f"together (at most {padding_rows_allowed(rows)} padding rows are accepted)"
+        )
+    if tokens < rows:
+        print(
+            f"⚠️ the tokenizer has {tokens} tokens, the model {model_name} {rows} rows: the last "
+            f"{rows - tokens} are padding and never sampled",
+            file=sys.stderr,
+        )
+
+
+def _check_same_tokens(tokenizer: Tokenizer, tokenizer_path: str, model: Model, path: Path) -> None:
+    """A GGUF model carries its own tokenizer: refuse a --tokenizer whose tokens differ from it (another
+    model's tokenizer of the same size gives garbage). A model tokenizer that cannot be built is not
+    compared: the user's file then replaces it."""
+    try:
+        own = tokenizer_from_gguf(model.metadata, str(path))
+    except DllamaError:
+        return
+    n = min(own.vocab_size, tokenizer.vocab_size)
+    first = next((i for i in range(n) if own.token_bytes(i) != tokenizer.token_bytes(i)), None)
+    if first is None and own.vocab_size == tokenizer.vocab_size:
+        return
+    where = f"token {first} differs" if first is not None else "the sizes differ"
+    raise DllamaError(
+        f"{tokenizer_path}: its {tokenizer.vocab_size} tokens are not those of the tokenizer inside "
+        f"{path.name} ({own.vocab_size} tokens; {where}): leave out --tokenizer to use the model's own"
+    )
+
+
 @dataclass
 class Loaded:
     model: Model
@@ -77,14 +125,12 @@ def load(
     model = open_model(path)
     if tokenizer_path:
         tokenizer = load_tokenizer(tokenizer_path)
+        if model.kind == "gguf" and "tokenizer.ggml.tokens" in model.metadata:
+            _check_same_tokens(tokenizer, tokenizer_path, model, path)
     elif model.kind == "gguf":
-        tokenizer = tokenizer_from_gguf(model.metadata)
+        tokenizer = tokenizer_from_gguf(model.metadata, str(path))
     else:
         raise DllamaError(f"{path} carries no tokenizer: pass --tokenizer FILE (.t or .gguf)")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise DllamaError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model {path.name} only "
-            f"{model.config.vocab_size}: they do not belong together"
-        )
+    check_vocab_sizes(tokenizer.vocab_size, model.config.vocab_size, path.name)
     runner = Runner(model, be, act, max_seq_len, workers=workers, net_timeout=net_timeout)
     return Loaded(model, tokenizer, runner)

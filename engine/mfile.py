@@ -47,6 +47,16 @@ HEADER_KEYS = (
 )
 KEY_ID = {name: i for i, name in enumerate(HEADER_KEYS)}
 NORM_EPS = {5: 1e-5, 6: 1e-6}
+# ModelConfig fields as the .m header spells them (ModelConfig.validate names refused values so).
+M_NAMES = {
+    "context_len": "max_seq_len",
+    "norm_eps": "norm_epsilon",
+    "rope_scaling.factor": "rope_scaling_factor",
+    "rope_scaling.low_freq_factor": "rope_scaling_low_freq_factor",
+    "rope_scaling.high_freq_factor": "rope_scaling_high_freq_factory",
+    "rope_scaling.orig_max_seq_len": "rope_scaling_orig_max_seq_len",
+}
+MAX_HEADER = 8 + 8 * len(HEADER_KEYS)  # every key once
 REQUIRED = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len")
 _CHUNK_VALUES = 1 << 22  # values converted at a time while writing (bounds the writer's memory)
 
@@ -85,13 +95,18 @@ def _header(mm: np.ndarray, path: str) -> tuple[dict[str, int], int]:
         raise DllamaError(f"{path}: old model format (magic {magic:#x}), re-convert it")
     if magic != M_MAGIC:
         raise DllamaError(f"{path}: not a distributed-llama .m file (magic {magic & 0xFFFFFFFF:#010x})")
-    if header_size < 8 or (header_size - 8) % 8 or header_size > len(mm):
-        raise DllamaError(f"{path}: corrupt .m header (header size {header_size}, file size {len(mm)})")
+    if not 8 <= header_size <= min(MAX_HEADER, len(mm)) or (header_size - 8) % 8:
+        raise DllamaError(
+            f"{path}: corrupt .m header (header size {header_size}: a multiple of 8 from 8 to "
+            f"{MAX_HEADER}, one pair per key; file size {len(mm)})"
+        )
     pairs = np.frombuffer(mm, dtype="<i4", count=(header_size - 8) // 4, offset=8).reshape(-1, 2)
     header: dict[str, int] = {}
     for key, value in pairs.tolist():
         if not 0 <= key < len(HEADER_KEYS):
             raise DllamaError(f"{path}: unsupported .m header key {key}")
+        if HEADER_KEYS[key] in header:
+            raise DllamaError(f"{path}: .m header key {HEADER_KEYS[key]} appears twice")
         header[HEADER_KEYS[key]] = value
     return header, header_size
 
@@ -152,6 +167,7 @@ def read_m(path: str | Path) -> Model:
     mm = map_file(path)
     header, offset = _header(mm, path)
     cfg, wtype = _config(header, path)
+    cfg.validate(path, M_NAMES)  # bounds the tensor plan below, whatever the header claims
     plan = stream_plan(cfg, wtype)
     for group in plan:
         for name, dtype, shape in group:

@@ -9,23 +9,17 @@ from engine.errors import DllamaError
 from engine.gguf_file import GGUF_MAGIC, load_gguf
 from engine.mfile import M_MAGIC, OLD_M_MAGICS, read_m
 from engine.tfile import T_MAGIC, T_MAGIC_LEGACY
-from engine.weights import Model
+from engine.weights import Model, open_regular
 
 EXPECTED = "expected a GGUF file or a distributed-llama .m model"
 
 
 def open_model(path: str | Path) -> Model:
-    """Load a GGUF or `.m` model; a missing, empty or foreign file raises a DllamaError saying so."""
+    """Load a GGUF or `.m` model; a missing, empty, foreign or non-regular file (a FIFO, device or directory)
+    raises a DllamaError saying so."""
     p = Path(path)
-    try:
-        with p.open("rb") as f:
-            head = f.read(4)
-    except FileNotFoundError:
-        raise DllamaError(f"{p}: no such file ({EXPECTED})") from None
-    except IsADirectoryError:
-        raise DllamaError(f"{p}: is a directory ({EXPECTED})") from None
-    except OSError as e:
-        raise DllamaError(f"{p}: cannot read ({e.strerror})") from None
+    with open_regular(p, EXPECTED) as f:
+        head = f.read(4)
     if not head:
         raise DllamaError(f"{p}: empty file ({EXPECTED})")
     if head == GGUF_MAGIC:

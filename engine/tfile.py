@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from engine.atomic_file import atomic_write
+from engine.config import MAX_VOCAB
 from engine.errors import DllamaError
+from engine.weights import open_regular
 
 
 @dataclass
@@ -46,6 +48,10 @@ SPECIAL_TOKEN_TYPES = (2, 3, 4)
 BYTE_TOKEN_TYPE = 6
 
 
+MAX_T_BYTES = 64 << 20  # a .t file may take (the largest real ones hold ~10^5 tokens in a few MB)
+MAX_T_HEADER = 8 + 8 * len(T_KEYS)  # every key once
+
+
 class _Reader:
     def __init__(self, data: bytes, path: str):
         self.data, self.pos, self.path = data, 0, path
@@ -60,8 +66,23 @@ class _Reader:
     def ints(self, fmt: str, what: str) -> tuple:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))
 
+    def count(self, n: int, item_bytes: int, bound: int, what: str) -> int:
+        """A count from the header: refused when negative, over `bound`, or more items of at least
+        `item_bytes` than the rest of the file holds (checked before anything is read or allocated)."""
+        if not 0 <= n <= bound:
+            raise DllamaError(
+                f"{self.path}: {what} {n} in the tokenizer header is out of range (0 to {bound})"
+            )
+        if n * item_bytes > len(self.data) - self.pos:
+            raise DllamaError(
+                f"{self.path}: truncated tokenizer file ({what} {n} needs at least {n * item_bytes} more "
+                f"bytes, {len(self.data) - self.pos} are left)"
+            )
+        return n
+
 
 def _read_vocab(r: _Reader, size: int) -> tuple[list[bytes], list[float]]:
+    r.count(size, 8, MAX_VOCAB, "vocab_size")
     vocab: list[bytes] = []
     scores: list[float] = []
     for i in range(size):
@@ -71,16 +92,23 @@ def _read_vocab(r: _Reader, size: int) -> tuple[list[bytes], list[float]]:
     return vocab, scores
 
 
+def _read_bounded(path: str) -> bytes:
+    """The whole of a regular file of at most MAX_T_BYTES (a device, FIFO or huge file is refused)."""
+    with open_regular(path) as f:
+        try:
+            data = f.read(MAX_T_BYTES + 1)
+        except OSError as e:
+            raise DllamaError(f"{path}: cannot read ({e.strerror})") from None
+    if len(data) > MAX_T_BYTES:
+        raise DllamaError(f"{path}: over {MAX_T_BYTES >> 20} MiB, too large for a tokenizer file")
+    return data
+
+
 def read_tfile(path: str | Path) -> TFile:
-    """Read a distributed-llama `.t` tokenizer file, current (0x567124) or legacy (0x567123) format."""
+    """Read a distributed-llama `.t` tokenizer file, current (0x567124) or legacy (0x567123) format; every
+    count and length is checked against the file before it is used."""
     path = str(path)
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DllamaError(f"{path}: no such file") from None
-    except OSError as e:
-        raise DllamaError(f"{path}: cannot read ({e.strerror})") from None
-    r = _Reader(data, path)
+    r = _Reader(_read_bounded(path), path)
     (magic,) = r.ints("<i", "the magic")
     if magic == T_MAGIC_LEGACY:
         size, max_len, bos, eos, _pad = r.ints("<IIiii", "the legacy header")
@@ -89,8 +117,11 @@ def read_tfile(path: str | Path) -> TFile:
     if magic != T_MAGIC:
         raise DllamaError(f"{path}: not a distributed-llama tokenizer file (magic {magic & 0xFFFFFFFF:#x})")
     (header_size,) = r.ints("<i", "the header size")
-    if header_size < 8 or (header_size - 8) % 8:
-        raise DllamaError(f"{path}: corrupt tokenizer header (header size {header_size})")
+    if not 8 <= header_size <= MAX_T_HEADER or (header_size - 8) % 8:
+        raise DllamaError(
+            f"{path}: corrupt tokenizer header (header size {header_size}: a multiple of 8 from 8 to "
+            f"{MAX_T_HEADER}, one pair per key)"
+        )
     n_pairs = (header_size - 8) // 8
     values = r.ints(f"<{2 * n_pairs}i", "the header")
     h: dict[str, int] = {}
@@ -99,11 +130,13 @@ def read_tfile(path: str | Path) -> TFile:
         if not 0 <= key < len(T_KEYS):
             raise DllamaError(f"{path}: unsupported tokenizer header key {key}")
         name = T_KEYS[key]
+        if name in h:
+            raise DllamaError(f"{path}: tokenizer header key {name} appears twice")
         h[name] = value
         if name in ("eos_id", "chat_eos_id"):
             eos_ids.append(value)
         elif name == "chat_stop":
-            r.take(value, "the legacy chat_stop text")
+            r.take(r.count(value, 1, MAX_T_BYTES, "chat_stop"), "the legacy chat_stop text")
     if h.get("version") != 1:
         raise DllamaError(f"{path}: old tokenizer version {h.get('version')} (1 expected), re-convert it")
     for key in ("vocab_size", "max_token_length", "bos_id"):
@@ -116,9 +149,9 @@ def read_tfile(path: str | Path) -> TFile:
         raise DllamaError(f"{path}: max_token_length {h['max_token_length']} must be at least 1")
     template = None
     if h.get("chat_template", 0) > 0:
-        raw = r.take(h["chat_template"], "the chat template")
+        raw = r.take(r.count(h["chat_template"], 1, MAX_T_BYTES, "chat_template"), "the chat template")
         template = raw.decode("utf-8", errors="replace")
-    n_eos = h.get("n_eos_tokens", 0)
+    n_eos = r.count(h.get("n_eos_tokens", 0), 4, MAX_VOCAB, "n_eos_tokens")
     eos_ids += list(r.ints(f"<{n_eos}i", "the EOS ids"))
     vocab, scores = _read_vocab(r, h["vocab_size"])
     add_bos = bool(h.get("add_bos", 1))

@@ -16,6 +16,7 @@ from typing import Any
 
 from engine.errors import DllamaError
 from engine.tfile import TFile, read_tfile
+from engine.weights import open_regular
 
 # GGUF token types (equal to SentencePiece piece types).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -53,6 +54,11 @@ PRE_STYLES = {
 }
 
 _BRACKETED = re.compile(r"<[^<>\s]+>")
+
+
+def _one_line(e: Exception) -> str:
+    """A library's error message on one line (some span several)."""
+    return " ".join(str(e).split())
 
 
 def gpt2_byte_table() -> list[str]:
@@ -223,7 +229,7 @@ class GGUFBPETokenizer(Tokenizer):
                 vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=style == "llama3"
             )
         except Exception as e:
-            raise DllamaError(f"GGUF tokenizer: invalid BPE vocabulary or merges ({e})") from None
+            raise DllamaError(f"GGUF tokenizer: invalid BPE vocabulary or merges ({_one_line(e)})") from None
         hf = HFTokenizer(model)
         byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=False)
         hf.pre_tokenizer = pt.Sequence([_pre_tokenizer(style), byte_level])
@@ -271,9 +277,12 @@ class GGUFSentencePieceTokenizer(Tokenizer):
         dummy = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
 
         proto = pb.ModelProto()
-        for text, score, kind in zip(tokens, scores, types, strict=True):
-            piece = proto.pieces.add()
-            piece.piece, piece.score, piece.type = text, score, kind
+        try:
+            for text, score, kind in zip(tokens, scores, types, strict=True):
+                piece = proto.pieces.add()
+                piece.piece, piece.score, piece.type = text, score, kind
+        except (ValueError, TypeError) as e:  # a token type or score protobuf cannot hold
+            raise DllamaError(f"GGUF tokenizer: invalid SentencePiece piece ({_one_line(e)})") from None
         unk = [i for i, t in enumerate(types) if t == UNKNOWN]
         ts = proto.trainer_spec
         ts.model_type = pb.TrainerSpec.BPE
@@ -291,7 +300,9 @@ class GGUFSentencePieceTokenizer(Tokenizer):
         try:
             sp.LoadFromSerializedProto(proto.SerializeToString())
         except Exception as e:
-            raise DllamaError(f"GGUF tokenizer: cannot build a SentencePiece model ({e})") from None
+            raise DllamaError(
+                f"GGUF tokenizer: cannot build a SentencePiece model ({_one_line(e)})"
+            ) from None
         self._sp = sp
 
         token_bytes = []
@@ -475,16 +486,61 @@ class TFileTokenizer(Tokenizer):
         return ids
 
 
-def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
-    """The tokenizer described by a GGUF file's metadata (as returned by engine.gguf_file.read_gguf)."""
+GGUF_TOKEN_IDS = (
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.eot_token_id",
+    "tokenizer.ggml.eom_token_id",
+)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_gguf_tokenizer(meta: dict[str, Any], where: str) -> None:
+    """Refuse GGUF tokenizer metadata of the wrong types or sizes (one line naming `where` and the key)
+    before a tokenizer is built from it."""
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise DllamaError(f"{where}: tokenizer.ggml.tokens is not a non-empty list of strings")
+    n = len(tokens)
+    per_token = (
+        ("tokenizer.ggml.token_type", _is_int),
+        ("tokenizer.ggml.scores", lambda v: _is_int(v) or isinstance(v, float)),
+    )
+    for key, ok in per_token:
+        values = meta.get(key)
+        if values is not None and (
+            not isinstance(values, list) or len(values) != n or not all(map(ok, values))
+        ):
+            size = len(values) if isinstance(values, list) else "not a list"
+            raise DllamaError(f"{where}: {key} must be a list of {n} numbers, one per token (found {size})")
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges is not None and (not isinstance(merges, list) or not all(isinstance(m, str) for m in merges)):
+        raise DllamaError(f"{where}: tokenizer.ggml.merges is not a list of strings")
+    for key in GGUF_TOKEN_IDS:
+        tid = meta.get(key)
+        if tid is not None and not (_is_int(tid) and 0 <= tid < n):
+            raise DllamaError(f"{where}: {key} {tid!r} is not a token id of the {n}-token vocabulary")
+    for key in ("tokenizer.ggml.pre", "tokenizer.chat_template"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise DllamaError(f"{where}: {key} is not a string")
+
+
+def tokenizer_from_gguf(metadata: dict[str, Any], where: str = "the GGUF file") -> Tokenizer:
+    """The tokenizer described by a GGUF file's metadata (as returned by engine.gguf_file.read_gguf);
+    `where` names the file in errors."""
     model = metadata.get("tokenizer.ggml.model")
     if "tokenizer.ggml.tokens" not in metadata:
-        raise DllamaError("GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)")
-    if model == "gpt2":
-        return GGUFBPETokenizer(metadata)
-    if model == "llama":
-        return GGUFSentencePieceTokenizer(metadata)
-    raise DllamaError(f"GGUF tokenizer model {model!r} is not supported (gpt2 and llama are)")
+        raise DllamaError(f"{where} has no tokenizer (tokenizer.ggml.tokens is missing)")
+    if model not in ("gpt2", "llama"):
+        raise DllamaError(f"{where}: GGUF tokenizer model {model!r} is not supported (gpt2 and llama are)")
+    check_gguf_tokenizer(metadata, where)
+    try:
+        return GGUFBPETokenizer(metadata) if model == "gpt2" else GGUFSentencePieceTokenizer(metadata)
+    except DllamaError as e:
+        raise DllamaError(f"{where}: {e}") from None
 
 
 def tokenizer_from_tfile(tf: TFile) -> Tokenizer:
@@ -493,16 +549,18 @@ def tokenizer_from_tfile(tf: TFile) -> Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer from a `.t` file or a GGUF file (vocabulary-only ones too), told apart by magic."""
+    """Load a tokenizer from a `.t` file or a GGUF file (vocabulary-only ones too), told apart by magic;
+    a directory, FIFO or device is refused unread, a `.t` file over engine.tfile.MAX_T_BYTES too."""
     p = Path(path)
-    try:
-        with p.open("rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise DllamaError(f"{p}: cannot read tokenizer ({e.strerror})") from None
+    with open_regular(p, "expected a .t or GGUF tokenizer") as f:
+        magic = f.read(4)
     if magic == b"GGUF":
         from engine.gguf_file import read_gguf
 
         meta, _, _ = read_gguf(p)
-        return tokenizer_from_gguf(meta)
-    return tokenizer_from_tfile(read_tfile(p))
+        return tokenizer_from_gguf(meta, str(p))
+    tf = read_tfile(p)
+    try:
+        return tokenizer_from_tfile(tf)
+    except DllamaError as e:
+        raise DllamaError(f"{p}: {e}") from None

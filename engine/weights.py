@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -15,14 +18,55 @@ BLOCK = 32  # values per Q80 activation block (and per legacy quantized weight b
 _PLAIN = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}  # element dtype of unquantized data
 
 
-def map_file(path: str) -> np.memmap:
-    """A read-only memory map of a whole model file; a missing or unreadable file is a DllamaError."""
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _refuse_irregular(path: str | Path, mode: int, hint: str) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((k for test, k in _NOT_REGULAR if test(mode)), "not a file")
+        raise DllamaError(f"{path}: is {kind}, not a regular file{hint}")
+
+
+def open_regular(path: str | Path, expected: str = "") -> BinaryIO:
+    """Open `path` for reading only if it is a regular file: a directory, FIFO, device or socket is refused
+    by what it is, without blocking (a FIFO is never opened for reading). `expected` is added to errors."""
+    hint = f" ({expected})" if expected else ""
     try:
-        return np.memmap(path, dtype=np.uint8, mode="r")
+        _refuse_irregular(path, os.stat(path).st_mode, hint)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # swapped for a FIFO since: no block
     except FileNotFoundError:
-        raise DllamaError(f"{path}: no such file") from None
-    except (OSError, ValueError) as e:
-        raise DllamaError(f"{path}: cannot read ({e})") from None
+        raise DllamaError(f"{path}: no such file{hint}") from None
+    except OSError as e:
+        raise DllamaError(f"{path}: cannot read ({e.strerror}){hint}") from None
+    except ValueError as e:  # a NUL byte in the path
+        raise DllamaError(f"{path!r}: cannot read ({e}){hint}") from None
+    try:
+        _refuse_irregular(path, os.fstat(fd).st_mode, hint)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def map_file(path: str, limit: int | None = None) -> np.memmap:
+    """A read-only memory map of a regular model file, whole or its first `limit` bytes; a missing, empty,
+    unreadable or non-regular file is a DllamaError."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise DllamaError(f"{path}: empty file")
+        length = size if limit is None else min(size, limit)
+        try:
+            return np.memmap(f, dtype=np.uint8, mode="r", shape=(length,))
+        except (OSError, ValueError) as e:
+            raise DllamaError(f"{path}: cannot map the file ({e})") from None
 
 
 @dataclass

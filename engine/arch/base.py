@@ -164,7 +164,10 @@ def standard_config(m: Meta, *, rope_neox: bool, **extra: Any) -> ModelConfig:
     elif n_heads > 0 and dim % n_heads == 0:
         head_dim = dim // n_heads
     else:
-        raise DllamaError(f"{m.path}: embedding_length {dim} is not a multiple of head_count {n_heads}")
+        raise DllamaError(
+            f"{m.path}: {m.arch}.embedding_length {dim} is not a multiple of "
+            f"{m.arch}.attention.head_count {n_heads}"
+        )
     if m.has("vocab_size"):
         vocab = m.int("vocab_size")
     elif m.meta.get("tokenizer.ggml.tokens"):
@@ -189,6 +192,29 @@ def standard_config(m: Meta, *, rope_neox: bool, **extra: Any) -> ModelConfig:
         rope_scaling=rope_scaling(m),
         **extra,
     )
+
+
+def gguf_key_names(arch: str) -> dict[str, str]:
+    """The GGUF metadata key each ModelConfig field is read from, so a refused value is named as the file
+    spells it (ModelConfig.validate)."""
+    keys = {
+        "dim": "embedding_length",
+        "hidden_dim": "feed_forward_length",
+        "n_layers": "block_count",
+        "n_heads": "attention.head_count",
+        "n_kv_heads": "attention.head_count_kv",
+        "context_len": "context_length",
+        "norm_eps": "attention.layer_norm_rms_epsilon",
+        "rope_theta": "rope.freq_base",
+        "rope_scaling.factor": "rope.scaling.factor",
+        "rope_scaling.low_freq_factor": "rope.scaling.low_freq_factor",
+        "rope_scaling.high_freq_factor": "rope.scaling.high_freq_factor",
+        "rope_scaling.orig_max_seq_len": "rope.scaling.original_context_length",
+        "n_experts": "expert_count",
+        "n_active_experts": "expert_used_count",
+        "moe_hidden_dim": "expert_feed_forward_length",
+    }
+    return {field: f"{arch}.{key}" for field, key in keys.items()}
 
 
 def rope_scaling(m: Meta) -> RopeScaling | None:
