@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.atomic_file import all_or_none, check_output
 from engine.config import RopeScaling
 from engine.errors import DllamaError
 from engine.gguf_file import load_gguf
@@ -17,6 +18,7 @@ from engine.tfile import tfile_from_gguf, write_tfile
 
 M_WEIGHT_TYPES = ("f32", "f16", "q40", "q80")
 STANDARD_LLAMA31 = (1.0, 4.0, 8192)  # low_freq_factor, high_freq_factor, original context of Llama 3.1/3.2
+INT32_MAX = 2**31 - 1  # .m header values are int32
 
 
 def llama31_divisors(head_dim: int, theta: float, rs: RopeScaling) -> np.ndarray:
@@ -79,9 +81,15 @@ def convert_gguf(
     `.t` tokenizer.
 
     Both files share one vocabulary order that moves special tokens behind the regular ones (spec 3.3).
+    Both outputs are checked before any work and land together: a failure leaves neither written.
     """
     if wtype not in M_WEIGHT_TYPES:
         raise DllamaError(f"weight type {wtype!r} is not one of {', '.join(M_WEIGHT_TYPES)} (.m types)")
+    targets = [check_output(out_m)] + ([check_output(out_t)] if out_t is not None else [])
+    if len(targets) == 2 and targets[0] == targets[1]:
+        raise DllamaError(f"the .m and the .t outputs are the same file {out_m}: give two names")
+    if Path(src).resolve() in targets:
+        raise DllamaError(f"{src} is both the source and an output: give another output name")
     model = load_gguf(src)
     check_writable(model)
     cfg = model.config
@@ -109,6 +117,8 @@ def convert_gguf(
     if scaling is not None:
         floats.update(factor=scaling.factor, low=scaling.low_freq_factor, high=scaling.high_freq_factor)
     for name, value in floats.items():
+        if not (math.isfinite(value) and abs(value) <= INT32_MAX):
+            raise DllamaError(f"{src}: {name} {value:g} cannot be stored in a .m header (an int32)")
         if value != int(value):
             log(f"warning: {name} {value:g} is stored as {int(value)} (.m header values are integers)")
     order = None
@@ -124,8 +134,10 @@ def convert_gguf(
             log(f"vocabulary reordered: {int(np.sum(order != np.arange(cfg.vocab_size)))} ids move")
     elif out_t is not None:
         raise DllamaError(f"{src}: the GGUF file carries no tokenizer, cannot write {out_t}")
-    write_m(out_m, dataclasses.replace(model, config=cfg), wtype, order, log)
+    with all_or_none():
+        write_m(out_m, dataclasses.replace(model, config=cfg), wtype, order, log)
+        if out_t is not None:
+            write_tfile(out_t, tf)
     log(f"wrote {out_m}")
-    if out_t is not None and tf is not None:
-        write_tfile(out_t, tf)
+    if out_t is not None:
         log(f"wrote {out_t}")
