@@ -52,6 +52,7 @@ _MIN_BYTES = {
     GGUFValueType.STRING: 8,
     GGUFValueType.ARRAY: 12,
 }
+_U64 = struct.Struct("<Q")
 _MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, a one-byte value
 _MIN_TENSOR_BYTES = 8 + 4 + 8 + 4 + 8  # name length, ndim, one dimension, type, offset
 
@@ -114,6 +115,24 @@ class _Cursor:
         self.pos += n
         return s
 
+    def strings(self, n: int, what: str) -> list[str]:
+        """`n` strings in a row (a vocabulary, its merges): `string` inlined, the loop that dominates the
+        parse of a real header."""
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        length_at = _U64.unpack_from
+        for _ in range(n):
+            if end - pos < 8:
+                break
+            (size,) = length_at(buf, pos)
+            if size > MAX_STRING or size > end - pos - 8:
+                break
+            out.append(str(buf[pos + 8 : pos + 8 + size], "utf-8", "replace"))
+            pos += 8 + size
+        self.pos = pos
+        if len(out) < n:
+            self.string(what)  # raises, saying why the next one does not fit
+        return out
+
     def name(self, what: str) -> str:
         """A key or tensor name; unprintable characters escaped, so that an error naming it is one line."""
         s = self.string(what)
@@ -141,6 +160,8 @@ class _Cursor:
             arr = np.frombuffer(self.buf, dtype=dt, count=n, offset=self.pos)
             self.pos += n * dt.itemsize
             return arr.tolist()
+        if etype == GGUFValueType.STRING:
+            return self.strings(n, key)
         return [self.value(etype, key, depth + 1) for _ in range(n)]
 
 

@@ -55,23 +55,23 @@ def padding_rows_allowed(model_vocab: int) -> int:
     return min(model_vocab // 100, 1024)
 
 
-def check_vocab_sizes(tokens: int, rows: int, model_name: str) -> None:
+def check_vocab_sizes(tokens: int, rows: int, tokenizer_name: str, model_name: str) -> None:
     """Refuse a tokenizer that does not belong to the model by its size; warn (one line on stderr) when
     the model only has a few padding rows more, which are never sampled (the sampler sees `tokens` ids)."""
     if tokens > rows:
         raise DllamaError(
-            f"the tokenizer has {tokens} tokens but the model {model_name} only {rows}: "
+            f"the tokenizer {tokenizer_name} has {tokens} tokens but the model {model_name} only {rows}: "
             "they do not belong together"
         )
     if rows - tokens > padding_rows_allowed(rows):
         raise DllamaError(
-            f"the tokenizer has {tokens} tokens but the model {model_name} {rows}: they do not belong "
-            f"together (at most {padding_rows_allowed(rows)} padding rows are accepted)"
+            f"the tokenizer {tokenizer_name} has {tokens} tokens but the model {model_name} {rows}: they do "
+            f"not belong together (at most {padding_rows_allowed(rows)} padding rows are accepted)"
         )
     if tokens < rows:
         print(
-            f"⚠️ the tokenizer has {tokens} tokens, the model {model_name} {rows} rows: the last "
-            f"{rows - tokens} are padding and never sampled",
+            f"⚠️ the tokenizer {tokenizer_name} has {tokens} tokens, the model {model_name} {rows} rows: "
+            f"the last {rows - tokens} are padding and never sampled",
             file=sys.stderr,
         )
 
@@ -131,6 +131,6 @@ def load(
         tokenizer = tokenizer_from_gguf(model.metadata, str(path))
     else:
         raise DllamaError(f"{path} carries no tokenizer: pass --tokenizer FILE (.t or .gguf)")
-    check_vocab_sizes(tokenizer.vocab_size, model.config.vocab_size, path.name)
+    check_vocab_sizes(tokenizer.vocab_size, model.config.vocab_size, tokenizer_path or path.name, path.name)
     runner = Runner(model, be, act, max_seq_len, workers=workers, net_timeout=net_timeout)
     return Loaded(model, tokenizer, runner)
