@@ -14,7 +14,7 @@ from engine.arch import get_arch
 from engine.arch.base import Meta
 from engine.config import RopeScaling
 from engine.errors import DllamaError
-from engine.gguf_file import load_gguf, read_gguf
+from engine.gguf_file import GGUFTensorInfo, load_gguf, read_gguf
 from engine.quants import dequantize
 
 
@@ -187,3 +187,10 @@ def test_other_architectures_load_with_their_shapes(tmp_path: Path, arch: str) -
     for t in gguf.GGUFReader(p).tensors:
         w = m.weights[t.name]
         assert w.shape == ((1,) if len(t.shape) == 1 else ()) + tuple(int(d) for d in t.shape[::-1]), t.name
+
+
+def test_tensor_sizes_do_not_wrap() -> None:
+    """2^32 x 2^32 and 2^62 x 4 values are 2^64: in int64 they wrap to 0 and would pass a bounds check."""
+    for shape in ((1 << 32, 1 << 32), (1 << 62, 4)):
+        info = GGUFTensorInfo("t", shape, gguf.GGMLQuantizationType.Q8_0, 0)
+        assert info.nbytes == (1 << 64) // 32 * 34  # Q8_0: 34 bytes per 32 values
