@@ -72,20 +72,25 @@ class Link:
     def read_frame(self, timeout: float, total: float | None = None) -> Frame:
         """The next frame other than PING. `timeout` is the longest silence allowed (pings restart it);
         `total`, where given, the seconds within which the frame must arrive even while pings keep coming."""
-        start = time.monotonic()
+        end = None if total is None else time.monotonic() + total
+        silence = timeout
         while True:
-            silence = timeout if total is None else min(timeout, start + total - time.monotonic())
             try:
-                head = self.recv_exact(HEADER.size, max(silence, 0.0))
+                head = self.recv_exact(HEADER.size, silence)
             except PeerError as e:
-                if e.kind == "silent" and silence < timeout:
+                if e.kind != "silent" or silence == timeout:
+                    raise
+                head = None
+            if head is not None:
+                msg, a, b, c = parse_header(head, self.name)
+                payload = b"" if msg == Msg.FORWARD else self.recv_exact(c, timeout)
+                if msg != Msg.PING:
+                    return Frame(msg, a, b, c, payload)
+            if end is not None:  # after a ping, only what is left of `total`
+                silence = min(timeout, end - time.monotonic())
+                if head is None or silence <= 0:
                     self.broken = f"gave no answer within {total:g} s (only keep-alives)"
-                    raise PeerError(self, self.broken, "slow") from None
-                raise
-            msg, a, b, c = parse_header(head, self.name)
-            payload = b"" if msg == Msg.FORWARD else self.recv_exact(c, timeout)
-            if msg != Msg.PING:
-                return Frame(msg, a, b, c, payload)
+                    raise PeerError(self, self.broken, "slow")
 
     def expect(self, msg: Msg, timeout: float, of: Msg | None = None, total: float | None = None) -> Frame:
         """The next frame, which must be `msg` (an OK acknowledging `of`); an ERROR frame raises its text."""

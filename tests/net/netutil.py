@@ -1,5 +1,6 @@
 """Helpers of the cluster tests: worker subprocesses and their logs, a pool that replaces dead workers,
-the 8-KV-head tiny model shape, and greedy decoding through any Runner. Every wait is bounded."""
+the 8-KV-head tiny model shape, a check that workers still serve a real root, and greedy decoding through
+any Runner. Every wait is bounded."""
 
 from __future__ import annotations
 
@@ -18,6 +19,28 @@ ROOT = Path(__file__).resolve().parents[2]
 IDLE = ("Listening on", "Waiting for a root")
 # 8 KV heads of head_dim 32 (any split keeps whole 32-blocks); 10 FFN blocks split unevenly on 3, 4 nodes
 TINY8 = dict(dim=256, hidden_dim=320, n_layers=2, n_heads=8, n_kv_heads=8, vocab=288)
+TOKENS = [5, 17, 200, 3, 99, 42, 7, 150, 11]  # 9 tokens: batches of 4, 4, 1 with max_batch 4
+
+
+def root(model, backend, workers, timeout: float = 3.0):
+    """A root Runner (f32 sync, 64 positions, batches of 4) on these workers (WorkerProcs or addresses)."""
+    from engine.runner import Runner
+
+    addresses = [w if isinstance(w, str) else w.address for w in workers]
+    return Runner(model, backend, "f32", 64, 4, workers=addresses, net_timeout=timeout, log=lambda line: None)
+
+
+def assert_serves(model, backend, workers) -> None:
+    """A new root on these workers computes the same logits as one node."""
+    from engine.runner import Runner
+
+    want = Runner(model, backend, "f32", 64, 4).forward(TOKENS, 0, "all")
+    r = root(model, backend, workers)
+    try:
+        got = r.forward(TOKENS, 0, "all")
+    finally:
+        r.close()
+    assert np.abs(got - want).max() <= 1e-4 * max(np.abs(want).max(), 1.0)
 
 
 class WorkerProc:

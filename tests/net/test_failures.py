@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import pytest
+from netutil import TOKENS, assert_serves, root
 from tinymodel import write_tiny_gguf
 
 from cpu_fallback.backend import CpuBackend
@@ -32,8 +32,6 @@ from net.protocol import (
     pack_greeting,
 )
 
-TOKENS = [5, 17, 200, 3, 99, 42, 7, 150, 11]
-
 
 @pytest.fixture(scope="module")
 def backend() -> CpuBackend:
@@ -43,26 +41,6 @@ def backend() -> CpuBackend:
 @pytest.fixture(scope="module")
 def model(tiny8_paths):
     return open_model(tiny8_paths["f32"])
-
-
-def quiet(line: str) -> None:
-    pass
-
-
-def root(model, backend, workers, timeout: float = 3.0) -> Runner:
-    addresses = [w if isinstance(w, str) else w.address for w in workers]
-    return Runner(model, backend, "f32", 64, 4, workers=addresses, net_timeout=timeout, log=quiet)
-
-
-def assert_serves(model, backend, workers) -> None:
-    """A new root on these workers computes the same logits as one node."""
-    want = Runner(model, backend, "f32", 64, 4).forward(TOKENS, 0, "all")
-    r = root(model, backend, workers)
-    try:
-        got = r.forward(TOKENS, 0, "all")
-    finally:
-        r.close()
-    assert np.abs(got - want).max() <= 1e-4 * max(np.abs(want).max(), 1.0)
 
 
 @contextmanager

@@ -375,3 +375,10 @@ def test_a_peers_error_text_becomes_one_line():
         b.expect(Msg.OK, 1)
     assert "\n" not in str(ei.value) and "\x1b" not in str(ei.value)
     assert str(ei.value) == "peer a: first Traceback (most recent call last):   x [0m"
+
+
+def test_a_silent_peer_is_reported_as_silent_even_with_a_total_wait():
+    a, b = tcp_pair()
+    with pytest.raises(PeerError, match=r"peer a sent nothing for 0\.3 s") as ei:
+        b.read_frame(0.3, total=5.0)
+    assert ei.value.kind == "silent"
