@@ -337,12 +337,14 @@ class _Session:
             name = f"node {j} ({host}:{port})"
             link = connect(host, port, name, sc.timeout)
             self.links[j] = link
-            link.send(hello, sc.timeout)
-            version, _, length = parse_greeting_head(link.recv_exact(GREETING.size, sc.timeout), name)
+            deadline = time.monotonic() + 2 * sc.timeout  # the whole greeting, however it trickles
+            link.send(hello, sc.timeout, deadline)
+            head = link.recv_exact(GREETING.size, sc.timeout, deadline)
+            version, _, length = parse_greeting_head(head, name)
             if version != PROTOCOL_VERSION:
                 raise ProtocolError(version_mismatch(name, version))
-            link.recv_exact(length, sc.timeout)
-            link.expect(Msg.OK, sc.timeout, of=Msg.OK)
+            link.recv_exact(length, sc.timeout, deadline)
+            link.expect(Msg.OK, sc.timeout, of=Msg.OK, total=sc.timeout)
         deadline = time.monotonic() + setup_silence(sc.timeout)
         while len(self.links) < sc.n_nodes - 1:  # every node but this one
             try:
