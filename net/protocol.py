@@ -6,6 +6,8 @@ length) and a JSON payload of the node's capabilities. After it come frames with
 while FORWARD packs mode, token count and start position into the header itself, so the per-forward control
 message is 8 bytes like the original's (spec 5.5). Inside a forward pass nodes exchange raw activation rows
 whose sizes every node derives from the session config, so sync traffic carries no framing bytes at all.
+What a peer sends is never trusted: JSON is parsed with a depth and a number-length bound, the model config
+is checked by ModelConfig.validate, and every step on the wire has a deadline (`step_time`).
 """
 
 from __future__ import annotations
