@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -87,6 +88,10 @@ def _group_bytes(group: list[tuple[str, str, tuple[int, ...]]]) -> int:
     return experts * sum(_matrix_bytes(dtype, shape) for _, dtype, shape in group)
 
 
+def _plan_bytes(plan: list[list[tuple[str, str, tuple[int, ...]]]]) -> int:
+    return sum(_group_bytes(g) for g in plan)
+
+
 def _header(mm: np.ndarray, path: str) -> tuple[dict[str, int], int]:
     if len(mm) < 8:
         raise DllamaError(f"{path}: truncated .m file ({len(mm)} bytes, the header alone needs at least 8)")
@@ -167,18 +172,22 @@ def read_m(path: str | Path) -> Model:
     mm = map_file(path)
     header, offset = _header(mm, path)
     cfg, wtype = _config(header, path)
-    cfg.validate(path, M_NAMES)  # bounds the tensor plan below, whatever the header claims
-    plan = stream_plan(cfg, wtype)
-    for group in plan:
+    cfg.validate(path, M_NAMES)
+    # Sizes from the plans of one and two layers (every layer is alike), so that the whole plan is only
+    # built once the file is known to hold it.
+    one, two = (stream_plan(dataclasses.replace(cfg, n_layers=n), wtype) for n in (1, 2))
+    for group in one:
         for name, dtype, shape in group:
             if shape[-1] % weight_type(dtype).block_values:
                 raise DllamaError(f"{path}: tensor {name}: {shape[-1]} columns is not whole {dtype} blocks")
-    expected = offset + sum(_group_bytes(g) for g in plan)
+    first, per_layer = _plan_bytes(one), _plan_bytes(two) - _plan_bytes(one)
+    expected = offset + first + (cfg.n_layers - 1) * per_layer
     if expected != len(mm):
         raise DllamaError(
             f"{path}: wrong file size: the header and tensors need {expected} bytes, the file has {len(mm)}"
             + (" (truncated)" if len(mm) < expected else " (extra bytes at the end)")
         )
+    plan = stream_plan(cfg, wtype)
     weights: dict[str, Weight] = {}
     for group in plan:
         size = _group_bytes(group)
