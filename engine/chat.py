@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from engine.chat_template import ChatTemplate
+from engine.errors import DllamaError
 from engine.generate import Metrics, generate
 from engine.loader import Loaded
 from engine.sampler import Sampler
@@ -20,13 +21,20 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+TURN_LIMIT = 1 << 20  # bytes of one user turn: far more than any context holds
+
+
 def _ask(prompt: str, interactive: bool) -> str:
+    """One line of stdin (the prompt shown when interactive); bytes that are not UTF-8 become U+FFFD, as in
+    llama.cpp; EOFError at the end of the input."""
     if interactive:
-        return input(prompt)
-    line = sys.stdin.readline()
+        print(prompt, end="", flush=True)
+    line = sys.stdin.buffer.readline(TURN_LIMIT + 1)
     if not line:
         raise EOFError
-    return line.rstrip("\n")
+    if len(line) > TURN_LIMIT:
+        raise DllamaError(f"a chat turn on stdin is over {TURN_LIMIT >> 20} MiB: more than any context holds")
+    return line.decode("utf-8", "replace").rstrip("\r\n")
 
 
 def run_chat(
@@ -38,7 +46,7 @@ def run_chat(
     topp: float,
     seed: int | None,
 ) -> None:
-    """Read user turns from stdin until EOF or Ctrl-C; stream each reply."""
+    """Read user turns from stdin until EOF (Ctrl-C ends the program: exit 130); stream each reply."""
     tok, runner = loaded.tokenizer, loaded.runner
     template = ChatTemplate.for_tokenizer(tok, template_name)
     sampler = Sampler(tok.vocab_size, temperature, topp, seed)
@@ -80,5 +88,5 @@ def run_chat(
                     "start a new chat or raise --max-seq-len)"
                 )
                 return
-    except (EOFError, KeyboardInterrupt):
+    except EOFError:
         print(flush=True)

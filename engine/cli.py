@@ -5,16 +5,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import numpy as np
 import typer
 
+from engine.atomic_file import atomic_write, check_output, special_kind
 from engine.errors import DllamaError
 from net.protocol import NET_TIMEOUT
+
+TEXT_LIMIT = 16 << 20  # bytes of a perplexity --file: far more text than any context holds
+MAX_NET_TIMEOUT = 86400.0
 
 app = typer.Typer(
     add_completion=False,
@@ -24,47 +30,189 @@ app = typer.Typer(
     help="Tensor-parallel LLM inference on CPU and Vulkan nodes.",
 )
 
+
+# ---- parse-time checks: a bad value is refused with the flag's name and its accepted range ----
+def _in_range(ok: Callable[[float], bool], accepted: str) -> Callable[[float | None], float | None]:
+    """A callback refusing a non-finite number or one that fails `ok`, naming the accepted range."""
+
+    def check(value: float | None) -> float | None:
+        if value is not None and not ((isinstance(value, int) or math.isfinite(value)) and ok(value)):
+            raise typer.BadParameter(f"{value} is out of range: {accepted}")
+        return value
+
+    return check
+
+
+def _check_threads(value: int | None) -> int | None:
+    cores = os.cpu_count() or 1
+    return _in_range(lambda n: 1 <= n <= cores, f"give 1 to {cores} (the cores of this machine)")(value)
+
+
+def _non_empty(what: str) -> Callable[[str | None], str | None]:
+    def check(value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise typer.BadParameter(f"the value is empty: give {what}")
+        return value
+
+    return check
+
+
+def _check_output(value: str | None) -> str | None:
+    """An output file: a regular file (or a new one) in an existing folder, checked before any work."""
+    if value is not None:
+        try:
+            check_output(value)
+        except DllamaError as e:
+            raise typer.BadParameter(str(e)) from None
+    return value
+
+
+def as_text(value: str | None) -> str | None:
+    """Command-line text with invalid UTF-8 bytes (surrogate escapes) as U+FFFD, as llama.cpp reads them."""
+    if value is None:
+        return None
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _check_workers(values: list[str] | None) -> list[str] | None:
+    """Every HOST:PORT of every --workers value (a value may hold several, comma or space separated)."""
+    from net.transport import parse_address
+
+    if values is None:
+        return None
+    out: list[str] = []
+    for value in values:
+        addresses = value.replace(",", " ").split()
+        if not addresses:
+            raise typer.BadParameter("an empty worker address: give HOST:PORT, e.g. 10.0.0.2:9990")
+        for a in addresses:
+            try:
+                if not a.isascii():
+                    raise DllamaError(f"bad worker address {a!r}: use HOST:PORT, e.g. 10.0.0.2:9990")
+                parse_address(a)
+            except DllamaError as e:
+                raise typer.BadParameter(str(e)) from None
+            if a in out:
+                raise typer.BadParameter(f"worker {a} is given twice")
+            out.append(a)
+    return out
+
+
+def _check_template(value: str | None) -> str | None:
+    from engine.chat_template import BUILTIN_TEMPLATES
+
+    if value is not None and value not in BUILTIN_TEMPLATES:
+        raise typer.BadParameter(f"unknown template {value!r}: choose one of {', '.join(BUILTIN_TEMPLATES)}")
+    return value
+
+
+PORT_RANGE = _in_range(lambda n: 0 <= n <= 65535, "give 0 to 65535 (0: any free port)")
+
 # ---- options shared by the commands that load a model ----
 Model = Annotated[
     str | None,
     typer.Option(
         "--model",
+        callback=_non_empty("a GGUF or .m file, or a model name"),
         help="GGUF or .m file, or a model name: smollm2 (the embedded default), qwen2.5-coder (fetched once "
         "into ~/.cache/dllama)",
     ),
 ]
 TokenizerOpt = Annotated[
-    str | None, typer.Option("--tokenizer", help=".t or GGUF tokenizer (a GGUF model has its own)")
+    str | None,
+    typer.Option(
+        "--tokenizer",
+        callback=_non_empty("a .t or GGUF file"),
+        help=".t or GGUF tokenizer (a GGUF model has its own)",
+    ),
 ]
 BufType = Annotated[str, typer.Option("--buffer-float-type", help="activation/sync numbers: f32 or q80")]
-Threads = Annotated[int | None, typer.Option("--nthreads", help="CPU threads (default: all cores)")]
-SeqLen = Annotated[
-    int | None, typer.Option("--max-seq-len", help="context to allocate (default min(model, 4096))")
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        "--nthreads", callback=_check_threads, help="CPU threads, 1 to the cores (default: all cores)"
+    ),
 ]
-Temp = Annotated[float, typer.Option("--temperature", help="0 = greedy")]
-TopP = Annotated[float, typer.Option("--topp", help="nucleus sampling mass")]
-Seed = Annotated[int | None, typer.Option("--seed", help="random seed (default: time)")]
+SeqLen = Annotated[
+    int | None,
+    typer.Option(
+        "--max-seq-len",
+        callback=_in_range(lambda n: n >= 1, "give at least 1 (the model's context caps it)"),
+        help="context to allocate, >= 1 (default min(model, 4096))",
+    ),
+]
+Temp = Annotated[
+    float,
+    typer.Option(
+        "--temperature",
+        callback=_in_range(lambda t: t >= 0, "give a finite number of at least 0 (0: greedy)"),
+        help="a finite number >= 0; 0 = greedy",
+    ),
+]
+TopP = Annotated[
+    float,
+    typer.Option(
+        "--topp",
+        callback=_in_range(
+            lambda p: 0 <= p <= 1,
+            "give a number from 0 to 1 (0 or 1: no nucleus cut, as in distributed-llama)",
+        ),
+        help="nucleus sampling mass, 0 to 1 (0 or 1: sample the whole distribution)",
+    ),
+]
+SEED_RANGE = _in_range(lambda n: 0 <= n < 2**64, "give an integer from 0 to 2^64-1")
+Seed = Annotated[
+    int | None, typer.Option("--seed", callback=SEED_RANGE, help="random seed, 0 to 2^64-1 (default: time)")
+]
 BackendOpt = Annotated[
     str | None, typer.Option("--backend", help="cpu, vulkan or auto (also accepted before the command)")
 ]
-JsonOut = Annotated[str | None, typer.Option("--json", help="write the results as one JSON object to FILE")]
+JsonOut = Annotated[
+    str | None,
+    typer.Option(
+        "--json", callback=_check_output, help="write the results as one JSON object to FILE (a regular file)"
+    ),
+]
 Workers = Annotated[
     list[str] | None,
     typer.Option(
         "--workers",
+        callback=_check_workers,
         help="worker HOST:PORT addresses: several after one flag (`--workers a:9990 b:9990`), the flag "
         "repeated, or comma-separated; this node becomes the root of the cluster",
     ),
 ]
 NetTimeout = Annotated[
     float,
-    typer.Option("--net-timeout", help="how long a silent worker may stall a forward pass (s)"),
+    typer.Option(
+        "--net-timeout",
+        callback=_in_range(
+            lambda t: 0 < t <= MAX_NET_TIMEOUT, f"give seconds above 0, at most {MAX_NET_TIMEOUT:g}"
+        ),
+        help="how long a silent worker may stall a forward pass (s, above 0)",
+    ),
+]
+Template = Annotated[
+    str | None,
+    typer.Option(
+        "--chat-template",
+        callback=_check_template,
+        help="llama2, llama3, chatml or deepseek (default: the model's own)",
+    ),
+]
+Prompt = Annotated[str, typer.Option("--prompt", callback=as_text, help="prompt text")]
+Host = Annotated[
+    str, typer.Option("--host", callback=_non_empty("an address to bind"), help="address to bind")
 ]
 
 
 def _set_gpu_index(ctx: typer.Context, value: int | None) -> int | None:
     """--gpu-index given after the command overrides one given before it (both land in ctx.obj)."""
     if value is not None:
+        if value < 0:
+            raise typer.BadParameter(
+                f"{value} is out of range: give 0 or more (Vulkan devices are 0, 1, ...)"
+            )
         ctx.ensure_object(dict)["gpu_index"] = value
     return value
 
@@ -101,11 +249,6 @@ def _backend(ctx: typer.Context, local: str | None) -> str:
     return local if local is not None else ctx.obj["backend"]
 
 
-def _worker_list(values: list[str] | None) -> list[str]:
-    """Every address of every --workers value (a value may hold several, comma or space separated)."""
-    return [a for v in values or [] for a in v.replace(",", " ").split()]
-
-
 def _expand_workers(argv: list[str]) -> list[str]:
     """The original's `--workers a:p b:q` (every following word that is not an option) as repeated flags."""
     out, i = [], 0
@@ -130,7 +273,7 @@ def _load(ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_l
         buffer_float_type,
         nthreads,
         max_seq_len,
-        _worker_list(workers),
+        workers or [],
         net_timeout,
         gpu_index=ctx.obj.get("gpu_index"),
     )
@@ -149,13 +292,32 @@ def _load(ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_l
 
 def _write_json(path: str, obj: dict) -> None:
     """Write atomically, so a failed run leaves no half-written file."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    with atomic_write(path) as f:
+        f.write((json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def _read_text(path: str) -> str:
+    """A perplexity --file: a regular file of at most TEXT_LIMIT bytes; invalid UTF-8 becomes U+FFFD."""
     try:
-        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once and is refused below
+        try:
+            kind = special_kind(os.fstat(fd).st_mode)
+            if kind is not None:
+                raise DllamaError(f"--file {path} is {kind}, not a regular file: give a text file")
+            chunks, size = [], 0
+            while size <= TEXT_LIMIT and (chunk := os.read(fd, 1 << 20)):
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DllamaError(f"cannot write {path}: {e.strerror}") from None
+        raise DllamaError(f"cannot read --file {path}: {e.strerror}") from None
+    if size > TEXT_LIMIT:
+        raise DllamaError(
+            f"--file {path} is over {TEXT_LIMIT >> 20} MiB, more text than any context holds: "
+            "score a part of it"
+        )
+    return b"".join(chunks).decode("utf-8", "replace")
 
 
 def _line(sym: str, label: str, st, tail: str) -> str:
@@ -171,8 +333,15 @@ def _line(sym: str, label: str, st, tail: str) -> str:
 @app.command()
 def inference(
     ctx: typer.Context,
-    prompt: Annotated[str, typer.Option("--prompt", help="prompt text")],
-    steps: Annotated[int, typer.Option("--steps", help="tokens to generate")] = 64,
+    prompt: Prompt,
+    steps: Annotated[
+        int,
+        typer.Option(
+            "--steps",
+            callback=_in_range(lambda n: n >= 1, "give at least 1"),
+            help="tokens to generate, >= 1",
+        ),
+    ] = 64,
     model: Model = None,
     tokenizer: TokenizerOpt = None,
     buffer_float_type: BufType = "f32",
@@ -194,8 +363,6 @@ def inference(
     from engine.generate import Metrics, generate
     from engine.sampler import Sampler
 
-    if steps < 1:
-        raise DllamaError(f"--steps must be at least 1 (got {steps})")
     loaded = _load(
         ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len, workers, net_timeout
     )
@@ -267,8 +434,15 @@ def _ms_per(st) -> float:
 @app.command()
 def perplexity(
     ctx: typer.Context,
-    file: Annotated[str | None, typer.Option("--file", help="text file to score")] = None,
-    prompt: Annotated[str | None, typer.Option("--prompt", help="text to score")] = None,
+    file: Annotated[
+        str | None,
+        typer.Option(
+            "--file",
+            callback=_non_empty("a text file"),
+            help=f"text file to score (at most {TEXT_LIMIT >> 20} MiB)",
+        ),
+    ] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", callback=as_text, help="text to score")] = None,
     model: Model = None,
     tokenizer: TokenizerOpt = None,
     buffer_float_type: BufType = "f32",
@@ -283,13 +457,7 @@ def perplexity(
     """Score every token after the first given all before it; print perplexity and average log-prob."""
     if (file is None) == (prompt is None):
         raise DllamaError("give exactly one of --file FILE or --prompt TEXT")
-    if file is not None:
-        try:
-            text = Path(file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise DllamaError(f"cannot read {file}: {getattr(e, 'strerror', None) or e}") from None
-    else:
-        text = prompt
+    text = _read_text(file) if file is not None else prompt
     loaded = _load(
         ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len, workers, net_timeout
     )
@@ -333,13 +501,18 @@ def log_softmax_at(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
 def chat(
     ctx: typer.Context,
     system: Annotated[
-        str | None, typer.Option("--system", help="system prompt (asked for when interactive)")
-    ] = None,
-    chat_template: Annotated[
         str | None,
-        typer.Option("--chat-template", help="llama2, llama3, chatml or deepseek (default: the model's own)"),
+        typer.Option("--system", callback=as_text, help="system prompt (asked for when interactive)"),
     ] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="longest reply in tokens")] = 1024,
+    chat_template: Template = None,
+    max_tokens: Annotated[
+        int,
+        typer.Option(
+            "--max-tokens",
+            callback=_in_range(lambda n: n >= 1, "give at least 1"),
+            help="longest reply in tokens, >= 1",
+        ),
+    ] = 1024,
     model: Model = None,
     tokenizer: TokenizerOpt = None,
     buffer_float_type: BufType = "f32",
@@ -373,13 +546,20 @@ def chat(
 # ---- convert ----
 @app.command()
 def convert(
-    model: Annotated[str, typer.Option("--model", help="source GGUF file or a model name")],
-    output: Annotated[str, typer.Option("--output", help="the .m file to write")],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            callback=_non_empty("a GGUF file or a model name"),
+            help="source GGUF file or a model name",
+        ),
+    ],
+    output: Annotated[str, typer.Option("--output", callback=_check_output, help="the .m file to write")],
     weights_float_type: Annotated[
         str, typer.Option("--weights-float-type", help="f32, f16, q40 or q80")
     ] = "q40",
     tokenizer_output: Annotated[
-        str | None, typer.Option("--tokenizer-output", help="also write this .t")
+        str | None, typer.Option("--tokenizer-output", callback=_check_output, help="also write this .t")
     ] = None,
 ) -> None:
     """Write a distributed-llama .m (and .t) from a GGUF file."""
@@ -395,8 +575,10 @@ def convert(
 @app.command()
 def worker(
     ctx: typer.Context,
-    port: Annotated[int, typer.Option("--port", help="TCP port to listen on (0: any free port)")] = 9990,
-    host: Annotated[str, typer.Option("--host", help="address to bind (default: all)")] = "0.0.0.0",
+    port: Annotated[
+        int, typer.Option("--port", callback=PORT_RANGE, help="TCP port to listen on (0: any free port)")
+    ] = 9990,
+    host: Host = "0.0.0.0",
     nthreads: Threads = None,
     backend: BackendOpt = None,
     gpu_index: GpuIndex = None,
@@ -405,8 +587,6 @@ def worker(
     from engine.loader import make_backend
     from net.worker import serve
 
-    if not 0 <= port <= 65535:
-        raise DllamaError(f"--port {port} is out of range (0..65535)")
     serve(host, port, make_backend(_backend(ctx, backend), nthreads, ctx.obj.get("gpu_index")))
 
 
@@ -414,15 +594,19 @@ def worker(
 @app.command()
 def api(
     ctx: typer.Context,
-    host: Annotated[str, typer.Option("--host", help="address to serve on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="TCP port (0: any free port)")] = 9990,
+    host: Host = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", callback=PORT_RANGE, help="TCP port (0: any free port)")
+    ] = 9990,
     queue_size: Annotated[
-        int, typer.Option("--queue-size", help="requests that may wait for the engine; more get HTTP 429")
+        int,
+        typer.Option(
+            "--queue-size",
+            callback=_in_range(lambda n: n >= 0, "give 0 or more"),
+            help="requests that may wait for the engine (>= 0); more get HTTP 429",
+        ),
     ] = 64,
-    chat_template: Annotated[
-        str | None,
-        typer.Option("--chat-template", help="llama2, llama3, chatml or deepseek (default: the model's own)"),
-    ] = None,
+    chat_template: Template = None,
     model: Model = None,
     tokenizer: TokenizerOpt = None,
     buffer_float_type: BufType = "f32",
@@ -431,7 +615,12 @@ def api(
     temperature: Temp = 0.8,
     topp: TopP = 0.9,
     seed: Annotated[
-        int | None, typer.Option("--seed", help="seed of requests that give none (default: random each)")
+        int | None,
+        typer.Option(
+            "--seed",
+            callback=SEED_RANGE,
+            help="seed of requests that give none, 0 to 2^64-1 (default: random each)",
+        ),
     ] = None,
     backend: BackendOpt = None,
     gpu_index: GpuIndex = None,
@@ -450,7 +639,7 @@ def api(
             act=buffer_float_type,
             n_threads=nthreads,
             max_seq_len=max_seq_len,
-            workers=_worker_list(workers),
+            workers=workers or [],
             net_timeout=net_timeout,
             temperature=temperature,
             top_p=topp,
@@ -483,11 +672,34 @@ def bench_shaders(ctx: typer.Context) -> None:
     tool.main((["--gpu-index", str(gpu)] if gpu is not None else []) + list(ctx.args))
 
 
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C (temp files removed, workers released); main() then exits 143."""
+    _stopped_by.append(signum)
+    raise KeyboardInterrupt
+
+
+_stopped_by: list[int] = []  # SIGTERM once it has arrived
+
+
+def _interrupted() -> NoReturn:
+    """One line, then 130 (Ctrl-C) or 143 (SIGTERM); further signals are ignored while exiting."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    by_term = signal.SIGTERM in _stopped_by
+    print(
+        ("\n" if sys.stderr.isatty() else "") + ("interrupted (SIGTERM)" if by_term else "interrupted"),
+        file=sys.stderr,
+    )
+    sys.exit(143 if by_term else 130)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    """Entry point: user errors become one line on stderr and exit code 2, never a traceback; Ctrl-C exits
+    130 and SIGTERM 143, each with the one line "interrupted"."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args = _expand_workers(sys.argv[1:] if argv is None else list(argv))
-        app(args=args, prog_name="dllama", standalone_mode=False)
+        code = app(args=args, prog_name="dllama", standalone_mode=False)
     except typer.TyperException as e:  # usage errors of the command-line parser
         ctx = getattr(e, "ctx", None)
         cmd = ctx.command_path if ctx else "dllama"
@@ -497,10 +709,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
-        print(file=sys.stderr)
-        sys.exit(130)
+        _interrupted()
+    except MemoryError:
+        print("error: out of memory: use a smaller --max-seq-len or model", file=sys.stderr)
+        sys.exit(2)
     except BrokenPipeError:
         sys.exit(1)
+    if code == 130:  # typer's answer to a KeyboardInterrupt inside a command
+        _interrupted()
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

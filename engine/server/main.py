@@ -1,5 +1,6 @@
 """Running the server: bind the socket, start uvicorn with the app, load the model in the background, and shut
-down gracefully on SIGTERM (the running generation finishes, waiting ones get 503, then the process exits 0).
+down gracefully on SIGTERM (the running generation finishes, waiting ones get 503, then the process exits 0);
+Ctrl-C shuts down the same way, then `dllama` exits 130 ("interrupted").
 """
 
 from __future__ import annotations
