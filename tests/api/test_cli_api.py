@@ -1,14 +1,17 @@
-"""`dllama api` / `dllama-api` start-up: its options, and one-line errors (exit 2) for what a user can fix."""
+"""`dllama api` / `dllama-api` start-up: its options, one-line errors (exit 2) for what a user can fix, and
+signals."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 
 import httpx
 from apiserver import ROOT, ApiServer, api_command
+from tinymodel import write_tiny_gguf
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -74,19 +77,35 @@ def test_dllama_api_is_dllama_api_subcommand():
     assert r.returncode == 0 and "--queue-size" in r.stdout
 
 
-def test_health_is_503_while_loading(tmp_path):
-    fifo = tmp_path / "model.gguf"
-    os.mkfifo(fifo)  # opening it blocks until a writer comes: the server stays in "loading" meanwhile
-    server = ApiServer(["--model", str(fifo)], tmp_path / "server.log")
+def test_health_is_503_while_loading_and_sigterm_still_stops_it(tmp_path):
+    model = write_tiny_gguf(tmp_path / "tiny.gguf")
+    with socket.socket() as silent:  # a "worker" that accepts and never greets: the load waits for it
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        worker = f"127.0.0.1:{silent.getsockname()[1]}"
+        server = ApiServer(
+            ["--model", str(model), "--workers", worker, "--net-timeout", "60"], tmp_path / "log"
+        )
+        try:
+            conn, _ = silent.accept()
+            h = server.health()
+            assert h.status_code == 503 and h.json()["status"] == "loading"
+            r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+            assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 503
+            server.signal(signal.SIGTERM)
+            conn.close()  # the load fails at once instead of waiting out --net-timeout
+            assert server.proc.wait(30) == 0  # a graceful stop in the middle of loading
+        finally:
+            server.stop()
+
+
+def test_ctrl_c_stops_the_server_gracefully_with_130(tmp_path):
+    server = ApiServer(["--model", str(write_tiny_gguf(tmp_path / "tiny.gguf"))], tmp_path / "log")
     try:
-        h = server.health()
-        assert h.status_code == 503 and h.json()["status"] == "loading"
-        r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
-        assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 503
-        with open(fifo, "wb") as f:
-            f.write(b"junk")
-        assert server.proc.wait(60) == 2  # a model that cannot be loaded ends the server (single node)
-        assert f"error: {fifo}: unknown file format" in server.log()
+        server.wait_health(200, 120)
+        server.signal(signal.SIGINT)
+        assert server.proc.wait(30) == 130
+        assert "Shutting down" in server.log() and server.log().strip().splitlines()[-1] == "interrupted"
     finally:
         server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 from tinymodel import llama31_rope_divisors, write_tiny_gguf
 
+import engine.convert
+from engine.atomic_file import atomic_write
 from engine.config import RopeScaling
 from engine.convert import convert_gguf, rope_scaling_from_freqs
 from engine.errors import DllamaError
@@ -145,3 +148,36 @@ def test_qwen3_ggufs_with_k_quants_convert_to_m(tmp_path: Path, arch: str) -> No
         want = dequantize(w.data.reshape(rows, -1), w.dtype, rows, w.cols)
         got = m.weights[name].data.reshape(rows, w.cols)
         assert np.array_equal(got, want), name
+
+
+@pytest.mark.parametrize("failure", [DllamaError("disk full"), KeyboardInterrupt()], ids=["error", "Ctrl-C"])
+def test_a_failed_t_leaves_neither_file_written(tmp_path: Path, monkeypatch, failure: BaseException) -> None:
+    """The .m and the .t land together: a failure while writing the .t keeps the old .m and leaves no temp."""
+    src = write_tiny_gguf(tmp_path / "t.gguf")
+    (tmp_path / "t.m").write_bytes(b"the previous model")
+
+    def broken_write(path, tf) -> None:
+        with atomic_write(path) as f:
+            f.write(b"half a tokenizer")
+            raise failure
+
+    monkeypatch.setattr(engine.convert, "write_tfile", broken_write)
+    with pytest.raises(type(failure)):
+        convert_gguf(src, tmp_path / "t.m", "f32", tmp_path / "t.t", log=lambda s: None)
+    assert (tmp_path / "t.m").read_bytes() == b"the previous model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.gguf", "t.m"]
+
+
+def test_outputs_are_checked_before_any_work(tmp_path: Path) -> None:
+    src = write_tiny_gguf(tmp_path / "t.gguf")
+    os.mkfifo(tmp_path / "fifo")
+    lines: list[str] = []
+    for out_m, out_t, message in (
+        (tmp_path / "fifo", None, "is a FIFO, not a regular file"),
+        (tmp_path / "t.m", tmp_path, "is a folder, not a regular file"),
+        (tmp_path / "t.m", tmp_path / "t.m", "the .m and the .t outputs are the same file"),
+        (src, None, "is both the source and an output"),
+    ):
+        with pytest.raises(DllamaError, match=message):
+            convert_gguf(src, out_m, "f32", out_t, log=lines.append)
+    assert lines == [] and sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "t.gguf"]

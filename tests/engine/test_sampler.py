@@ -1,9 +1,11 @@
-"""Sampling: greedy, temperature, nucleus cut-off, seeding."""
+"""Sampling: greedy, temperature, nucleus cut-off, seeding, non-finite logits."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from engine.errors import DllamaError
 from engine.sampler import Sampler
 
 
@@ -40,3 +42,23 @@ def test_same_seed_same_draws():
     s1, s2 = Sampler(100, 0.8, 0.9, seed=7), Sampler(100, 0.8, 0.9, seed=7)
     assert [s1.sample(logits) for _ in range(10)] == [s2.sample(logits) for _ in range(10)]
     assert len(set(a)) == 1
+
+
+def test_non_finite_logits_are_refused_in_one_line():
+    for bad in (np.nan, np.inf):
+        logits = np.array([0.0, bad, 1.0], np.float32)
+        for temperature in (0.0, 0.8):
+            with pytest.raises(DllamaError, match="not a finite number"):
+                Sampler(3, temperature, 0.9, seed=0).sample(logits)
+
+
+def test_tiny_temperature_is_greedy_without_overflow():
+    logits = np.array([1.0, 3.0, 2.9, -50.0], np.float32)  # (2.9 - 3) / 1e-300 underflows exp to 0
+    assert {Sampler(4, 1e-300, 1.0, seed=s).sample(logits) for s in range(20)} == {1}
+
+
+def test_topp_0_and_1_sample_the_whole_distribution():
+    """distributed-llama skips the nucleus cut for topp <= 0 or >= 1: the same draws as plain sampling."""
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05])).astype(np.float32)
+    draws = {p: [Sampler(4, 1.0, p, seed=s).sample(logits) for s in range(200)] for p in (0.0, 1.0)}
+    assert draws[0.0] == draws[1.0] and set(draws[0.0]) == {0, 1, 2, 3}
