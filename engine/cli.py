@@ -74,27 +74,30 @@ def as_text(value: str | None) -> str | None:
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def _worker_list(values: list[str] | None) -> list[str]:
+    """Every address of every --workers value (a value may hold several, comma or space separated)."""
+    return [a for v in values or [] for a in v.replace(",", " ").split()]
+
+
 def _check_workers(values: list[str] | None) -> list[str] | None:
-    """Every HOST:PORT of every --workers value (a value may hold several, comma or space separated)."""
+    """The --workers addresses, each HOST:PORT and none twice; an empty value is refused."""
     from net.transport import parse_address
 
     if values is None:
         return None
+    if any(not v.replace(",", " ").split() for v in values):
+        raise typer.BadParameter("an empty worker address: give HOST:PORT, e.g. 10.0.0.2:9990")
     out: list[str] = []
-    for value in values:
-        addresses = value.replace(",", " ").split()
-        if not addresses:
-            raise typer.BadParameter("an empty worker address: give HOST:PORT, e.g. 10.0.0.2:9990")
-        for a in addresses:
-            try:
-                if not a.isascii():
-                    raise DllamaError(f"bad worker address {a!r}: use HOST:PORT, e.g. 10.0.0.2:9990")
-                parse_address(a)
-            except DllamaError as e:
-                raise typer.BadParameter(str(e)) from None
-            if a in out:
-                raise typer.BadParameter(f"worker {a} is given twice")
-            out.append(a)
+    for a in _worker_list(values):
+        try:
+            if not a.isascii():
+                raise DllamaError(f"bad worker address {a!r}: use HOST:PORT, e.g. 10.0.0.2:9990")
+            parse_address(a)
+        except DllamaError as e:
+            raise typer.BadParameter(str(e)) from None
+        if a in out:
+            raise typer.BadParameter(f"worker {a} is given twice")
+        out.append(a)
     return out
 
 
