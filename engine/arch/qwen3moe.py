@@ -19,7 +19,6 @@ from engine.arch.base import (
     standard_config,
 )
 from engine.config import ModelConfig
-from engine.errors import DllamaError
 from engine.graph import Builder, attention, moe_feed_forward
 
 
@@ -44,18 +43,13 @@ NEOX = True
 
 
 def config(m: Meta) -> ModelConfig:
-    cfg = standard_config(
+    return standard_config(
         m,
         rope_neox=NEOX,
         n_experts=m.int("expert_count"),
         n_active_experts=m.int("expert_used_count"),
         moe_hidden_dim=m.int("expert_feed_forward_length"),
     )
-    if not 1 <= cfg.n_active_experts <= cfg.n_experts:
-        raise DllamaError(
-            f"{m.path}: {cfg.n_active_experts} active experts out of {cfg.n_experts} is not a valid routing"
-        )
-    return cfg
 
 
 def layer(b: Builder, index: int) -> None:
