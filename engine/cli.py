@@ -17,10 +17,9 @@ import typer
 
 from engine.atomic_file import atomic_write, check_output, special_kind
 from engine.errors import DllamaError
-from net.protocol import NET_TIMEOUT
+from net.protocol import MAX_NET_TIMEOUT, NET_TIMEOUT
 
 TEXT_LIMIT = 16 << 20  # bytes of a perplexity --file: far more text than any context holds
-MAX_NET_TIMEOUT = 86400.0
 
 app = typer.Typer(
     add_completion=False,

@@ -266,7 +266,7 @@ def parse_address(text: str) -> tuple[str, int]:
     """HOST:PORT (or [IPv6]:PORT) -> (host, port)."""
     host, sep, port = text.strip().rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise DllamaError(f"bad worker address {text!r}: use HOST:PORT, e.g. 10.0.0.2:9990")
     return host, int(port)
 

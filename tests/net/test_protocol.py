@@ -145,7 +145,7 @@ def test_parse_address():
     assert parse_address("10.0.0.2:9990") == ("10.0.0.2", 9990)
     assert parse_address("node-a.lan:1") == ("node-a.lan", 1)
     assert parse_address("[::1]:9990") == ("::1", 9990)
-    for bad in ("10.0.0.2", "10.0.0.2:", ":9990", "a:0", "a:65536", "a:x"):
+    for bad in ("10.0.0.2", "10.0.0.2:", ":9990", "a:0", "a:65536", "a:x", "a:²"):
         with pytest.raises(DllamaError, match="bad worker address"):
             parse_address(bad)
 
