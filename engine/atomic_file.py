@@ -5,37 +5,25 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from engine.errors import DllamaError
+from engine.files import special_kind
 
 TMP_TAG = ".dllama-tmp-"
-_KINDS = (
-    (stat.S_ISDIR, "a folder"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISSOCK, "a socket"),
-)
 _group: list[tuple[Path, Path]] | None = None  # (temp, target) renames deferred by all_or_none()
 
 
-def special_kind(mode: int) -> str | None:
-    """What a file of this st_mode is unless it is a regular file ("a FIFO", ...); None for a regular one."""
-    return next((name for test, name in _KINDS if test(mode)), None if stat.S_ISREG(mode) else "not a file")
-
-
 def check_output(path: str | Path) -> Path:
-    """The real path (symlinks resolved) an output goes to; refuses an empty name, a folder, a device, a FIFO,
-    a socket or a missing folder, so a run fails before its work rather than after it."""
+    """The real path (symlinks resolved) an output goes to; refuses an empty name, a directory, a device, a
+    FIFO, a socket or a missing directory, so a run fails before its work rather than after it."""
     text = os.fspath(path)
     if not text:
         raise DllamaError("the output file name is empty: give a file path")
     if text.endswith(os.sep):
-        raise DllamaError(f"{text} names a folder: give a file path")
+        raise DllamaError(f"{text} names a directory: give a file path")
     target = Path(os.path.realpath(text))
     try:
         kind = special_kind(target.stat().st_mode)
@@ -46,7 +34,7 @@ def check_output(path: str | Path) -> Path:
     if kind is not None:
         raise DllamaError(f"{text} is {kind}, not a regular file: outputs are only written to regular files")
     if not target.parent.is_dir():
-        raise DllamaError(f"{text}: folder {target.parent} does not exist")
+        raise DllamaError(f"{text}: directory {target.parent} does not exist")
     return target
 
 

@@ -15,8 +15,9 @@ from typing import Annotated, NoReturn
 import numpy as np
 import typer
 
-from engine.atomic_file import atomic_write, check_output, special_kind
+from engine.atomic_file import atomic_write, check_output
 from engine.errors import DllamaError
+from engine.files import open_regular
 from net.protocol import MAX_NET_TIMEOUT, NET_TIMEOUT
 
 TEXT_LIMIT = 16 << 20  # bytes of a perplexity --file: far more text than any context holds
@@ -300,26 +301,17 @@ def _write_json(path: str, obj: dict) -> None:
 
 def _read_text(path: str) -> str:
     """A perplexity --file: a regular file of at most TEXT_LIMIT bytes; invalid UTF-8 becomes U+FFFD."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once and is refused below
+    with open_regular(path, "--file takes a text file") as f:
         try:
-            kind = special_kind(os.fstat(fd).st_mode)
-            if kind is not None:
-                raise DllamaError(f"--file {path} is {kind}, not a regular file: give a text file")
-            chunks, size = [], 0
-            while size <= TEXT_LIMIT and (chunk := os.read(fd, 1 << 20)):
-                chunks.append(chunk)
-                size += len(chunk)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise DllamaError(f"cannot read --file {path}: {e.strerror}") from None
-    if size > TEXT_LIMIT:
+            data = f.read(TEXT_LIMIT + 1)
+        except OSError as e:
+            raise DllamaError(f"cannot read --file {path}: {e.strerror}") from None
+    if len(data) > TEXT_LIMIT:
         raise DllamaError(
             f"--file {path} is over {TEXT_LIMIT >> 20} MiB, more text than any context holds: "
             "score a part of it"
         )
-    return b"".join(chunks).decode("utf-8", "replace")
+    return data.decode("utf-8", "replace")
 
 
 def _line(sym: str, label: str, st, tail: str) -> str:

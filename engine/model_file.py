@@ -6,10 +6,11 @@ import struct
 from pathlib import Path
 
 from engine.errors import DllamaError
+from engine.files import open_regular
 from engine.gguf_file import GGUF_MAGIC, load_gguf
 from engine.mfile import M_MAGIC, OLD_M_MAGICS, read_m
 from engine.tfile import T_MAGIC, T_MAGIC_LEGACY
-from engine.weights import Model, open_regular
+from engine.weights import Model
 
 EXPECTED = "expected a GGUF file or a distributed-llama .m model"
 

@@ -11,7 +11,7 @@ import numpy as np
 from engine.atomic_file import atomic_write
 from engine.config import MAX_VOCAB
 from engine.errors import DllamaError
-from engine.weights import open_regular
+from engine.files import open_regular
 
 
 @dataclass

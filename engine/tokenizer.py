@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import DllamaError
+from engine.files import open_regular
 from engine.tfile import TFile, read_tfile
-from engine.weights import open_regular
 
 # GGUF token types (equal to SentencePiece piece types).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

@@ -3,56 +3,18 @@
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from engine.config import ModelConfig
 from engine.errors import DllamaError
+from engine.files import open_regular
 from engine.weight_types import row_bytes, weight_type
 
 BLOCK = 32  # values per Q80 activation block (and per legacy quantized weight block)
 _PLAIN = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}  # element dtype of unquantized data
-
-
-_NOT_REGULAR = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO (named pipe)"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def _refuse_irregular(path: str | Path, mode: int, hint: str) -> None:
-    if not stat.S_ISREG(mode):
-        kind = next((k for test, k in _NOT_REGULAR if test(mode)), "not a file")
-        raise DllamaError(f"{path}: is {kind}, not a regular file{hint}")
-
-
-def open_regular(path: str | Path, expected: str = "") -> BinaryIO:
-    """Open `path` for reading only if it is a regular file: a directory, FIFO, device or socket is refused
-    by what it is, without blocking (a FIFO is never opened for reading). `expected` is added to errors."""
-    hint = f" ({expected})" if expected else ""
-    try:
-        _refuse_irregular(path, os.stat(path).st_mode, hint)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # swapped for a FIFO since: no block
-    except FileNotFoundError:
-        raise DllamaError(f"{path}: no such file{hint}") from None
-    except OSError as e:
-        raise DllamaError(f"{path}: cannot read ({e.strerror}){hint}") from None
-    except ValueError as e:  # a NUL byte in the path
-        raise DllamaError(f"{path!r}: cannot read ({e}){hint}") from None
-    try:
-        _refuse_irregular(path, os.fstat(fd).st_mode, hint)
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return os.fdopen(fd, "rb")
 
 
 def map_file(path: str, limit: int | None = None) -> np.memmap:

@@ -173,8 +173,8 @@ def test_outputs_are_checked_before_any_work(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "fifo")
     lines: list[str] = []
     for out_m, out_t, message in (
-        (tmp_path / "fifo", None, "is a FIFO, not a regular file"),
-        (tmp_path / "t.m", tmp_path, "is a folder, not a regular file"),
+        (tmp_path / "fifo", None, r"is a FIFO \(named pipe\), not a regular file"),
+        (tmp_path / "t.m", tmp_path, "is a directory, not a regular file"),
         (tmp_path / "t.m", tmp_path / "t.m", "the .m and the .t outputs are the same file"),
         (src, None, "is both the source and an output"),
     ):
