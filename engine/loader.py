@@ -125,9 +125,9 @@ def load(
     model = open_model(path)
     if tokenizer_path:
         tokenizer = load_tokenizer(tokenizer_path)
-        if model.kind == "gguf" and "tokenizer.ggml.tokens" in model.metadata:
+        if model.kind in ("gguf", "hf") and "tokenizer.ggml.tokens" in model.metadata:
             _check_same_tokens(tokenizer, tokenizer_path, model, path)
-    elif model.kind == "gguf":
+    elif model.kind in ("gguf", "hf"):  # a Hugging Face folder: its tokenizer.json as GGUF metadata
         tokenizer = tokenizer_from_gguf(model.metadata, str(path))
     else:
         raise DllamaError(f"{path} carries no tokenizer: pass --tokenizer FILE (.t or .gguf)")

@@ -1,15 +1,16 @@
 """What an architecture description is: its tensor table, its GGUF metadata reader and its layer block.
 
 A `TensorSpec` is one row of the table every part of the engine reads: the GGUF reader and the `.m`
-reader/writer (names, shapes, stream order), slicing (how nodes share a tensor) and the worker (what it
-expects to receive). Names use GGUF spelling; `{l}` stands for the layer index.
+reader/writer (names, shapes, stream order), slicing (how nodes share a tensor), the worker (what it
+expects to receive) and the Hugging Face reader (the checkpoint's name for it). Names use GGUF spelling; `{l}`
+stands for the layer index, `{e}` for the expert index in the Hugging Face names of an expert stack.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from engine.config import ModelConfig, RopeScaling
 from engine.errors import DllamaError
@@ -41,7 +42,10 @@ class TensorSpec:
     """One tensor of an architecture. `shape` gives (n,) for vectors, (rows, cols) for matrices and
     (experts, rows, cols) for expert stacks. `m` is its type in a distributed-llama `.m` file: "f32" (always
     f32), "wt" (the file's weight type) or None (`.m` files cannot hold it). A tensor `tied_to` another
-    stands for that one where the file lacks it."""
+    stands for that one where the file lacks it. `hf` is its name in a Hugging Face checkpoint (None: never
+    there); an expert stack's name has `{e}`, one matrix per expert. `rope_heads` ("q" or "kv") marks rows
+    that RoPE rotates, head by head: converting between the rotate-half and the interleaved pairing permutes
+    them."""
 
     name: str
     shape: Callable[[ModelConfig], tuple[int, ...]]
@@ -49,6 +53,8 @@ class TensorSpec:
     optional: bool = False
     m: str | None = "wt"
     tied_to: str | None = None  # a missing optional tensor is this one (a classifier tied to the embedding)
+    hf: str | None = None
+    rope_heads: str | None = None
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -63,7 +69,8 @@ class TensorSpec:
 class Arch:
     """An architecture: GGUF `general.architecture` name, `.m` arch_type (None: none exists), its RoPE
     pairing, its tensor table (in `.m` stream order: leading global tensors, the per-layer ones, trailing
-    global ones), the metadata reader and the layer block of the forward pass."""
+    global ones), the metadata reader, the layer block of the forward pass, and the Hugging Face
+    `model_type`s it reads with their config.json reader."""
 
     name: str
     m_arch_type: int | None
@@ -71,6 +78,8 @@ class Arch:
     tensors: tuple[TensorSpec, ...]
     config: Callable[[Meta], ModelConfig]
     layer: Callable[[Builder, int], None]
+    hf_types: tuple[str, ...] = ()
+    hf_config: Callable[[HFConfig], ModelConfig] | None = None
 
     def table(self, cfg: ModelConfig) -> Iterator[tuple[str, TensorSpec]]:
         """(name, spec) of every tensor of a model of this config, in stream order."""
@@ -235,6 +244,132 @@ def rope_scaling(m: Meta) -> RopeScaling | None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Hugging Face config.json: transformers' key names, shared by every architecture here.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class HFConfig:
+    """A Hugging Face config.json, read with clear errors naming the file and the key."""
+
+    def __init__(self, config: dict[str, Any], path: str):
+        self.config, self.path = config, path
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.config.get(key)
+        return default if value is None else value
+
+    def int(self, key: str, default: int | None = None) -> int:
+        value = self.get(key, default)
+        if value is None:
+            raise DllamaError(f"{self.path}: {key} is missing")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DllamaError(f"{self.path}: {key} = {value!r} is not an integer")
+        return value
+
+    def float(self, key: str, default: float, within: dict[str, Any] | None = None) -> float:
+        """A number of the config, or of its sub-object `within` (rope_scaling)."""
+        value = (self.config if within is None else within).get(key)
+        value = default if value is None else value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise DllamaError(f"{self.path}: {key} = {value!r} is not a number")
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise DllamaError(f"{self.path}: {key} = {value!r} is not true or false")
+        return value
+
+    def refuse(self, key: str, why: str) -> NoReturn:
+        raise DllamaError(f"{self.path}: {key} = {self.config.get(key)!r} is not supported ({why})")
+
+
+def hf_standard_config(h: HFConfig, arch: str, **extra: Any) -> ModelConfig:
+    """ModelConfig from the config.json keys of transformers' Llama/Qwen decoders (their defaults where a
+    key is absent); `extra` sets the rest (mixture-of-experts sizes). HF stores q/k rows in rotate-half
+    order, which is NeoX pairing: rope_neox is True for every checkpoint, Llama's too."""
+    if h.get("hidden_act", "silu") != "silu":
+        h.refuse("hidden_act", "only silu is")
+    dim, n_heads = h.int("hidden_size"), h.int("num_attention_heads")
+    if h.get("head_dim") is None and (n_heads <= 0 or dim % n_heads):
+        raise DllamaError(f"{h.path}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads}")
+    return ModelConfig(
+        arch=arch,
+        dim=dim,
+        hidden_dim=h.int("intermediate_size", 0 if extra.get("n_experts") else None),
+        n_layers=h.int("num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv_heads=h.int("num_key_value_heads", n_heads),
+        head_dim=h.int("head_dim", dim // n_heads if n_heads > 0 else 0),
+        vocab_size=h.int("vocab_size"),
+        context_len=h.int("max_position_embeddings"),
+        norm_eps=h.float("rms_norm_eps", 1e-6),
+        rope_theta=h.float("rope_theta", h.float("rope_theta", 10000.0, _rope_parameters(h))),  # v4 or v5
+        rope_neox=True,
+        rope_scaling=hf_rope_scaling(h),
+        **extra,
+    )
+
+
+def _rope_parameters(h: HFConfig) -> dict[str, Any]:
+    """rope_scaling, or transformers 5's rope_parameters (which also holds rope_theta); {} when absent."""
+    for key in ("rope_scaling", "rope_parameters"):
+        value = h.get(key)
+        if value is not None:
+            if not isinstance(value, dict):
+                h.refuse(key, "an object is expected")
+            return value
+    return {}
+
+
+def hf_rope_scaling(h: HFConfig) -> RopeScaling | None:
+    """Llama 3.1 frequency scaling from rope_scaling (rope_type llama3); other scaling types are refused."""
+    rs = _rope_parameters(h)
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise DllamaError(f"{h.path}: rope_scaling type {kind!r} is not supported (only 'llama3' is)")
+    factor = h.float("factor", 1.0, rs)
+    if factor == 1.0:
+        return None
+    orig = rs.get("original_max_position_embeddings", 8192)
+    if isinstance(orig, bool) or not isinstance(orig, int):
+        raise DllamaError(
+            f"{h.path}: rope_scaling.original_max_position_embeddings {orig!r} is not an integer"
+        )
+    return RopeScaling(
+        factor=factor,
+        low_freq_factor=h.float("low_freq_factor", 1.0, rs),
+        high_freq_factor=h.float("high_freq_factor", 4.0, rs),
+        orig_max_seq_len=orig,
+    )
+
+
+def hf_key_names() -> dict[str, str]:
+    """The config.json key each ModelConfig field is read from, so that ModelConfig.validate names a refused
+    value as the file spells it."""
+    return {
+        "dim": "hidden_size",
+        "hidden_dim": "intermediate_size",
+        "n_layers": "num_hidden_layers",
+        "n_heads": "num_attention_heads",
+        "n_kv_heads": "num_key_value_heads",
+        "vocab_size": "vocab_size",
+        "context_len": "max_position_embeddings",
+        "norm_eps": "rms_norm_eps",
+        "rope_theta": "rope_theta",
+        "rope_scaling.factor": "rope_scaling.factor",
+        "rope_scaling.low_freq_factor": "rope_scaling.low_freq_factor",
+        "rope_scaling.high_freq_factor": "rope_scaling.high_freq_factor",
+        "rope_scaling.orig_max_seq_len": "rope_scaling.original_max_position_embeddings",
+        "n_experts": "num_experts",
+        "n_active_experts": "num_experts_per_tok",
+        "moe_hidden_dim": "moe_intermediate_size",
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The tensors most architectures share, as table rows.
 # ---------------------------------------------------------------------------------------------------------
 
@@ -275,21 +410,36 @@ def head_dim(c: ModelConfig) -> int:
     return c.head_dim
 
 
-EMBEDDING = matrix("token_embd.weight", vocab, dim, "root", m="f32")
+EMBEDDING = matrix("token_embd.weight", vocab, dim, "root", m="f32", hf="model.embed_tokens.weight")
+_ATT = "model.layers.{l}.self_attn."
 ATTENTION = (
-    matrix("blk.{l}.attn_q.weight", q_dim, dim, "q:out"),
-    matrix("blk.{l}.attn_k.weight", kv_dim, dim, "kv:out"),
-    matrix("blk.{l}.attn_v.weight", kv_dim, dim, "kv:out"),
-    matrix("blk.{l}.attn_output.weight", dim, q_dim, "q:in"),
+    matrix("blk.{l}.attn_q.weight", q_dim, dim, "q:out", hf=_ATT + "q_proj.weight", rope_heads="q"),
+    matrix("blk.{l}.attn_k.weight", kv_dim, dim, "kv:out", hf=_ATT + "k_proj.weight", rope_heads="kv"),
+    matrix("blk.{l}.attn_v.weight", kv_dim, dim, "kv:out", hf=_ATT + "v_proj.weight"),
+    matrix("blk.{l}.attn_output.weight", dim, q_dim, "q:in", hf=_ATT + "o_proj.weight"),
 )
 DENSE_FFN = (  # .m order: w1 (gate), w2 (down), w3 (up)
-    matrix("blk.{l}.ffn_gate.weight", hidden, dim, "ffn:out"),
-    matrix("blk.{l}.ffn_down.weight", dim, hidden, "ffn:in"),
-    matrix("blk.{l}.ffn_up.weight", hidden, dim, "ffn:out"),
+    matrix("blk.{l}.ffn_gate.weight", hidden, dim, "ffn:out", hf="model.layers.{l}.mlp.gate_proj.weight"),
+    matrix("blk.{l}.ffn_down.weight", dim, hidden, "ffn:in", hf="model.layers.{l}.mlp.down_proj.weight"),
+    matrix("blk.{l}.ffn_up.weight", hidden, dim, "ffn:out", hf="model.layers.{l}.mlp.up_proj.weight"),
 )
-NORMS = (vector("blk.{l}.attn_norm.weight", dim), vector("blk.{l}.ffn_norm.weight", dim))
-QK_NORMS = (vector("blk.{l}.attn_q_norm.weight", head_dim), vector("blk.{l}.attn_k_norm.weight", head_dim))
+NORMS = (
+    vector("blk.{l}.attn_norm.weight", dim, hf="model.layers.{l}.input_layernorm.weight"),
+    vector("blk.{l}.ffn_norm.weight", dim, hf="model.layers.{l}.post_attention_layernorm.weight"),
+)
+QK_NORMS = (
+    vector("blk.{l}.attn_q_norm.weight", head_dim, hf=_ATT + "q_norm.weight"),
+    vector("blk.{l}.attn_k_norm.weight", head_dim, hf=_ATT + "k_norm.weight"),
+)
 OUTPUT = (
-    vector("output_norm.weight", dim),
-    matrix("output.weight", vocab, dim, "vocab:out", optional=True, tied_to="token_embd.weight"),
+    vector("output_norm.weight", dim, hf="model.norm.weight"),
+    matrix(
+        "output.weight",
+        vocab,
+        dim,
+        "vocab:out",
+        optional=True,
+        tied_to="token_embd.weight",
+        hf="lm_head.weight",
+    ),
 )

@@ -11,7 +11,9 @@ from engine.arch.base import (
     NORMS,
     OUTPUT,
     Arch,
+    HFConfig,
     Meta,
+    hf_standard_config,
     standard_config,
     vector,
 )
@@ -35,9 +37,13 @@ def config(m: Meta) -> ModelConfig:
     return standard_config(m, rope_neox=NEOX)
 
 
+def hf_config(h: HFConfig) -> ModelConfig:
+    return hf_standard_config(h, "llama")
+
+
 def layer(b: Builder, index: int) -> None:
     attention(b, index)
     feed_forward(b, index)
 
 
-ARCH = Arch("llama", 0xABCD00, NEOX, TENSORS, config, layer)
+ARCH = Arch("llama", 0xABCD00, NEOX, TENSORS, config, layer, ("llama", "mistral"), hf_config)

@@ -10,7 +10,9 @@ from engine.arch.base import (
     NORMS,
     OUTPUT,
     Arch,
+    HFConfig,
     Meta,
+    hf_standard_config,
     kv_dim,
     q_dim,
     standard_config,
@@ -19,10 +21,11 @@ from engine.arch.base import (
 from engine.config import ModelConfig
 from engine.graph import Builder, attention, feed_forward
 
+_ATT = "model.layers.{l}.self_attn."
 BIASES = (
-    vector("blk.{l}.attn_q.bias", q_dim, "q:out", m=None),
-    vector("blk.{l}.attn_k.bias", kv_dim, "kv:out", m=None),
-    vector("blk.{l}.attn_v.bias", kv_dim, "kv:out", m=None),
+    vector("blk.{l}.attn_q.bias", q_dim, "q:out", m=None, hf=_ATT + "q_proj.bias"),
+    vector("blk.{l}.attn_k.bias", kv_dim, "kv:out", m=None, hf=_ATT + "k_proj.bias"),
+    vector("blk.{l}.attn_v.bias", kv_dim, "kv:out", m=None, hf=_ATT + "v_proj.bias"),
 )
 TENSORS = (EMBEDDING, *ATTENTION, *BIASES, *DENSE_FFN, *NORMS, *OUTPUT)
 
@@ -33,9 +36,15 @@ def config(m: Meta) -> ModelConfig:
     return standard_config(m, rope_neox=NEOX)
 
 
+def hf_config(h: HFConfig) -> ModelConfig:
+    if h.get("use_sliding_window", False):
+        h.refuse("use_sliding_window", "sliding-window attention is not implemented")
+    return hf_standard_config(h, "qwen2")
+
+
 def layer(b: Builder, index: int) -> None:
     attention(b, index, qkv_bias=True)
     feed_forward(b, index)
 
 
-ARCH = Arch("qwen2", None, NEOX, TENSORS, config, layer)
+ARCH = Arch("qwen2", None, NEOX, TENSORS, config, layer, ("qwen2",), hf_config)

@@ -11,7 +11,9 @@ from engine.arch.base import (
     OUTPUT,
     QK_NORMS,
     Arch,
+    HFConfig,
     Meta,
+    hf_standard_config,
     standard_config,
 )
 from engine.config import ModelConfig
@@ -26,9 +28,15 @@ def config(m: Meta) -> ModelConfig:
     return standard_config(m, rope_neox=NEOX)
 
 
+def hf_config(h: HFConfig) -> ModelConfig:
+    if h.get("use_sliding_window", False):
+        h.refuse("use_sliding_window", "sliding-window attention is not implemented")
+    return hf_standard_config(h, "qwen3")
+
+
 def layer(b: Builder, index: int) -> None:
     attention(b, index, qk_norm=True)
     feed_forward(b, index)
 
 
-ARCH = Arch("qwen3", 0xABCD01, NEOX, TENSORS, config, layer)
+ARCH = Arch("qwen3", 0xABCD01, NEOX, TENSORS, config, layer, ("qwen3",), hf_config)
