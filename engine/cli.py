@@ -544,25 +544,43 @@ def convert(
         str,
         typer.Option(
             "--model",
-            callback=_non_empty("a GGUF file or a model name"),
-            help="source GGUF file or a model name",
+            "--hf",
+            callback=_non_empty("a GGUF file, a Hugging Face checkpoint folder or a model name"),
+            help="source: a GGUF file, a Hugging Face checkpoint folder (config.json, *.safetensors, "
+            "tokenizer.json) or a model name",
         ),
     ],
-    output: Annotated[str, typer.Option("--output", callback=_check_output, help="the .m file to write")],
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output", callback=_check_output, help="the file to write: NAME.gguf for a GGUF, else a .m"
+        ),
+    ],
     weights_float_type: Annotated[
-        str, typer.Option("--weights-float-type", help="f32, f16, q40 or q80")
+        str,
+        typer.Option(
+            "--weights-float-type",
+            help="matrix type: f32, f16, q40 or q80 for a .m; any of f32 f16 bf16 q40 q41 q50 q51 q80 q4k "
+            "q5k q6k for a GGUF",
+        ),
     ] = "q40",
     tokenizer_output: Annotated[
-        str | None, typer.Option("--tokenizer-output", callback=_check_output, help="also write this .t")
+        str | None,
+        typer.Option("--tokenizer-output", callback=_check_output, help="also write this .t (with a .m)"),
     ] = None,
 ) -> None:
-    """Write a distributed-llama .m (and .t) from a GGUF file."""
+    """Write a GGUF, or a distributed-llama .m (and .t), from a GGUF file or a Hugging Face checkpoint."""
     from engine.catalog import resolve_model
-    from engine.convert import convert_gguf
+    from engine.convert import M_WEIGHT_TYPES, convert
+    from engine.gguf_writer import GGUF_WEIGHT_TYPES
 
-    if weights_float_type not in ("f32", "f16", "q40", "q80"):
-        raise DllamaError(f"unknown --weights-float-type {weights_float_type!r}: choose f32, f16, q40 or q80")
-    convert_gguf(str(resolve_model(model)), output, weights_float_type, tokenizer_output)
+    kind, types = ("GGUF", GGUF_WEIGHT_TYPES) if output.endswith(".gguf") else (".m", M_WEIGHT_TYPES)
+    if weights_float_type not in types:
+        raise DllamaError(
+            f"unknown --weights-float-type {weights_float_type!r} for a {kind} output: choose "
+            + ", ".join(types)
+        )
+    convert(str(resolve_model(model)), output, weights_float_type, tokenizer_output)
 
 
 # ---- worker ----

@@ -1,34 +1,103 @@
-"""GGUF -> distributed-llama `.m` (+ `.t`) conversion, so the C++ program can run the same model."""
+"""Model conversion: a GGUF file or a Hugging Face checkpoint folder to a distributed-llama `.m` (+ `.t`), so
+the C++ program can run the same model, or to a GGUF.
+
+Tensors are built (a view of the source file, a permuted copy, an expert stack), converted and written one at
+a time, and the file pages of those already written are dropped, so a conversion holds about one layer's
+largest tensors however large the model is.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
+from engine.arch import get_arch
 from engine.atomic_file import all_or_none, check_output
 from engine.config import RopeScaling
 from engine.errors import DllamaError
 from engine.gguf_file import load_gguf
+from engine.gguf_writer import GGUF_WEIGHT_TYPES, llama31_divisors, write_gguf
+from engine.hf_file import drop_file_pages, interleave_order, is_checkpoint, read_checkpoint
 from engine.mfile import check_writable, write_m
 from engine.tfile import tfile_from_gguf, write_tfile
+from engine.weights import Model, Weight
 
 M_WEIGHT_TYPES = ("f32", "f16", "q40", "q80")
 STANDARD_LLAMA31 = (1.0, 4.0, 8192)  # low_freq_factor, high_freq_factor, original context of Llama 3.1/3.2
 INT32_MAX = 2**31 - 1  # .m header values are int32
+Builder = Callable[[], Weight]
 
 
-def llama31_divisors(head_dim: int, theta: float, rs: RopeScaling) -> np.ndarray:
-    """Per-frequency divisors (original freq / scaled freq) of the Llama 3.1 rule, spec 4.8, float64."""
-    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    wavelen = 2 * math.pi / freqs
-    s = (rs.orig_max_seq_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
-    mid = 1.0 / ((1 - s) / rs.factor + s)
-    out = np.where(wavelen > rs.orig_max_seq_len / rs.low_freq_factor, rs.factor, mid)
-    return np.where(wavelen < rs.orig_max_seq_len / rs.high_freq_factor, 1.0, out)
+class LazyWeights(Mapping[str, Weight]):
+    """Weights built when a writer asks for them: the last KEEP are kept (a `.m` writer interleaves a
+    layer's three expert stacks), older ones forgotten and their file pages dropped. `aliases` name a
+    tensor that is another (a tied classifier), which then is the same object."""
+
+    KEEP = 3
+
+    def __init__(self, builders: dict[str, Builder], aliases: dict[str, str]):
+        self._builders, self._aliases = builders, aliases
+        self._recent: OrderedDict[str, Weight] = OrderedDict()
+
+    def __getitem__(self, name: str) -> Weight:
+        key = self._aliases.get(name, name)
+        w = self._recent.get(key)
+        if w is not None:
+            self._recent.move_to_end(key)
+            return w
+        w = self._recent[key] = self._builders[key]()
+        if len(self._recent) > self.KEEP:
+            drop_file_pages(self._recent.popitem(last=False)[1].data)
+        return w
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._builders or name in self._aliases
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._builders, *self._aliases])
+
+    def __len__(self) -> int:
+        return len(self._builders) + len(self._aliases)
+
+
+def _interleaved(build: Builder, n_heads: int) -> Builder:
+    """A q/k matrix with its rotate-half rows put in interleaved order (a copy)."""
+
+    def permuted() -> Weight:
+        w = build()
+        data = w.data[interleave_order(w.rows, n_heads)]
+        drop_file_pages(w.data)
+        return dataclasses.replace(w, data=data)
+
+    return permuted
+
+
+def open_source(src: str | Path, interleave: bool) -> Model:
+    """The model to convert (a Hugging Face checkpoint folder or a GGUF file), its tensors built on demand.
+    With `interleave`, an interleaving architecture's rotate-half q/k rows (HF's) are permuted into
+    interleaved pairs and the config says so."""
+    if is_checkpoint(src):
+        ck = read_checkpoint(src)
+        cfg, builders, tied = ck.config, dict(ck.builders), ck.tied
+        path, size, kind, meta = str(src), ck.file_size, "hf", ck.metadata
+    else:
+        g = load_gguf(src)
+        cfg, tied, path, size, kind, meta = g.config, g.tied, g.path, g.file_size, "gguf", g.metadata
+        builders = {n: (lambda w=w: w) for n, w in g.weights.items() if not (tied and n == "output.weight")}
+    arch = get_arch(cfg.arch)
+    if interleave and cfg.rope_neox and not arch.neox:
+        for name, spec in arch.table(cfg):
+            if spec.rope_heads and name in builders:
+                heads = cfg.n_heads if spec.rope_heads == "q" else cfg.n_kv_heads
+                builders[name] = _interleaved(builders[name], heads)
+        cfg = dataclasses.replace(cfg, rope_neox=False)
+    aliases = {"output.weight": "token_embd.weight"} if tied else {}
+    return Model(cfg, LazyWeights(builders, aliases), path, size, kind, meta)
 
 
 def rope_scaling_from_freqs(
@@ -70,6 +139,36 @@ def rope_scaling_from_freqs(
     )
 
 
+def convert(
+    src: str | Path,
+    out: str | Path,
+    wtype: str,
+    out_t: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Convert a GGUF file or a Hugging Face checkpoint folder: to a GGUF when `out` ends in .gguf (its
+    tokenizer inside), else to a `.m` (and the `.t` `out_t`)."""
+    if str(out).endswith(".gguf"):
+        if out_t is not None:
+            raise DllamaError(
+                f"{out_t}: a .t goes with a .m output; the GGUF {out} carries its own tokenizer"
+            )
+        convert_to_gguf(src, out, wtype, log)
+    else:
+        convert_gguf(src, out, wtype, out_t, log)
+
+
+def convert_to_gguf(src: str | Path, out: str | Path, wtype: str, log: Callable[[str], None] = print) -> None:
+    """Write a GGUF file or a Hugging Face checkpoint folder as a GGUF with matrices in `wtype`."""
+    if wtype not in GGUF_WEIGHT_TYPES:
+        raise DllamaError(f"weight type {wtype!r} is not one of {', '.join(GGUF_WEIGHT_TYPES)} (GGUF types)")
+    if Path(src).resolve() == check_output(out):
+        raise DllamaError(f"{src} is both the source and the output: give another output name")
+    model = open_source(src, interleave=False)  # the GGUF writer interleaves q/k rows as it streams them
+    write_gguf(out, model, wtype, log)
+    log(f"wrote {out}")
+
+
 def convert_gguf(
     src: str | Path,
     out_m: str | Path,
@@ -77,8 +176,8 @@ def convert_gguf(
     out_t: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> None:
-    """Convert a GGUF (llama, qwen3, qwen3moe) to a `.m` model with matrices in `wtype` and, optionally, its
-    `.t` tokenizer.
+    """Convert a GGUF or a Hugging Face checkpoint folder (llama, qwen3, qwen3moe) to a `.m` model with
+    matrices in `wtype` and, optionally, its `.t` tokenizer.
 
     Both files share one vocabulary order that moves special tokens behind the regular ones (spec 3.3).
     Both outputs are checked before any work and land together: a failure leaves neither written.
@@ -90,16 +189,16 @@ def convert_gguf(
         raise DllamaError(f"the .m and the .t outputs are the same file {out_m}: give two names")
     if Path(src).resolve() in targets:
         raise DllamaError(f"{src} is both the source and an output: give another output name")
-    model = load_gguf(src)
+    model = open_source(src, interleave=True)
     check_writable(model)
     cfg = model.config
-    if wtype == "q40" and any(w.dtype == "q41" for w in model.weights.values()):
+    if wtype == "q40" and model.kind == "gguf" and any(w.dtype == "q41" for w in model.weights.values()):
         log(
             "warning: re-quantizing Q4_1 weights to Q4_0 is lossy and can ruin a small model "
             "(SmolLM2-135M loses its answers); prefer q80 or f32"
         )
     scaling = cfg.rope_scaling
-    freqs = model.weights.get("rope_freqs.weight")
+    freqs = model.weights["rope_freqs.weight"] if "rope_freqs.weight" in model.weights else None
     if scaling is None and freqs is not None:
         orig = model.metadata.get("llama.rope.scaling.original_context_length")
         try:
@@ -133,7 +232,7 @@ def convert_gguf(
         else:
             log(f"vocabulary reordered: {int(np.sum(order != np.arange(cfg.vocab_size)))} ids move")
     elif out_t is not None:
-        raise DllamaError(f"{src}: the GGUF file carries no tokenizer, cannot write {out_t}")
+        raise DllamaError(f"{src}: the model carries no tokenizer, cannot write {out_t}")
     with all_or_none():
         write_m(out_m, dataclasses.replace(model, config=cfg), wtype, order, log)
         if out_t is not None:

@@ -247,6 +247,15 @@ def read_config(folder: Path) -> tuple[Arch, ModelConfig, HFConfig]:
 # ---- tensors ---------------------------------------------------------------------------------------------
 
 
+def interleave_order(rows: int, n_heads: int) -> np.ndarray:
+    """The row order that turns HF's rotate-half q/k rows into interleaved pairs (spec 1.5): within each
+    head, new row 2i is old row i and new row 2i+1 is old row i + head_dim/2."""
+    half = rows // n_heads // 2
+    i = np.arange(half)
+    within = np.stack([i, i + half], axis=1).reshape(-1)
+    return (np.arange(n_heads)[:, None] * 2 * half + within[None, :]).reshape(-1)
+
+
 def drop_file_pages(a: np.ndarray) -> None:
     """Drop this process's resident pages of a read-only file mapping that `a` views (they are read back
     from the page cache if touched again); arrays that view no file are left alone."""
