@@ -334,9 +334,13 @@ def remote_target(arg: str, root: Path | None = None) -> tuple[str, Path]:
         return hub_url("/".join(parts[:2]), "/".join(parts[2:])), folder.joinpath("hf", *parts)
     url = urlsplit(arg)
     parts = _safe_parts([unquote(p) for p in url.path.split("/")[1:]], arg)
-    if not url.hostname:
+    try:
+        host = url.hostname + (f":{url.port}" if url.port else "") if url.hostname else None
+    except ValueError as e:  # a port that is not a number
+        raise DllamaError(f"{arg}: not a URL ({e})") from None
+    if not host:
         raise DllamaError(f"{arg}: the URL names no host")
-    return arg, folder.joinpath("web", url.netloc, *parts)
+    return arg, folder.joinpath("web", host, *parts)
 
 
 # ---- resolving and pulling ---------------------------------------------------------------------------------
@@ -540,7 +544,10 @@ def main(argv: list[str]) -> int:
     try:
         if not argv:
             for entry in CATALOG:
-                print(f"{entry.name}: {entry.description}, {entry.size_label}")
+                print(
+                    f"{entry.name}: {entry.description}, {entry.size_label}"
+                    + (", downloaded" if entry.present() else "")
+                )
         for name in argv:
             print(pull(name).model)
     except DllamaError as e:

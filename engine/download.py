@@ -37,7 +37,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from engine.atomic_file import atomic_write
 from engine.errors import DllamaError
-from engine.files import special_kind
+from engine.files import open_regular, special_kind
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TIMEOUT_S = 30.0  # longest silence of a connection before it counts as broken
@@ -75,10 +75,11 @@ def record_path(target: Path) -> Path:
 def verified(target: Path) -> bool:
     """Whether `target` is a file this module downloaded and verified, unchanged since (no network)."""
     try:
-        record = json.loads(record_path(target).read_text())
+        with open_regular(record_path(target)) as f:
+            record = json.loads(f.read(1 << 20))
         st = target.stat()
         return st.st_size == record["size"] and st.st_mtime_ns == record["mtime_ns"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (DllamaError, OSError, ValueError, KeyError, TypeError):
         return False
 
 
@@ -143,8 +144,12 @@ def _unreachable(url: str, label: str, reason: object) -> DllamaError:
     )
 
 
-def _request(url: str, method: str, label: str, start: int = 0) -> tuple[http.client.HTTPResponse, list]:
-    """Send `method` to `url`, following redirects; the final response and every (url, headers) on the way."""
+def _request(
+    url: str, method: str, label: str, start: int = 0, head: bool = False
+) -> tuple[http.client.HTTPResponse | None, list[tuple[str, Message]]]:
+    """Send `method` to `url`, following redirects; the final response and every (url, headers) on the way.
+    With `head`, a redirect that carries the hub's X-Linked-Size ends the walk (response None): the answer is
+    complete, and a signed CDN URL may accept only the GET it was signed for (as huggingface_hub does)."""
     chain: list[tuple[str, Message]] = []
     for _ in range(MAX_REDIRECTS + 1):
         try:
@@ -156,6 +161,8 @@ def _request(url: str, method: str, label: str, start: int = 0) -> tuple[http.cl
                 location = e.headers.get("Location")
                 if e.code in _REDIRECTS and location:
                     chain.append((url, e.headers))
+                    if head and e.headers.get("X-Linked-Size"):
+                        return None, chain
                     url = urljoin(url, location)
                     continue
                 raise _refused(e.code, e.reason, url, label) from None
@@ -182,8 +189,9 @@ def _etag_sha256(value: str | None) -> str | None:
 def remote_file(url: str, label: str) -> RemoteFile:
     """Ask the server (HEAD) for the size and sha256 of `url`: the hub's X-Linked-* headers of a redirect
     first, else the final Content-Length and an ETag of the first host (not a CDN's own tag)."""
-    response, chain = _request(url, "HEAD", label)
-    response.close()
+    response, chain = _request(url, "HEAD", label, head=True)
+    if response is not None:
+        response.close()
     origin = urlsplit(url).netloc
     size = next((h["X-Linked-Size"] for _, h in chain if h.get("X-Linked-Size")), None)
     size = size or chain[-1][1].get("Content-Length")
@@ -337,6 +345,7 @@ def _download_part(
     while offset < remote.size:
         start, broken = offset, None
         response, _ = _request(remote.url, "GET", label, offset)
+        assert response is not None  # only a HEAD walk ends without one
         with response:
             if offset and response.status != 206:  # the server ignored the Range: the part starts again
                 os.ftruncate(f.fileno(), base)

@@ -5,8 +5,8 @@
 `X-Linked-Etag` and `ETag` (the sha256); the blob URL serves the bytes with Range support and an ETag of its
 own that is not the sha256. A file added with lfs=False is served directly with a 40-hex git ETag, and
 `/files/{name}` serves a plain web file (Content-Length, a sha256 ETag). Faults per file: a forced status
-(401, 404...), a wrong announced sha256 or size, a connection dropped after N bytes (once), a stall after N bytes
-until `release()`, a server that ignores Range. Every request is logged with its Range and Authorization.
+(401, 404...), a wrong announced sha256 or size, a connection dropped after N bytes (once), a stall after N
+bytes until `release()`, a server that ignores Range. Every request is logged with Range and Authorization.
 """
 
 from __future__ import annotations

@@ -202,6 +202,8 @@ def test_tokenizer_for_finds_the_t_beside_a_launcher_m(tmp_path):
         ("hf://o/r/sub dir/m.gguf", "{e}/o/r/resolve/main/sub%20dir/m.gguf", "hf/o/r/sub dir/m.gguf"),
         ("https://example.org/a/b.gguf?download=true", "https://example.org/a/b.gguf?download=true",
          "web/example.org/a/b.gguf"),
+        ("http://user:pw@example.org:8000/m.gguf", "http://user:pw@example.org:8000/m.gguf",
+         "web/example.org:8000/m.gguf"),
     ],
 )  # fmt: skip
 def test_remote_addresses_map_to_a_url_and_a_cache_path(tmp_path, monkeypatch, arg, url, where):

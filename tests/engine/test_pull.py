@@ -101,9 +101,22 @@ def test_a_hub_file_follows_the_lfs_redirect_and_is_verified(hub, cache, monkeyp
     assert "downloaded and verified" in capsys.readouterr().out
     hub_side = [s for s in hub.seen if "/resolve/main/" in s.path]
     cdn_side = [s for s in hub.seen if s.path.startswith("/blobs/")]
-    assert [s.method for s in hub_side] == ["HEAD", "GET"] and [s.method for s in cdn_side] == ["HEAD", "GET"]
+    assert [s.method for s in hub_side] == ["HEAD", "GET"]
+    assert [s.method for s in cdn_side] == ["GET"]  # the size and sha256 come from the hub's redirect
     assert all(s.authorization == "Bearer hf_secret" for s in hub_side)
     assert all(s.host.startswith("localhost:") and s.authorization is None for s in cdn_side)
+
+
+def test_a_small_git_file_is_checked_by_size_alone(hub, cache):
+    hub.add("acme/Tiny-GGUF/config.json", b'{"a": 1}', lfs=False)  # served directly, ETag = a git sha1
+    path = pull_command("hf://acme/Tiny-GGUF/config.json").model
+    assert path.read_bytes() == b'{"a": 1}'
+    assert json.loads(Path(f"{path}.verified").read_text())["files"][0] == {
+        "url": f"{hub.endpoint}/acme/Tiny-GGUF/resolve/main/config.json",
+        "size": 8,
+        "sha256": None,
+    }
+    assert [s.path for s in hub.seen] == ["/acme/Tiny-GGUF/resolve/main/config.json"] * 2
 
 
 def test_a_plain_web_url_is_pulled_and_verified_by_its_sha256_etag(hub, cache):
@@ -243,6 +256,23 @@ def test_errors_are_one_line_and_exit_2(hub, tmp_path, case, expected):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
     assert all(text in lines[0] for text in expected), lines[0]
     assert not list((tmp_path / "cache").rglob("model.gguf"))
+
+
+@pytest.mark.parametrize("which", ["verified", "part"])
+def test_a_fifo_in_place_of_the_record_or_the_partial_file_is_refused_without_hanging(hub, cache, which):
+    hub.add("acme/Tiny-GGUF/tiny.gguf", random_bytes(1000, 19))
+    target = cache / "hf" / "acme" / "Tiny-GGUF" / "tiny.gguf"
+    if which == "verified":
+        pull_command("hf://acme/Tiny-GGUF/tiny.gguf")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fifo = Path(f"{target}.{which}")
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    result = run_catalog(
+        ["hf://acme/Tiny-GGUF/tiny.gguf"], {"HF_ENDPOINT": hub.endpoint, "DLLAMA_CACHE": str(cache)}
+    )
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "FIFO" in lines[0] and str(fifo) in lines[0]
 
 
 def test_a_pull_stopped_by_sigint_leaves_only_a_partial_file_and_a_rerun_completes(hub, cache):
