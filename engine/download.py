@@ -133,12 +133,17 @@ def _refused(code: int, reason: str, url: str, label: str) -> DllamaError:
         )
     if code == 404:
         return DllamaError(f"{label}: not found (HTTP 404 at {url}): check the repository and file name")
-    return DllamaError(f"{label}: the server answered HTTP {code} {reason} for {url}: try again later")
+    error = _Transient if code == 429 or code >= 500 else DllamaError
+    return error(f"{label}: the server answered HTTP {code} {reason} for {url}: try again later")
+
+
+class _Transient(DllamaError):
+    """No answer (refused, unresolvable, timed out), or 429 / 5xx: a download in progress tries again."""
 
 
 def _unreachable(url: str, label: str, reason: object) -> DllamaError:
     host = urlsplit(url).netloc or url
-    return DllamaError(
+    return _Transient(
         f"{label}: cannot reach {host} ({reason}): check the network connection (or HF_ENDPOINT); a pull "
         "run again resumes where it stopped"
     )
@@ -339,46 +344,42 @@ def _download_part(
     remote: RemoteFile, f: BinaryIO, base: int, have: int, progress: Progress, part: Path, label: str
 ) -> None:
     """Append `remote` to `f` after the `have` bytes of it already there (from file offset `base`), resuming
-    broken transfers with a Range request, then check its sha256."""
+    broken transfers and failed reconnections with a Range request, then check its sha256."""
     digest = _hash_range(part, base, base + have) if remote.sha256 else None
     offset, failures = have, 0
     while offset < remote.size:
         start, broken = offset, None
-        response, _ = _request(remote.url, "GET", label, offset)
-        assert response is not None  # only a HEAD walk ends without one
-        with response:
-            if offset and response.status != 206:  # the server ignored the Range: the part starts again
-                os.ftruncate(f.fileno(), base)
-                progress.update(-offset)
-                offset = start = 0
-                digest = hashlib.sha256() if remote.sha256 else None
-            elif offset:
-                first = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
-                if not first or int(first.group(1)) != offset:
-                    raise DllamaError(f"{label}: the server sent another range than asked for ({remote.url})")
-            length = response.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) != remote.size - offset:
-                raise DllamaError(
-                    f"{label}: the server sends {length} bytes but announced {remote.size - offset} "
-                    f"({remote.url}): try again later"
-                )
-            while offset < remote.size:
-                try:
-                    block = response.read1(min(BLOCK, remote.size - offset))
-                except (OSError, http.client.HTTPException) as e:
-                    broken = (e.strerror if isinstance(e, OSError) else None) or e.__class__.__name__
-                    break
-                if not block:
-                    broken = "the connection closed early"
-                    break
-                _write(f, block, part, remote.size - offset)
-                if digest is not None:
-                    digest.update(block)
-                offset += len(block)
-                progress.update(len(block))
+        try:
+            response, _ = _request(remote.url, "GET", label, offset)
+        except _Transient as e:
+            response, broken = None, e
+        if response is not None:
+            with response:
+                if offset and response.status != 206:  # the server ignored the Range: the part starts again
+                    os.ftruncate(f.fileno(), base)
+                    progress.update(-offset)
+                    offset = start = 0
+                    digest = hashlib.sha256() if remote.sha256 else None
+                _check_answer(response, remote, offset, label)
+                while offset < remote.size:
+                    try:
+                        block = response.read1(min(BLOCK, remote.size - offset))
+                    except (OSError, http.client.HTTPException) as e:
+                        broken = (e.strerror if isinstance(e, OSError) else None) or e.__class__.__name__
+                        break
+                    if not block:
+                        broken = "the connection closed early"
+                        break
+                    _write(f, block, part, remote.size - offset)
+                    if digest is not None:
+                        digest.update(block)
+                    offset += len(block)
+                    progress.update(len(block))
         if broken is not None:
             failures = 0 if offset > start else failures + 1
             if failures >= len(RETRY_DELAYS_S):
+                if isinstance(broken, _Transient):
+                    raise broken
                 raise DllamaError(
                     f"{label}: the download broke off at {_mb(base + offset)} ({broken}): run the same pull "
                     "again to resume"
@@ -389,6 +390,20 @@ def _download_part(
             f"{label}: the bytes received from {remote.url} do not match the sha256 the server gives "
             f"({digest.hexdigest()[:12]}... instead of {remote.sha256[:12]}...): they are kept in {part} but "
             "not used; delete that file and pull again (if it persists, the server's copy is damaged)"
+        )
+
+
+def _check_answer(response: http.client.HTTPResponse, remote: RemoteFile, offset: int, label: str) -> None:
+    """Refuse a body that is not the bytes asked for: another range, or another length than announced."""
+    if response.status == 206:
+        first = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+        if not first or int(first.group(1)) != offset:
+            raise DllamaError(f"{label}: the server sent another range than asked for ({remote.url})")
+    length = response.headers.get("Content-Length")
+    if length is not None and length.isdigit() and int(length) != remote.size - offset:
+        raise DllamaError(
+            f"{label}: the server sends {length} bytes but announced {remote.size - offset} ({remote.url}): "
+            "try again later"
         )
 
 

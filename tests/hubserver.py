@@ -6,7 +6,7 @@
 own that is not the sha256. A file added with lfs=False is served directly with a 40-hex git ETag, and
 `/files/{name}` serves a plain web file (Content-Length, a sha256 ETag). Faults per file: a forced status
 (401, 404...), a wrong announced sha256 or size, a connection dropped after N bytes (once), a stall after N
-bytes until `release()`, a server that ignores Range. Every request is logged with Range and Authorization.
+bytes until `release()`, 503s, a server that ignores Range. Requests are logged with Range and Authorization.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class Hosted:
     drop_after: int | None = None  # the next GET sends this many body bytes, then drops the connection
     stall_after: int | None = None  # every GET sends this many body bytes, then waits for release()
     ignore_range: bool = False
+    busy_gets: int = 0  # answer this many GETs of the bytes with 503 (after a redirect, where the bytes are)
 
     @property
     def sha256(self) -> str:
@@ -141,6 +142,9 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
 
         def _serve(self, f: Hosted, body: bool, etag: str) -> None:
+            if body and f.busy_gets:
+                f.busy_gets -= 1
+                return self._status(503)
             size, start = len(f.data), 0
             asked = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
             if asked and not f.ignore_range:

@@ -22,7 +22,7 @@ import pytest
 from hubserver import HubServer
 from tinymodel import write_tiny_gguf
 
-from engine import catalog
+from engine import catalog, download
 from engine.catalog import HubModel, resolve_model, tokenizer_for
 from engine.convert import convert_gguf
 from engine.download import Progress
@@ -138,6 +138,23 @@ def test_a_dropped_connection_is_resumed_with_a_range_request(hub, cache):
     path = pull_command("hf://acme/Tiny-GGUF/tiny.gguf").model
     assert path.read_bytes() == data
     assert [s.range for s in hub.gets("/blobs/")] == [None, "bytes=150000-"]
+
+
+def test_a_busy_server_and_a_dropped_connection_are_retried(hub, cache):
+    data = random_bytes(200_000, 20)
+    hub.add("acme/Tiny-GGUF/tiny.gguf", data, drop_after=80_000, busy_gets=1)
+    assert pull_command("hf://acme/Tiny-GGUF/tiny.gguf").model.read_bytes() == data
+    assert [s.range for s in hub.gets("/blobs/")] == [None, None, "bytes=80000-"]  # 503, dropped, resumed
+
+
+def test_a_server_busy_for_good_ends_in_one_line_after_the_retries(hub, cache, monkeypatch):
+    monkeypatch.setattr(download, "RETRY_DELAYS_S", (0.0,) * 5)  # the same five tries, without the waits
+    hub.add("acme/Tiny-GGUF/tiny.gguf", b"x" * 1000, busy_gets=99)
+    with pytest.raises(DllamaError) as e:
+        pull_command("hf://acme/Tiny-GGUF/tiny.gguf")
+    msg = str(e.value)
+    assert "\n" not in msg and "HTTP 503" in msg and "try again later" in msg
+    assert len(hub.gets("/blobs/")) == 5
 
 
 def test_a_server_that_ignores_range_restarts_the_file(hub, cache):
