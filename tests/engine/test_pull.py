@@ -32,6 +32,8 @@ from engine.launch import launch_command, pull_command
 ROOT = Path(__file__).resolve().parents[2]
 REPO = "acme/Tiny-Distributed-Llama"
 PART_NAMES = ("dllama_model_tiny_q40_aa", "dllama_model_tiny_q40_ab", "dllama_model_tiny_q40_ac")
+# the command that pulls in a fresh process (`dllama pull` once engine/cli.py registers it)
+PULL = [sys.executable, "-m", "engine.catalog"]
 TINY = HubModel("tiny_q40", "a test model", "0.1 MB", REPO, PART_NAMES, "dllama_tokenizer_tiny.t")
 
 
@@ -67,14 +69,14 @@ def serve_tiny(hub: HubServer, parts: list[bytes], tokenizer: bytes = b"tokenize
     hub.add(f"{REPO}/dllama_tokenizer_tiny.t", tokenizer)
 
 
-def run_catalog(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    """`python -m engine.catalog ARGS` in a fresh interpreter, bounded in time and memory."""
+def run_pull(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    """PULL ARGS in a fresh interpreter, bounded in time and memory."""
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 
     return subprocess.run(
-        [sys.executable, "-m", "engine.catalog", *args],
+        [*PULL, *args],
         cwd=ROOT,
         env={**os.environ, **env},
         capture_output=True,
@@ -267,7 +269,7 @@ def test_errors_are_one_line_and_exit_2(hub, tmp_path, case, expected):
         hub.stop()  # nothing listens on the port any more
     elif case == "bad address":
         arg = "hf://acme/model.gguf"
-    result = run_catalog([arg], env)
+    result = run_pull([arg], env)
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
@@ -285,7 +287,7 @@ def test_a_fifo_in_place_of_the_record_or_the_partial_file_is_refused_without_ha
     fifo = Path(f"{target}.{which}")
     fifo.unlink(missing_ok=True)
     os.mkfifo(fifo)
-    result = run_catalog(
+    result = run_pull(
         ["hf://acme/Tiny-GGUF/tiny.gguf"], {"HF_ENDPOINT": hub.endpoint, "DLLAMA_CACHE": str(cache)}
     )
     lines = result.stderr.splitlines()
@@ -299,7 +301,7 @@ def test_a_pull_stopped_by_sigint_leaves_only_a_partial_file_and_a_rerun_complet
     part = Path(f"{target}.part")
     env = {"HF_ENDPOINT": hub.endpoint, "DLLAMA_CACHE": str(cache)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.catalog", "hf://acme/Tiny-GGUF/tiny.gguf"],
+        [*PULL, "hf://acme/Tiny-GGUF/tiny.gguf"],
         cwd=ROOT,
         env={**os.environ, **env},
         stdout=subprocess.PIPE,
