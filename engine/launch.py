@@ -37,6 +37,11 @@ def _root(directory: str | None) -> Path | None:
     return root
 
 
+def _entry(arg: str) -> catalog.Entry | None:
+    """The catalogue entry `arg` names (None for a URL or an unknown name)."""
+    return None if is_url(arg) else find_model(arg)
+
+
 def pull_command(name_or_url: str, directory: str | None = None) -> Pulled:
     """`dllama pull NAME|hf://OWNER/REPO/FILE|https://...`: download what is missing (resuming a partial
     download, verifying size and sha256) and say where the files are; a complete model costs no network."""
@@ -46,7 +51,7 @@ def pull_command(name_or_url: str, directory: str | None = None) -> Pulled:
     files = str(pulled.model) + (f" + {pulled.tokenizer}" if pulled.tokenizer else "")
     if pulled.fetched:
         state = "downloaded and verified"
-    elif isinstance(find_model(name_or_url) if not is_url(name_or_url) else None, PackagedModel):
+    elif isinstance(_entry(name_or_url), PackagedModel):
         state = "embedded in an installed package, nothing to download"
     else:
         state = "already downloaded and verified, nothing to do"
@@ -102,7 +107,7 @@ def launch_command(
             raise DllamaError(
                 f"launch sets {flag} itself: drop it, or run `dllama {mode} {flag} ...` instead"
             )
-    if not is_url(name) and find_model(name) is None:
+    if not is_url(name) and _entry(name) is None:
         raise unknown_name(name)
     argv = [*before, mode]
     if mode == "worker":
@@ -112,7 +117,7 @@ def launch_command(
         argv += ["--model", str(pulled.model)]
         if pulled.tokenizer is not None:
             argv += ["--tokenizer", str(pulled.tokenizer)]
-        if isinstance(find_model(name) if not is_url(name) else None, HubModel):
+        if isinstance(_entry(name), HubModel):
             argv += [item for flag, value in M_DEFAULTS if not _given(args, flag) for item in (flag, value)]
     argv += args
     print(f"▶️  dllama {shlex.join(argv)}", file=sys.stderr, flush=True)
