@@ -348,7 +348,7 @@ def _plan(
             hf_names, each = [spec.hf.format(l=layer)], shape
         found = [tensors.get(n) for n in hf_names]
         if any(t is None for t in found):
-            if spec.optional and not any(found):
+            if spec.optional and spec.tied_to is None and not any(found):  # HF ties only by config
                 continue
             missing = hf_names[found.index(None)]
             hint = " (or set tie_word_embeddings)" if name == "output.weight" else ""
