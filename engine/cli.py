@@ -117,8 +117,8 @@ Model = Annotated[
     typer.Option(
         "--model",
         callback=_non_empty("a GGUF or .m file, or a model name"),
-        help="GGUF or .m file, or a model name: smollm2 (the embedded default), qwen2.5-coder (fetched once "
-        "into ~/.cache/dllama)",
+        help="GGUF or .m file, a Hugging Face folder, a catalogue name (`dllama launch` lists them; default "
+        "smollm2, embedded), or hf://OWNER/REPO/FILE.gguf or an https:// URL (downloaded once, cached)",
     ),
 ]
 TokenizerOpt = Annotated[
@@ -581,6 +581,41 @@ def convert(
             + ", ".join(types)
         )
     convert(str(resolve_model(model)), output, weights_float_type, tokenizer_output)
+
+
+# ---- pull and launch: models by name ----
+DirOpt = Annotated[
+    str | None,
+    typer.Option("--dir", help="folder for models (default: $DLLAMA_CACHE, else ~/.cache/dllama)"),
+]
+
+
+@app.command()
+def pull(
+    name: Annotated[
+        str, typer.Argument(help="a name from `dllama launch`, hf://OWNER/REPO/FILE.gguf, or an https:// URL")
+    ],
+    directory: DirOpt = None,
+) -> None:
+    """Download a model (resumable, size and sha256 verified); a complete one costs no network."""
+    from engine.launch import pull_command
+
+    pull_command(name, directory)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def launch(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="model name or URL (none: list the catalogue)")] = None,
+    directory: DirOpt = None,
+) -> None:
+    """Pull a model if missing, then run it: `dllama launch NAME [chat|inference|api|worker] [options]`."""
+    from engine.launch import launch_command
+
+    before = ["--backend", ctx.obj["backend"]]
+    if ctx.obj.get("gpu_index") is not None:
+        before += ["--gpu-index", str(ctx.obj["gpu_index"])]
+    launch_command(name, None, ctx.args, directory, before)
 
 
 # ---- worker ----

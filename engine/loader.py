@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.backend import Backend
-from engine.catalog import resolve_model
+from engine.catalog import resolve_model, tokenizer_for
 from engine.errors import DllamaError
 from engine.graph import ACT_TYPES
 from engine.model_file import open_model
@@ -129,6 +129,8 @@ def load(
             _check_same_tokens(tokenizer, tokenizer_path, model, path)
     elif model.kind in ("gguf", "hf"):  # a Hugging Face folder: its tokenizer.json as GGUF metadata
         tokenizer = tokenizer_from_gguf(model.metadata, str(path))
+    elif (pulled := tokenizer_for(path)) is not None:  # a pulled .m: its .t lies beside it
+        tokenizer = load_tokenizer(str(pulled))
     else:
         raise DllamaError(f"{path} carries no tokenizer: pass --tokenizer FILE (.t or .gguf)")
     check_vocab_sizes(tokenizer.vocab_size, model.config.vocab_size, tokenizer_path or path.name, path.name)

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 REPO = "acme/Tiny-Distributed-Llama"
 PART_NAMES = ("dllama_model_tiny_q40_aa", "dllama_model_tiny_q40_ab", "dllama_model_tiny_q40_ac")
 # the command that pulls in a fresh process (`dllama pull` once engine/cli.py registers it)
-PULL = [sys.executable, "-m", "engine.catalog"]
+PULL = [sys.executable, "-m", "engine.cli", "pull"]
 TINY = HubModel("tiny_q40", "a test model", "0.1 MB", REPO, PART_NAMES, "dllama_tokenizer_tiny.t")
 
 
@@ -494,3 +494,20 @@ def test_launch_pulls_a_multipart_model_and_runs_inference(hub, tmp_path, tiny, 
     assert f"--model {model} --tokenizer {model.with_name('dllama_tokenizer_tiny_q40.t')}" in command
     assert "--buffer-float-type q80 --max-seq-len 4096 --prompt hi --steps 2" in command
     assert "buffers q80" in out and "nTokens: 2" in out
+
+
+def test_launch_through_the_cli_lists_and_names_close_matches(cache):
+    """`dllama launch` alone lists the catalogue (exit 0); an unknown name is one line, exit 2."""
+    env = {**os.environ, "DLLAMA_CACHE": str(cache)}
+    listed = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "launch"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert listed.returncode == 0 and "qwen3_30b_a3b_q40" in listed.stdout and "17.0 GB" in listed.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "launch", "qwen3_8b_q4", "inference", "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "did you mean qwen3_8b_q40" in bad.stderr
