@@ -41,7 +41,8 @@ MAX_DIMS = 4
 # Tensors some checkpoints carry that no model needs: old Llama checkpoints' cached RoPE frequencies.
 IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 # GGUF token types (SentencePiece piece types) of the tokenizer metadata.
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SPACE = "\u2581"  # SentencePiece's visible space
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -462,11 +463,11 @@ def _adds_bos(tj: dict[str, Any], bos: str | None) -> bool:
 
 
 def _vocabulary(tj: dict[str, Any], where: str) -> tuple[list[str], list[int], list[str]]:
-    """(tokens by id, GGUF token types, merges "a b") of a byte-level BPE tokenizer.json."""
+    """(tokens by id, GGUF token types, merges "a b") of a BPE tokenizer.json."""
     model = tj.get("model")
     if not isinstance(model, dict) or model.get("type") != "BPE":
         kind = model.get("type") if isinstance(model, dict) else None
-        raise DllamaError(f"{where}: tokenizer model {kind!r} is not supported (byte-level BPE is)")
+        raise DllamaError(f"{where}: tokenizer model {kind!r} is not supported (BPE is)")
     vocab, added = model.get("vocab"), tj.get("added_tokens") or []
     if not isinstance(vocab, dict) or not isinstance(added, list):
         raise DllamaError(f"{where}: model.vocab is not an object or added_tokens not a list")
@@ -501,6 +502,74 @@ def _vocabulary(tj: dict[str, Any], where: str) -> tuple[list[str], list[int], l
     return tokens, types, merges
 
 
+def _byte_level(
+    tj: dict[str, Any], tokens: list[str], types: list[int], merges: list[str], where: str
+) -> dict:
+    """GGUF `gpt2` metadata of a byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM2)."""
+    normalizer = tj.get("normalizer")
+    if normalizer is not None and (not isinstance(normalizer, dict) or normalizer.get("type") != "NFC"):
+        kind = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
+        raise DllamaError(f"{where}: normalizer {kind!r} is not supported (byte-level BPE has none, or NFC)")
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": _pre_name(tj.get("pre_tokenizer"), where),
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+    }
+
+
+def _space_prefix(tj: dict[str, Any], where: str) -> bool:
+    """Whether a SentencePiece-style tokenizer.json puts a space before the text: its normalizer prepends
+    one (Llama 2's [Prepend, Replace]) or its Metaspace pre-tokenizer does; other set-ups are refused."""
+    norm, pre = tj.get("normalizer"), tj.get("pre_tokenizer")
+    steps = (
+        norm.get("normalizers", []) if isinstance(norm, dict) and norm.get("type") == "Sequence" else [norm]
+    )
+    kinds = [n.get("type") if isinstance(n, dict) else None for n in steps]
+    if kinds == ["Prepend", "Replace"] and pre is None and steps[0].get("prepend") == SPACE:
+        return True
+    if kinds == ["Replace"] and pre is None:
+        return False
+    if norm is None and isinstance(pre, dict) and pre.get("type") == "Metaspace":
+        return pre.get("prepend_scheme", "always") != "never"
+    raise DllamaError(
+        f"{where}: SentencePiece normalizer {json.dumps(kinds)} with this pre-tokenizer is not supported "
+        "(Llama 2's [Prepend, Replace] or a Metaspace pre-tokenizer are)"
+    )
+
+
+def _sentencepiece(
+    tj: dict[str, Any], tokens: list[str], types: list[int], merges: list[str], where: str
+) -> dict:
+    """GGUF `llama` metadata of a SentencePiece BPE with byte fallback (Llama 2, Mistral): `<0xNN>` pieces
+    are bytes, and each merged piece scores minus the rank of the first merge that makes it, so merging by
+    score (SentencePiece) follows the merge order (tokenizer.json)."""
+    unk = tj["model"].get("unk_token")
+    ids = {t: i for i, t in enumerate(tokens)}
+    types = list(types)
+    for i, t in enumerate(tokens):
+        if types[i] == NORMAL and re.fullmatch(r"<0x[0-9A-F]{2}>", t):
+            types[i] = BYTE
+    if unk in ids:
+        types[ids[unk]] = UNKNOWN
+    scores = [-float(len(merges) + 1)] * len(tokens)
+    for rank, m in enumerate(merges):
+        tid = ids.get(m.replace(" ", ""))
+        if tid is not None:
+            scores[tid] = max(scores[tid], -float(rank))
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.add_space_prefix": _space_prefix(tj, where),
+    }
+    if unk in ids:
+        meta["tokenizer.ggml.unknown_token_id"] = ids[unk]
+    return meta
+
+
 def tokenizer_metadata(folder: Path, config: dict[str, Any]) -> dict[str, Any]:
     """GGUF tokenizer metadata (the keys llama.cpp writes) from tokenizer.json and tokenizer_config.json
     (special token ids config.json gives where they do not); empty when the folder has no tokenizer.json."""
@@ -510,18 +579,9 @@ def tokenizer_metadata(folder: Path, config: dict[str, Any]) -> dict[str, Any]:
     tj = read_json(path, MAX_TOKENIZER_JSON)
     tc_path = folder / "tokenizer_config.json"
     tc = read_json(tc_path) if os.path.lexists(tc_path) else {}
-    normalizer = tj.get("normalizer")
-    if normalizer is not None and (not isinstance(normalizer, dict) or normalizer.get("type") != "NFC"):
-        kind = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
-        raise DllamaError(f"{path}: normalizer {kind!r} is not supported (byte-level BPE has none, or NFC)")
     tokens, types, merges = _vocabulary(tj, str(path))
-    meta: dict[str, Any] = {
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": _pre_name(tj.get("pre_tokenizer"), str(path)),
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.merges": merges,
-    }
+    spm = tj["model"].get("byte_fallback") is True
+    meta = (_sentencepiece if spm else _byte_level)(tj, tokens, types, merges, str(path))
     ids = {t: i for i, t in reversed(list(enumerate(tokens)))}
     for role in ("bos", "eos", "pad"):
         text = _token_text(tc.get(f"{role}_token"))

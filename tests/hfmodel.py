@@ -303,3 +303,40 @@ def write_tiny_hf(
     if tokenizer:
         write_tokenizer(folder, pre)
     return TinyHF(folder, config, {n: stored_values(t, dtype) for n, t in hf.items()}, list(w))
+
+
+SPM_SPECIALS = ["<unk>", "<s>", "</s>"]
+SPM_PIECES = ["▁", "t", "h", "e", "a", "c", "i", "s", "n", "o", "r", "l", "d", "w", ","]
+SPM_MERGES = [  # joining two earlier pieces; ▁ is SentencePiece's space
+    ("▁", "t"), ("h", "e"), ("▁t", "he"), ("i", "n"), ("▁", "c"), ("a", "t"), ("▁c", "at"), ("▁", "i"),
+    ("▁i", "s"), ("o", "r"), ("▁", "w"), ("▁w", "or"), ("l", "d"), ("▁wor", "ld"), ("e", "r"),
+]  # fmt: skip
+
+
+def write_spm_tokenizer(folder: Path, metaspace: bool = False) -> int:
+    """A SentencePiece-style BPE tokenizer.json (Llama 2's layout: <unk> <s> </s>, 256 <0xNN> byte pieces,
+    pieces, merges; byte fallback; a normalizer that prepends and replaces spaces, or with `metaspace` the
+    newer Metaspace pre-tokenizer) saved by the tokenizers library, with its tokenizer_config.json.
+    Returns the vocabulary size."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from tokenizers import pre_tokenizers as pt
+
+    vocab = {t: i for i, t in enumerate(SPM_SPECIALS)}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for p in SPM_PIECES + [a + b for a, b in SPM_MERGES]:
+        vocab[p] = len(vocab)
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=SPM_MERGES, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
+    if metaspace:
+        tok.pre_tokenizer = pt.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    else:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    tok.decoder = decoders.Sequence(steps)
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPM_SPECIALS])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(folder / "tokenizer.json"))
+    tc = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
+    return len(vocab)

@@ -17,7 +17,17 @@ import gguf
 import numpy as np
 import pytest
 from forward_checks import TOKENS, assert_matches
-from hfmodel import BOS_ID, CHAT_TEMPLATE, EOS_ID, MERGES, SPECIALS, VOCAB, write_tiny_hf, write_tokenizer
+from hfmodel import (
+    BOS_ID,
+    CHAT_TEMPLATE,
+    EOS_ID,
+    MERGES,
+    SPECIALS,
+    VOCAB,
+    write_spm_tokenizer,
+    write_tiny_hf,
+    write_tokenizer,
+)
 from reference import load_ref_model, ref_forward
 from tinymodel import gpt2_byte_chars, write_tiny_m
 
@@ -215,6 +225,30 @@ def test_tokenizer_encodes_as_the_tokenizers_library(tmp_path: Path, pre: str) -
         assert ours.encode(text, bos=False) == theirs.encode(text, add_special_tokens=False).ids, text
         assert ours.decode(ours.encode(text, bos=False)) == text
     assert ours.add_bos == (pre == "llama3") and ours.bos_id == BOS_ID and ours.eos_ids[0] == EOS_ID
+
+
+@pytest.mark.parametrize("metaspace", [False, True], ids=["prepend-normalizer", "metaspace"])
+def test_sentencepiece_tokenizer_json_encodes_as_the_tokenizers_library(
+    tmp_path: Path, metaspace: bool
+) -> None:
+    """A Llama 2 / Mistral style tokenizer.json (byte fallback, ▁ spaces) becomes a GGUF `llama` vocabulary
+    whose scores follow the merge order: the same ids as `tokenizers`, bytes outside it through <0xNN>. The
+    Metaspace variant (prepend_scheme "first") agrees where SentencePiece's dummy prefix does: text that
+    starts with no space and no special token."""
+    from tokenizers import Tokenizer
+
+    n = write_spm_tokenizer(tmp_path, metaspace)
+    meta = tokenizer_metadata(tmp_path, {})
+    assert meta["tokenizer.ggml.model"] == "llama" and len(meta["tokenizer.ggml.tokens"]) == n
+    ours = tokenizer_from_gguf(meta)
+    theirs = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    texts = ["the cat is in the world", "Hello, world! the cat", "héllo 日本 🙂", "theworld cat,is"]
+    if not metaspace:
+        texts += ["  two  spaces and\nnewline", "<s>the</s> cat"]
+    for text in texts:
+        assert ours.encode(text, bos=False) == theirs.encode(text, add_special_tokens=False).ids, text
+    assert ours.decode(ours.encode(texts[2], bos=False)) == texts[2]
+    assert (ours.add_bos, ours.bos_id, ours.eos_ids[0]) == (True, 1, 2)
 
 
 def test_add_bos_token_in_tokenizer_config_wins(tmp_path: Path) -> None:
