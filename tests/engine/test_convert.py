@@ -1,4 +1,5 @@
-"""convert_gguf: GGUF -> .m + .t with one vocabulary order, lossy-path warnings, rope scaling recovery."""
+"""convert_gguf: GGUF -> .m + .t with one vocabulary order, lossy-path warnings, rope scaling recovery;
+convert: GGUF -> GGUF in another weight type."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import struct
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 from tinymodel import llama31_rope_divisors, write_tiny_gguf
@@ -13,7 +15,7 @@ from tinymodel import llama31_rope_divisors, write_tiny_gguf
 import engine.convert
 from engine.atomic_file import atomic_write
 from engine.config import RopeScaling
-from engine.convert import convert_gguf, rope_scaling_from_freqs
+from engine.convert import convert, convert_gguf, rope_scaling_from_freqs
 from engine.errors import DllamaError
 from engine.gguf_file import load_gguf, read_gguf
 from engine.mfile import read_m
@@ -181,3 +183,49 @@ def test_outputs_are_checked_before_any_work(tmp_path: Path) -> None:
         with pytest.raises(DllamaError, match=message):
             convert_gguf(src, out_m, "f32", out_t, log=lines.append)
     assert lines == [] and sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "t.gguf"]
+
+
+# ---- GGUF outputs ----------------------------------------------------------------------------------------
+
+
+def _gguf_values(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUF decoded by the gguf package's own reader and decoder."""
+    return {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in gguf.GGUFReader(str(path)).tensors}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3moe"])
+def test_gguf_to_gguf_keeps_every_value(tmp_path: Path, arch: str) -> None:
+    """A K-quant mix re-written as F32 (the router and rope_freqs included) decodes to the source's values;
+    a tied classifier stays absent and the config reads back the same."""
+    types = {"ffn_down_exps" if arch == "qwen3moe" else "ffn_down": "q6k", "attn_q": "q4k"}
+    shape = dict(dim=256, hidden_dim=512, head_dim=64, moe_hidden_dim=256)
+    rs = RopeScaling(8.0, 1.0, 4.0, 8192) if arch == "llama" else None
+    extra = dict(tied=True, rope_scaling=rs, rope_store="tensor", **shape)
+    src = write_tiny_gguf(tmp_path / "q.gguf", arch=arch, wtype="q50", types=types, **extra)
+    convert(src, tmp_path / "f.gguf", "f32", log=lambda s: None)
+    want, got = _gguf_values(src), _gguf_values(tmp_path / "f.gguf")
+    assert set(got) == set(want) and "output.weight" not in got
+    for name, values in want.items():
+        assert np.array_equal(got[name], values), name
+    assert load_gguf(tmp_path / "f.gguf").config == load_gguf(src).config
+
+
+def test_gguf_output_refuses_a_t_and_its_own_source(tmp_path: Path) -> None:
+    src = write_tiny_gguf(tmp_path / "t.gguf")
+    with pytest.raises(DllamaError, match="carries its own tokenizer"):
+        convert(src, tmp_path / "o.gguf", "q80", tmp_path / "o.t", log=lambda s: None)
+    with pytest.raises(DllamaError, match="is both the source and the output"):
+        convert(src, src, "q80", log=lambda s: None)
+    with pytest.raises(DllamaError, match="'q7' is not one of"):
+        convert(src, tmp_path / "o.gguf", "q7", log=lambda s: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.gguf"]
+
+
+def test_matrices_of_partial_blocks_fall_back_as_llama_cpp_does(tmp_path: Path) -> None:
+    """Q4_K needs 256-value rows: a 64-wide model's matrices are written Q8_0, with one warning line."""
+    src = write_tiny_gguf(tmp_path / "t.gguf", wtype="f32")
+    lines: list[str] = []
+    convert(src, tmp_path / "k.gguf", "q4k", log=lines.append)
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "k.gguf")).tensors}
+    assert kinds["blk.0.attn_q.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32"
+    assert sum("not whole q4k blocks" in s for s in lines) == 1
