@@ -271,7 +271,8 @@ class HFConfig:
         value = (self.config if within is None else within).get(key)
         value = default if value is None else value
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise DllamaError(f"{self.path}: {key} = {value!r} is not a number")
+            label = key if within is None else f"rope_scaling.{key}"
+            raise DllamaError(f"{self.path}: {label} = {value!r} is not a number")
         return float(value)
 
     def flag(self, key: str, default: bool) -> bool:
