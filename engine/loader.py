@@ -127,6 +127,8 @@ def load(
         tokenizer = load_tokenizer(tokenizer_path)
         if model.kind in ("gguf", "hf") and "tokenizer.ggml.tokens" in model.metadata:
             _check_same_tokens(tokenizer, tokenizer_path, model, path)
+    elif model.kind == "hf" and "tokenizer.ggml.tokens" not in model.metadata:
+        raise DllamaError(f"{path} has no tokenizer.json: pass --tokenizer FILE (.t or .gguf)")
     elif model.kind in ("gguf", "hf"):  # a Hugging Face folder: its tokenizer.json as GGUF metadata
         tokenizer = tokenizer_from_gguf(model.metadata, str(path))
     elif (pulled := tokenizer_for(path)) is not None:  # a pulled .m: its .t lies beside it

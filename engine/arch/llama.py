@@ -4,6 +4,8 @@ Llama 3.1 RoPE scaling (metadata keys or a rope_freqs tensor), optionally tied c
 
 from __future__ import annotations
 
+import dataclasses
+
 from engine.arch.base import (
     ATTENTION,
     DENSE_FFN,
@@ -38,7 +40,12 @@ def config(m: Meta) -> ModelConfig:
 
 
 def hf_config(h: HFConfig) -> ModelConfig:
-    return hf_standard_config(h, "llama")
+    """Mistral v0.1's `sliding_window` lets a token attend only to that many before it; within a context that
+    long that is full attention, so the context is capped at the window and the result stays exact."""
+    cfg = hf_standard_config(h, "llama")
+    if h.get("sliding_window") is not None:
+        cfg = dataclasses.replace(cfg, context_len=min(cfg.context_len, h.int("sliding_window")))
+    return cfg
 
 
 def layer(b: Builder, index: int) -> None:

@@ -537,3 +537,39 @@ def test_conversion_memory_is_bounded_by_a_tensor_not_the_model(tmp_path: Path, 
     assert r.returncode == 0, r.stderr
     grown = int(r.stdout.split()[-1]) * 1024
     assert model > 3 * bound and grown < bound, (model, grown)
+
+
+def test_mistral_sliding_window_caps_the_context(tmp_path: Path) -> None:
+    """Within a context no longer than the window, sliding-window attention is full attention."""
+    folder = write_tiny_hf(tmp_path / "m", context=256).folder
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "mistral", "sliding_window": 32}))
+    assert open_model(folder).config.context_len == 32
+    (folder / "config.json").write_text(
+        json.dumps({**config, "model_type": "mistral", "sliding_window": None})
+    )
+    assert open_model(folder).config.context_len == 256
+
+
+def test_a_folder_without_tokenizer_json_asks_for_one(tmp_path: Path) -> None:
+    folder = write_tiny_hf(tmp_path / "m", tokenizer=False).folder
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "inference",
+            "--model",
+            str(folder),
+            "--prompt",
+            "hi",
+            "--steps",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and r.stderr.strip().endswith(
+        "has no tokenizer.json: pass --tokenizer FILE (.t or .gguf)"
+    )
