@@ -20,9 +20,10 @@ from engine.arch import get_arch
 from engine.atomic_file import all_or_none, check_output
 from engine.config import RopeScaling
 from engine.errors import DllamaError
+from engine.files import release_file_pages
 from engine.gguf_file import load_gguf
 from engine.gguf_writer import GGUF_WEIGHT_TYPES, llama31_divisors, write_gguf
-from engine.hf_file import drop_file_pages, interleave_order, is_checkpoint, read_checkpoint
+from engine.hf_file import interleave_order, is_checkpoint, read_checkpoint
 from engine.mfile import check_writable, write_m
 from engine.tfile import tfile_from_gguf, write_tfile
 from engine.weights import Model, Weight
@@ -52,7 +53,7 @@ class LazyWeights(Mapping[str, Weight]):
             return w
         w = self._recent[key] = self._builders[key]()
         if len(self._recent) > self.KEEP:
-            drop_file_pages(self._recent.popitem(last=False)[1].data)
+            release_file_pages(self._recent.popitem(last=False)[1].data)
         return w
 
     def __contains__(self, name: object) -> bool:
@@ -71,7 +72,7 @@ def _interleaved(build: Builder, n_heads: int) -> Builder:
     def permuted() -> Weight:
         w = build()
         data = w.data[interleave_order(w.rows, n_heads)]
-        drop_file_pages(w.data)
+        release_file_pages(w.data)
         return dataclasses.replace(w, data=data)
 
     return permuted

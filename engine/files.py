@@ -1,12 +1,16 @@
 """What a path is, and opening inputs safely: every reader and writer asks here whether a path is a regular
-file, so a FIFO, device, socket or directory is refused by name and never blocks a read."""
+file, so a FIFO, device, socket or directory is refused by name and never blocks a read. Also: letting go of a
+mapped file's pages once they are no longer needed."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+import numpy as np
 
 from engine.errors import DllamaError
 
@@ -51,3 +55,21 @@ def open_regular(path: str | Path, expected: str = "") -> BinaryIO:
         os.close(fd)
         raise
     return os.fdopen(fd, "rb")
+
+
+def release_file_pages(a: np.ndarray) -> None:
+    """Drop this process's resident pages of the read-only file mapping `a` views (once uploaded, or once a
+    converter is done with a tensor); the mapping stays valid and the page cache serves any later touch.
+    Arrays that view no file mapping are left alone."""
+    base: Any = a
+    while base is not None and getattr(base, "_mmap", None) is None:
+        base = base.base if isinstance(base, np.ndarray) else None
+    if base is None or a.nbytes == 0 or not a.flags.c_contiguous:
+        return
+    mm = base._mmap
+    start = np.frombuffer(mm, np.uint8, count=1).__array_interface__["data"][0]
+    lo = a.__array_interface__["data"][0] - start
+    hi = lo + a.nbytes
+    lo -= lo % mmap.PAGESIZE
+    if 0 <= lo and hi <= len(mm):
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)

@@ -12,7 +12,6 @@ engine's GGUF tokenizer, the GGUF writer and the `.t` writer all read.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import re
 import struct
@@ -27,7 +26,7 @@ from engine.arch import registry
 from engine.arch.base import Arch, HFConfig, as_weight_shape, hf_key_names
 from engine.config import MAX_VOCAB, ModelConfig
 from engine.errors import DllamaError
-from engine.files import open_regular
+from engine.files import open_regular, release_file_pages
 from engine.tokenizer import GPT2_SPLIT, LLAMA3_SPLIT, QWEN2_SPLIT
 from engine.weights import Model, Weight, map_file, weight_from_bytes
 
@@ -257,23 +256,6 @@ def interleave_order(rows: int, n_heads: int) -> np.ndarray:
     return (np.arange(n_heads)[:, None] * 2 * half + within[None, :]).reshape(-1)
 
 
-def drop_file_pages(a: np.ndarray) -> None:
-    """Drop this process's resident pages of a read-only file mapping that `a` views (they are read back
-    from the page cache if touched again); arrays that view no file are left alone."""
-    base: Any = a
-    while base is not None and getattr(base, "_mmap", None) is None:
-        base = base.base if isinstance(base, np.ndarray) else None
-    if base is None or a.nbytes == 0 or not a.flags.c_contiguous:
-        return
-    mm = base._mmap
-    start = np.frombuffer(mm, np.uint8, count=1).__array_interface__["data"][0]
-    lo = a.__array_interface__["data"][0] - start
-    hi = lo + a.nbytes
-    lo -= lo % mmap.PAGESIZE
-    if 0 <= lo and hi <= len(mm):
-        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-
-
 class _Maps:
     """One read-only memory map per shard, opened on first use."""
 
@@ -302,7 +284,7 @@ def _stack(maps: _Maps, name: str, parts: list[STensor]) -> Callable[[], Weight]
         for p in parts:
             raw = maps.bytes_of(p)
             out[pos : pos + p.nbytes] = raw
-            drop_file_pages(raw)
+            release_file_pages(raw)
             pos += p.nbytes
         return weight_from_bytes(name, parts[0].dtype, (len(parts), *parts[0].shape), out)
 

@@ -22,6 +22,7 @@ import numpy as np
 from engine.backend import Backend, Program
 from engine.config import ModelConfig
 from engine.errors import DllamaError
+from engine.files import release_file_pages
 from engine.graph import Graph, Op
 from engine.weights import BLOCK, Weight, vector_f32
 from shaders.compile import spirv
@@ -32,7 +33,6 @@ from shaders.weights import (
     WeightChunk,
     array_part,
     group_weights,
-    release_file_pages,
     row_arrays,
 )
 

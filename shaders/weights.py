@@ -17,7 +17,6 @@ chunks and its own dispatch.
 
 from __future__ import annotations
 
-import mmap
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -122,26 +121,6 @@ def array_part(a: np.ndarray) -> Part:
     rows = a.shape[0] if a.ndim > 1 else 1
     row_words = words.size // rows
     return Part(rows, row_words, lambda r0, r1: words[r0 * row_words : r1 * row_words])
-
-
-def release_file_pages(a: np.ndarray) -> None:
-    """Drop this process's resident pages of a read-only memory-mapped file region once it is on the device.
-
-    The mapping stays valid: pages are read back from the page cache if anything touches them again. Arrays
-    that are not views of a file mapping are left alone.
-    """
-    base = a
-    while base is not None and getattr(base, "_mmap", None) is None:
-        base = base.base if isinstance(base, np.ndarray) else None
-    if base is None or a.nbytes == 0 or not a.flags.c_contiguous:
-        return
-    mm = base._mmap
-    start = np.frombuffer(mm, np.uint8, count=1).__array_interface__["data"][0]
-    lo = a.__array_interface__["data"][0] - start
-    hi = lo + a.nbytes
-    lo -= lo % mmap.PAGESIZE
-    if 0 <= lo and hi <= len(mm):
-        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def is_vector(w: Weight) -> bool:
