@@ -164,6 +164,53 @@ def test_exchange_moves_more_than_the_socket_buffers_both_ways():
     assert a.sent == b.recv == a.recv == b.sent == 16 << 20
 
 
+def test_a_reused_transfer_moves_its_bytes_again_without_polling_when_they_are_there(monkeypatch):
+    """The decode step's exchange is built once and rewound; data already waiting costs no poll() at all."""
+    a, b = tcp_pair()
+    at_a = np.zeros(8, np.uint8)
+    step = [Transfer(a, out=np.arange(4, dtype=np.uint8), into=memoryview(at_a))]
+    for k in (1, 2):
+        b.send(np.full(8, k, np.uint8), 5)
+        time.sleep(0.05)
+        with monkeypatch.context() as m:
+            m.setattr("net.transport.select.poll", lambda: pytest.fail("polled for bytes already there"))
+            exchange(step, 5)
+        assert np.all(at_a == k) and b.recv_exact(4, 5) == bytes(range(4))
+    assert a.sent == 8 and a.recv == 16
+
+
+def test_a_waiting_exchange_polls_before_it_sleeps_and_still_times_out(monkeypatch):
+    """While nothing arrives the exchange polls without sleeping for SPIN_S, then waits in poll() until the
+    silence bound, which still ends it."""
+    import net.transport as transport
+
+    a, b = tcp_pair()
+    timeouts = []
+
+    real_poll = transport.select.poll
+
+    def poll():
+        p = real_poll()
+
+        class Wrapped:
+            register, modify, unregister = p.register, p.modify, p.unregister
+
+            def poll(self, ms=None):
+                timeouts.append(ms)
+                return p.poll(ms)
+
+        return Wrapped()
+
+    monkeypatch.setattr("net.transport.select.poll", poll)
+    t0 = time.monotonic()
+    with pytest.raises(PeerError, match="sent nothing for 0.2 s"):
+        b.recv_exact(1, 0.2)
+    assert 0.2 <= time.monotonic() - t0 < 2
+    spins = [t for t in timeouts if t == 0]
+    assert spins and timeouts[: len(spins)] == spins  # polled first, slept after
+    assert any(t > 0 for t in timeouts)
+
+
 def test_silent_peer_times_out_naming_it():
     a, b = tcp_pair()
     t0 = time.monotonic()
