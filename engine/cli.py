@@ -378,19 +378,34 @@ def inference(
             print(_line("🔶", "Pred", ev.stats, ev.text.replace("\n", "\\n")), flush=True)
     text = "".join(pieces)
     gbps = Metrics.rate(m.decode) * runner.weight_bytes_per_token / 1e9
+    n_gen = len(m.generated)
     print("Evaluation")
     print(f"   nBatches: {runner.max_batch}\n    nTokens: {m.prefill.n_tokens}")
-    print(f"   tokens/s: {Metrics.rate(m.prefill):.2f} ({_ms_per(m.prefill):.2f} ms/tok)")
+    print(
+        f"   tokens/s: {m.prefill_rate():.2f} end to end (first token after {m.first_token_s * 1e3:.2f} ms), "
+        f"forward {Metrics.rate(m.prefill):.2f} ({_ms_per(m.prefill):.2f} ms/tok)"
+    )
     print("Prediction")
-    print(f"    nTokens: {len(m.generated)} ({m.decode.n_tokens} decode passes)")
-    print(f"   tokens/s: {Metrics.rate(m.decode):.2f} ({_ms_per(m.decode):.2f} ms/tok)")
+    print(f"    nTokens: {n_gen} ({m.decode.n_tokens} decode passes)")
+    e2e = m.decode_rate()
+    print(
+        f"   tokens/s: {e2e:.2f} end to end ({1e3 / e2e if e2e else 0:.2f} ms/tok), "
+        f"forward {Metrics.rate(m.decode):.2f} ({_ms_per(m.decode):.2f} ms/tok)"
+    )
+    print(f"   sampling: {m.sample_s * 1e3 / max(n_gen, 1):.3f} ms/tok")
+    syncs = sum(seg.sync is not None for seg in runner.graph.segments)  # all-slices exchanges per pass
+    sync_ms = m.decode.sync_s * 1e3 / max(m.decode.n_tokens, 1)
     if runner.n_nodes > 1:
         dec, d = m.decode, max(m.decode.n_tokens, 1)
         print(
-            f"  per token: eval {dec.eval_s * 1e3 / d:.2f} ms, sync {dec.sync_s * 1e3 / d:.2f} ms, "
+            f"  per token: eval {dec.eval_s * 1e3 / d:.2f} ms, sync {sync_ms:.2f} ms "
+            f"({syncs} exchanges, {sync_ms / max(syncs, 1):.3f} ms each), "
             f"sent {dec.sent / d / 1024:.1f} kB, recv {dec.recv / d / 1024:.1f} kB ({runner.n_nodes} nodes)"
         )
-    print(f"       GB/s: {gbps:.2f} (weights read per token {runner.weight_bytes_per_token / 1e6:.1f} MB)")
+    print(
+        f"       GB/s: {gbps:.2f} (forward passes; weights read per token "
+        f"{runner.weight_bytes_per_token / 1e6:.1f} MB)"
+    )
     print(f"Output\n{prompt}{text}")
     if json_out:
         _write_json(
@@ -404,9 +419,14 @@ def inference(
                 "backend": runner.backend.description,
                 "buffer_float_type": buffer_float_type,
                 "prefill_tokens": m.prefill.n_tokens,
-                "prefill_tokens_per_s": Metrics.rate(m.prefill),
+                "prefill_tokens_per_s": m.prefill_rate(),
+                "prefill_forward_tokens_per_s": Metrics.rate(m.prefill),
+                "first_token_s": m.first_token_s,
                 "decode_tokens": m.decode.n_tokens,
-                "decode_tokens_per_s": Metrics.rate(m.decode),
+                "decode_tokens_per_s": e2e,
+                "decode_forward_tokens_per_s": Metrics.rate(m.decode),
+                "decode_wall_s": m.decode_wall_s,
+                "sample_ms_per_token": m.sample_s * 1e3 / max(n_gen, 1),
                 "decode_gbytes_per_s": gbps,
                 "weight_bytes_per_token": runner.weight_bytes_per_token,
                 "sent_bytes": m.prefill.sent + m.decode.sent,
@@ -414,6 +434,8 @@ def inference(
                 "nodes": runner.n_nodes,
                 "decode_eval_s": m.decode.eval_s,
                 "decode_sync_s": m.decode.sync_s,
+                "decode_exchanges_per_token": syncs if runner.n_nodes > 1 else 0,
+                "decode_sync_ms_per_exchange": sync_ms / syncs if runner.n_nodes > 1 and syncs else 0.0,
                 "decode_sent_bytes_per_token": m.decode.sent / m.decode.n_tokens if m.decode.n_tokens else 0,
                 "decode_recv_bytes_per_token": m.decode.recv / m.decode.n_tokens if m.decode.n_tokens else 0,
             },
@@ -460,15 +482,21 @@ def perplexity(
         raise DllamaError("the text has fewer than 2 tokens: nothing to score")
     if len(ids) > loaded.runner.max_seq_len:
         raise DllamaError(f"the text has {len(ids)} tokens but --max-seq-len is {loaded.runner.max_seq_len}")
-    t0 = time.perf_counter()
-    logits = loaded.runner.forward(ids, 0, "all")
+    from engine.generate import Metrics
+    from engine.runner import ForwardStats
+
+    t0, st = time.perf_counter(), ForwardStats()
+    logits = loaded.runner.forward(ids, 0, "all", st)
     logp = log_softmax_at(logits[:-1], np.asarray(ids[1:]))
     avg = float(logp.mean())
     ppl = math.exp(-avg)
     dt = time.perf_counter() - t0
     print("Results")
     print(f"   perplexity: {ppl:.4f}\n   avgLogProb: {avg:.5f}\n   bitPerToken: {-avg / math.log(2):.4f}")
-    print(f"   nScored: {len(ids) - 1} ({len(ids) / dt:.1f} tokens/s)")
+    print(
+        f"   nScored: {len(ids) - 1} ({len(ids) / dt:.1f} tokens/s end to end, "
+        f"forward {Metrics.rate(st):.1f} tokens/s)"
+    )
     if json_out:
         _write_json(
             json_out,
@@ -478,6 +506,7 @@ def perplexity(
                 "n_scored": len(ids) - 1,
                 "n_tokens": len(ids),
                 "tokens_per_s": len(ids) / dt,
+                "forward_tokens_per_s": Metrics.rate(st),
             },
         )
 

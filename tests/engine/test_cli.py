@@ -73,6 +73,13 @@ def test_inference_json(tiny, tmp_path):
     ):
         assert key in res
     assert len(res["generated_ids"]) == 6
+    # end to end (wall clock, sampling and detokenising included) is never faster than the passes alone
+    assert 0 < res["decode_tokens_per_s"] <= res["decode_forward_tokens_per_s"]
+    assert 0 < res["prefill_tokens_per_s"] <= res["prefill_forward_tokens_per_s"]
+    assert res["decode_wall_s"] == pytest.approx(5 / res["decode_tokens_per_s"])  # 5 gaps between 6 tokens
+    assert res["first_token_s"] == pytest.approx(res["prefill_tokens"] / res["prefill_tokens_per_s"])
+    assert res["sample_ms_per_token"] >= 0 and res["decode_exchanges_per_token"] == 0
+    assert "end to end" in r.stdout and "forward" in r.stdout and "sampling:" in r.stdout
     assert res["prompt_ids"] == [ord(c) for c in "hello"] or len(res["prompt_ids"]) == 5
     assert r.stdout.count("🔶 Pred") == 6 and "🔷️ Eval" in r.stdout
     assert "tokens/s" in r.stdout and "GB/s" in r.stdout
@@ -105,6 +112,7 @@ def test_perplexity_json(tiny, tmp_path):
     res = json.loads(out.read_text())
     assert res["n_scored"] == res["n_tokens"] - 1 > 0
     assert res["perplexity"] == pytest.approx(2.718281828 ** -res["avg_logprob"], rel=1e-9)
+    assert 0 < res["tokens_per_s"] <= res["forward_tokens_per_s"]
 
 
 def test_chat_reads_turns_until_eof(tiny):
@@ -186,3 +194,27 @@ def test_memory_stays_within_weights_plus_kv_cache(smollm2_path):
     )
     kv = 2 * 30 * seq * 192 * 4  # layers x K and V x positions x kv_dim x float32 (notes/models.md shapes)
     assert run - idle <= smollm2_path.stat().st_size + kv + 100 * 2**20, (run - idle) / 2**20
+
+
+def test_end_to_end_rates_count_sampling_and_forward_rates_do_not(tiny):
+    """A sampler that takes 20 ms a draw: the wall-clock figures hold every draw, the forward ones none."""
+    import time
+
+    from engine.generate import Metrics, generate
+    from engine.loader import load
+    from engine.sampler import Sampler
+
+    class SlowSampler(Sampler):
+        def sample(self, logits):
+            time.sleep(0.02)
+            return super().sample(logits)
+
+    loaded = load(str(tiny), None, "cpu", n_threads=1, max_seq_len=32)
+    m = Metrics()
+    sampler = SlowSampler(loaded.tokenizer.vocab_size, temperature=0)
+    list(generate(loaded.runner, loaded.tokenizer, [1, 2, 3], 5, sampler, stop_at_eos=False, metrics=m))
+    assert len(m.generated) == 5 and m.decode.n_tokens == 4
+    assert m.sample_s >= 5 * 0.02 and m.decode_wall_s >= 4 * 0.02
+    assert m.first_token_s >= 0.02 + m.prefill.eval_s
+    assert m.decode_rate() == 4 / m.decode_wall_s <= 1 / 0.02
+    assert Metrics.rate(m.decode) == 4 / (m.decode.eval_s + m.decode.sync_s) > m.decode_rate()
