@@ -43,7 +43,7 @@ class CpuProgram(Program):
             graph.max_seq_len,
         )
         self.att_scratch = np.zeros((max_batch * max(graph.slice.n_heads, 1), graph.max_seq_len), np.float32)
-        self.segments: list[list[Step]] = [[self._bind(op) for op in seg.ops] for seg in graph.segments]
+        self.segments: list[list[Step]] = [self._bind_ops(seg.ops) for seg in graph.segments]
         kernels.compile_parallel_attention()
 
     def pipe(self, name: str) -> np.ndarray:
@@ -54,6 +54,25 @@ class CpuProgram(Program):
             step(n_tokens)
 
     # ---- op binding: one closure per op, no lookups at run time ----
+    def _bind_ops(self, ops: list[Op]) -> list[Step]:
+        """Steps of a segment: adjacent matmuls of one Q80 input (q/k/v, gate/up) share one step, which
+        a decode pass runs as one kernel launch."""
+        steps: list[Step] = []
+        i = 0
+        while i < len(ops):
+            j = i + 1
+            if ops[i].kind == "matmul" and self.bufs[ops[i].inputs[0]].dtype == np.uint8:
+                while j < len(ops) and ops[j].kind == "matmul" and ops[j].inputs == ops[i].inputs:
+                    j += 1
+                group = ops[i:j]
+                mats = [(self.weights[op.weight].data, self.weights[op.weight].dtype) for op in group]
+                outs = [self.bufs[op.outputs[0]] for op in group]
+                steps.append(kernels.bind_matmul_q80(mats, self.bufs[ops[i].inputs[0]], outs))
+            else:
+                steps.append(self._bind(ops[i]))
+            i = j
+        return steps
+
     def _bind(self, op: Op) -> Step:
         binder = BINDERS.get(op.kind)
         if binder is None:
@@ -68,42 +87,36 @@ class CpuProgram(Program):
         return lambda n: kernels.embedding(w.data, w.dtype, tok[:n, 0], x[:n])
 
     def _rmsnorm(self, op: Op, w: Weight, ins: list, outs: list) -> Step:
-        x, out, wv, eps = ins[0], outs[0], vector_f32(w), op.params["eps"]
-        return lambda n: kernels.rmsnorm(x[:n], wv, eps, out[:n])
+        return kernels.bind_rmsnorm(ins[0], vector_f32(w), op.params["eps"], outs[0])
 
     def _quantize_q80(self, op: Op, w: None, ins: list, outs: list) -> Step:
-        x, out = ins[0], outs[0]
-        return lambda n: kernels.quantize_q80(x[:n], out[:n])
+        return kernels.bind_quantize_q80(ins[0], outs[0])
 
     def _matmul(self, op: Op, w: Weight, ins: list, outs: list) -> Step:
         x, out = ins[0], outs[0]
-        mm = kernels.matmul_q80 if x.dtype == np.uint8 else kernels.matmul
-        return lambda n: mm(w.data, w.dtype, x[:n], out[:n])
+        return lambda n: kernels.matmul(w.data, w.dtype, x[:n], out[:n])
 
     def _add_bias(self, op: Op, w: Weight, ins: list, outs: list) -> Step:
-        x, bias = outs[0], vector_f32(w)
-        return lambda n: kernels.add_bias(x[:n], bias)
+        return kernels.bind_add_bias(outs[0], vector_f32(w))
 
     def _rope(self, op: Op, w: None, ins: list, outs: list) -> Step:
-        x, pos, cos, sin = ins[0], ins[1], self.cos, self.sin
         hd, neox = op.params["head_dim"], op.params["neox"]
-        return lambda n: kernels.rope(x[:n], pos[:n, 0], cos, sin, hd, neox)
+        return kernels.bind_rope(ins[0], ins[1][:, 0], self.cos, self.sin, hd, neox)
 
     def _kv_store(self, op: Op, w: None, ins: list, outs: list) -> Step:
         k, v, pos = ins
         kc, vc = self.k_cache[op.params["layer"]], self.v_cache[op.params["layer"]]
-        return lambda n: kernels.kv_store(kc, vc, pos[:n, 0], k[:n], v[:n])
+        return kernels.bind_kv_store(kc, vc, pos[:, 0], k, v)
 
     def _attention(self, op: Op, w: None, ins: list, outs: list) -> Step:
         p = op.params
         q, pos, out = ins[0], ins[1], outs[0]
         kc, vc = self.k_cache[p["layer"]], self.v_cache[p["layer"]]
         nh, nkv, hd, scratch = p["n_heads"], p["n_kv_heads"], p["head_dim"], self.att_scratch
-        return lambda n: kernels.attention(q[:n], kc, vc, pos[:n, 0], nh, nkv, hd, out[:n], scratch)
+        return kernels.bind_attention(q, kc, vc, pos[:, 0], nh, nkv, hd, out, scratch)
 
     def _silu_mul(self, op: Op, w: None, ins: list, outs: list) -> Step:
-        gate, up = ins
-        return lambda n: kernels.silu_mul(gate[:n], up[:n])
+        return kernels.bind_silu_mul(*ins)
 
     def _moe_route(self, op: Op, w: None, ins: list, outs: list) -> Step:
         logits, (idx, weights) = ins[0], outs
@@ -124,10 +137,12 @@ class CpuProgram(Program):
         width = zq.shape[1] // self.graph.slice.n_nodes
         dst = zq[:, slot * width : (slot + 1) * width]
         if zq.dtype == np.uint8:
-            return lambda n: kernels.quantize_q80(y[:n], dst[:n])
+            return kernels.bind_quantize_q80(y, dst)
+        rows = kernels._row_views(y, dst)
 
         def copy(n: int) -> None:
-            dst[:n] = y[:n]
+            yv, dv = rows(n)
+            np.copyto(dv, yv)
 
         return copy
 
@@ -135,15 +150,9 @@ class CpuProgram(Program):
         """x += every node's slot in node order (the same order everywhere keeps replicas bit-identical)."""
         zq, x = ins[0], outs[0]
         if zq.dtype == np.uint8:
-            return lambda n: kernels.merge_add_q80(x[:n], zq[:n])
+            return kernels.bind_merge_add_q80(x, zq)
         dim, n_slots = x.shape[1], self.graph.slice.n_nodes
-        slots = [zq[:, s * dim : (s + 1) * dim] for s in range(n_slots)]
-
-        def merge(n: int) -> None:
-            for sl in slots:
-                kernels.add(x[:n], sl[:n])
-
-        return merge
+        return kernels.bind_add(x, [zq[:, s * dim : (s + 1) * dim] for s in range(n_slots)])
 
 
 BINDERS: dict[str, Callable[..., Step]] = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import platform
+from collections.abc import Callable
 
 import numba
 import numpy as np
@@ -22,6 +23,8 @@ from numba.extending import intrinsic, models, register_model
 
 from engine.errors import DllamaError
 from engine.weight_types import WEIGHT_TYPES, WeightType, weight_type
+
+Step = Callable[[int], None]  # a bound op: run it on the first n rows of its buffers
 
 _FAST = {"reassoc", "contract", "nsz"}  # lets LLVM vectorise float reductions; no NaN/Inf assumptions
 
@@ -978,43 +981,63 @@ def _iacc(code, w, o, xv, off, dx, acc):
     return _vfma(_vsplat(_ld_f16(w, o) * dx), _itof(_iblock(code, w, o, xv, off)), acc)
 
 
+@_helper
+def _quad_q80(code, w, base, rstride, x, xo, out, oo, g, q, rows, cols):
+    """Quad g of a matrix (row r at byte base + r * rstride of w) times the Q80 activation row at byte xo of
+    x, into out[oo + r]: integer block dots, four rows sharing each activation block."""
+    bs = _BLOCK_BYTES[code]
+    r0, r1, r2, r3 = _quad(g, q, rows)
+    o0, o1 = base + r0 * rstride, base + r1 * rstride
+    o2, o3 = base + r2 * rstride, base + r3 * rstride
+    a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
+    m0, m1, m2, m3 = _vzero(), _vzero(), _vzero(), _vzero()
+    for k in range(cols // 32):
+        xv, dx, off = _xq80(x, xo + _Q80_BYTES * k, code)
+        o = bs * k
+        a0 = _iacc(code, w, o0 + o, xv, off, dx, a0)
+        a1 = _iacc(code, w, o1 + o, xv, off, dx, a1)
+        a2 = _iacc(code, w, o2 + o, xv, off, dx, a2)
+        a3 = _iacc(code, w, o3 + o, xv, off, dx, a3)
+        if code == _T_Q41 or code == _T_Q51:
+            sx = _itof(off)  # lanes summing to the sum of the codes
+            m0 = _vfma(_vsplat(_ld_f16(w, o0 + o + 2) * dx), sx, m0)
+            m1 = _vfma(_vsplat(_ld_f16(w, o1 + o + 2) * dx), sx, m1)
+            m2 = _vfma(_vsplat(_ld_f16(w, o2 + o + 2) * dx), sx, m2)
+            m3 = _vfma(_vsplat(_ld_f16(w, o3 + o + 2) * dx), sx, m3)
+    out[oo + r3], out[oo + r2] = _vsum(_vadd(a3, m3)), _vsum(_vadd(a2, m2))
+    out[oo + r1], out[oo + r0] = _vsum(_vadd(a1, m1)), _vsum(_vadd(a0, m0))
+
+
 def _make_mv_q80(code: int):
-    """Kernel for 32-value block weights times Q80 activations x (B, bytes), integer block dots: for every
-    batch row b and slot s, out[b, s*rows + r] = row r of expert idx[s] times the input at byte s * xstride of
-    x[b]. A quad of rows stays in L1 while the batch rows pass over it."""
-    with_min = code == _T_Q41 or code == _T_Q51
+    """B = 1 kernel for 32-value block weights times Q80 activations (bytes x), per slot s: expert idx[s],
+    its input at byte s * xstride, outputs s*rows..."""
 
     @_parallel_kernel
     def mv_q80(w, rstride, estride, idx, x, xstride, out, rows, cols):
-        bs = _BLOCK_BYTES[code]
         q = (rows + 3) // 4
         for g in prange(q):
-            r0, r1, r2, r3 = _quad(g, q, rows)
-            for b in range(x.shape[0]):
-                xb, ob = x[b], out[b]
-                for s in range(idx.shape[0]):
-                    base, xo, oo = idx[s] * estride, s * xstride, s * rows
-                    o0, o1 = base + r0 * rstride, base + r1 * rstride
-                    o2, o3 = base + r2 * rstride, base + r3 * rstride
-                    a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
-                    m0, m1, m2, m3 = _vzero(), _vzero(), _vzero(), _vzero()
-                    for k in range(cols // 32):
-                        xv, dx, off = _xq80(xb, xo + _Q80_BYTES * k, code)
-                        o = bs * k
-                        a0 = _iacc(code, w, o0 + o, xv, off, dx, a0)
-                        a1 = _iacc(code, w, o1 + o, xv, off, dx, a1)
-                        a2 = _iacc(code, w, o2 + o, xv, off, dx, a2)
-                        a3 = _iacc(code, w, o3 + o, xv, off, dx, a3)
-                        if with_min:
-                            sx = _itof(off)  # lanes summing to the sum of the codes
-                            m0 = _vfma(_vsplat(_ld_f16(w, o0 + o + 2) * dx), sx, m0)
-                            m1 = _vfma(_vsplat(_ld_f16(w, o1 + o + 2) * dx), sx, m1)
-                            m2 = _vfma(_vsplat(_ld_f16(w, o2 + o + 2) * dx), sx, m2)
-                            m3 = _vfma(_vsplat(_ld_f16(w, o3 + o + 2) * dx), sx, m3)
-                    ob[oo + r3], ob[oo + r2] = _vsum(_vadd(a3, m3)), _vsum(_vadd(a2, m2))
-                    ob[oo + r1], ob[oo + r0] = _vsum(_vadd(a1, m1)), _vsum(_vadd(a0, m0))
+            for s in range(idx.shape[0]):
+                _quad_q80(code, w, idx[s] * estride, rstride, x, s * xstride, out, s * rows, g, q, rows, cols)
 
     return mv_q80
+
+
+def _make_mv3_q80(code: int):
+    """B = 1 kernel for up to three matrices of one type and width sharing one Q80 input (q/k/v, gate/up):
+    one parallel launch over all their quads. A matrix of 0 rows is absent."""
+
+    @_parallel_kernel
+    def mv3_q80(wa, wb, wc, rsa, rsb, rsc, x, outa, outb, outc, ra, rb, rc, cols):
+        qa, qb, qc = (ra + 3) // 4, (rb + 3) // 4, (rc + 3) // 4
+        for g in prange(qa + qb + qc):
+            if g < qa:
+                _quad_q80(code, wa, 0, rsa, x, 0, outa, 0, g, qa, ra, cols)
+            elif g < qa + qb:
+                _quad_q80(code, wb, 0, rsb, x, 0, outb, 0, g - qa, qb, rb, cols)
+            else:
+                _quad_q80(code, wc, 0, rsc, x, 0, outc, 0, g - qa - qb, qc, rc, cols)
+
+    return mv3_q80
 
 
 @_helper
@@ -1163,6 +1186,7 @@ _MV = {c: _make_mv_legacy(c) for c in _LEGACY_CODES}
 _MV.update({c: _make_mv_float(c) for c in _FLOAT_CODES})
 _MV_K = {c: _make_mv_k(c) for c in _K_CODES}
 _MV_Q80 = {c: _make_mv_q80(c) for c in _LEGACY_CODES}
+_MV3_Q80 = {c: _make_mv3_q80(c) for c in _LEGACY_CODES}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1589,7 +1613,7 @@ def _mv(
     if code in _K_CODES:
         _MV_K[code](w, rstride, estride, idx, x, xstride, q80x, out, rows, cols, _n_chunks(len(idx) * rows))
     elif q80x:
-        _MV_Q80[code](w, rstride, estride, idx, x.reshape(1, -1), xstride, out.reshape(1, -1), rows, cols)
+        _MV_Q80[code](w, rstride, estride, idx, x, xstride, out, rows, cols)
     else:
         _MV[code](w, rstride, estride, idx, x, xstride, out, rows, cols)
 
@@ -1645,6 +1669,39 @@ def matmul_q80(w: np.ndarray, wtype: str, xq: np.ndarray, out: np.ndarray) -> No
         x = np.empty((xq.shape[0], cols), np.float32)
         _dequantize_q80(xq, x)
         matmul(w, wtype, x, out)
+
+
+def bind_matmul_q80(mats: list[tuple[np.ndarray, str]], xq: np.ndarray, outs: list[np.ndarray]) -> Step:
+    """A step(n) computing matmul_q80(w, wtype, xq[:n], out[:n]) for each (w, wtype) of `mats` and its out.
+
+    Shapes are checked once, here. For n = 1 up to three matrices of one 32-value block type and width are
+    one direct kernel launch (the per-call checks and views, ~10 µs, and one parallel wake-up, ~13 µs with
+    two passive threads, per matrix were a third of a SmolLM2 token); other n go through matmul_q80.
+    """
+    for (w, wtype), out in zip(mats, outs, strict=True):
+        matmul_q80(w, wtype, xq[:0], out[:0])  # the shape checks, on no rows
+
+    def each(n: int) -> None:
+        for (w, wtype), out in zip(mats, outs, strict=True):
+            matmul_q80(w, wtype, xq[:n], out[:n])
+
+    views = [_weight_view(w, wtype, experts=False) for w, wtype in mats]
+    t, cols = views[0][0], views[0][5]
+    if not (t.code in _LEGACY_CODES and len(mats) <= 3 and all(v[0] == t and v[5] == cols for v in views)):
+        return each
+    kernel = _MV3_Q80[t.code]
+    absent = (t, views[0][1], 0, views[0][3], 0, cols)  # a matrix of no rows
+    (_, wa, _, sa, ra, _), (_, wb, _, sb, rb, _), (_, wc, _, sc, rc, _) = (views + [absent] * 3)[:3]
+    oa, ob, oc = ([o[0] for o in outs] + [outs[0][0]] * 3)[:3]
+    x1 = xq[0]
+
+    def step(n: int) -> None:
+        if n == 1:
+            kernel(wa, wb, wc, sa, sb, sc, x1, oa, ob, oc, ra, rb, rc, cols)
+        else:
+            each(n)
+
+    return step
 
 
 def _n_chunks(rows: int) -> int:
@@ -1751,7 +1808,10 @@ def rope(
     """Rotate x (B, n_heads*head_dim) in place, row b by positions[b], in NeoX or interleaved pairs."""
     if x.shape[1] % head_dim or cos.shape[1] != head_dim // 2 or positions.shape[0] != x.shape[0]:
         raise DllamaError(f"rope shapes disagree: x {x.shape}, head_dim {head_dim}, table {cos.shape}")
-    bad = _rope(x, positions, cos, sin, head_dim, neox)
+    _rope_done(_rope(x, positions, cos, sin, head_dim, neox), positions, cos)
+
+
+def _rope_done(bad: int, positions: np.ndarray, cos: np.ndarray) -> None:
     if bad >= 0:
         raise DllamaError(
             f"position {int(positions[bad])} is beyond the RoPE table ({cos.shape[0]} positions)"
@@ -1790,9 +1850,15 @@ def attention(
             f"attention shapes disagree: q {q.shape}, heads {n_heads}/{n_kv_heads}x{head_dim}, "
             f"cache {k_cache.shape}, out {out.shape}, scratch {scratch.shape}"
         )
+    _attend_all(q, k_cache, v_cache, positions, n_heads, n_heads // n_kv_heads, head_dim, out, scratch)
+
+
+def _attend_all(q, k_cache, v_cache, positions, n_heads, group, head_dim, out, scratch) -> None:
+    """attention() past its shape checks: the serial or parallel kernel by the amount of work."""
+    n_b = q.shape[0]
     last = int(positions[n_b - 1]) if n_b else 0  # the largest position in a prefill batch: sizes the work
     kernel = _attention_par if n_b * n_heads * (last + 1) >= _ATTENTION_PARALLEL_WORK else _attention_ser
-    bad = kernel(q, k_cache, v_cache, positions, n_heads, n_heads // n_kv_heads, head_dim, out, scratch)
+    bad = kernel(q, k_cache, v_cache, positions, n_heads, group, head_dim, out, scratch)
     if bad == -2:
         raise DllamaError("attention needs q, out, caches and scratch with contiguous rows")
     if bad >= 0:
@@ -1823,7 +1889,10 @@ def kv_store(
         or positions.shape[0] != k.shape[0]
     ):
         raise DllamaError(f"kv_store shapes disagree: cache {k_cache.shape}, k {k.shape}, v {v.shape}")
-    bad = _kv_store(k_cache, v_cache, positions, k, v)
+    _kv_store_done(_kv_store(k_cache, v_cache, positions, k, v), positions, k_cache)
+
+
+def _kv_store_done(bad: int, positions: np.ndarray, k_cache: np.ndarray) -> None:
     if bad >= 0:
         raise DllamaError(f"position {int(positions[bad])} is outside the KV cache ({k_cache.shape[0]} rows)")
 
@@ -1958,3 +2027,121 @@ def moe_sum(ys: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
             f"out {out.shape} {out.dtype}"
         )
     _moe_sum(ys, w, out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bound steps: an op's buffers checked once (through the public function, on no rows), then a closure that
+# calls the compiled kernel on the first n rows, with each n's row views made once. A decode pass runs ~600
+# ops, where the per-call checks and slicing cost as much as the small kernels themselves.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _row_views(*arrays: np.ndarray) -> Callable[[int], tuple]:
+    """n -> (a[:n] for each array), each tuple made once."""
+    made: dict[int, tuple] = {}
+
+    def views(n: int) -> tuple:
+        v = made.get(n)
+        if v is None:
+            v = made[n] = tuple(a[:n] for a in arrays)
+        return v
+
+    return views
+
+
+def bind_quantize_q80(x: np.ndarray, out: np.ndarray) -> Step:
+    quantize_q80(x[:0], out[:0])
+    rows = _row_views(x, out)
+    return lambda n: _quantize_q80(*rows(n))
+
+
+def bind_rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> Step:
+    rmsnorm(x[:0], weight, eps, out[:0])
+    rows, eps = _row_views(x, out), float(eps)
+
+    def step(n: int) -> None:
+        xv, ov = rows(n)
+        _rmsnorm(xv, weight, eps, ov)
+
+    return step
+
+
+def bind_rope(
+    x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray, head_dim: int, neox: bool
+) -> Step:
+    rope(x[:0], positions[:0], cos, sin, head_dim, neox)
+    rows = _row_views(x, positions)
+
+    def step(n: int) -> None:
+        xv, pv = rows(n)
+        _rope_done(_rope(xv, pv, cos, sin, head_dim, neox), pv, cos)
+
+    return step
+
+
+def bind_kv_store(
+    k_cache: np.ndarray, v_cache: np.ndarray, positions: np.ndarray, k: np.ndarray, v: np.ndarray
+) -> Step:
+    kv_store(k_cache, v_cache, positions[:0], k[:0], v[:0])
+    rows = _row_views(positions, k, v)
+
+    def step(n: int) -> None:
+        pv, kv, vv = rows(n)
+        _kv_store_done(_kv_store(k_cache, v_cache, pv, kv, vv), pv, k_cache)
+
+    return step
+
+
+def bind_attention(
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    positions: np.ndarray,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    out: np.ndarray,
+    scratch: np.ndarray,
+) -> Step:
+    attention(q[:0], k_cache, v_cache, positions[:0], n_heads, n_kv_heads, head_dim, out[:0], scratch)
+    if scratch.shape[0] < q.shape[0] * n_heads:
+        raise DllamaError(f"attention scratch {scratch.shape} is short of {q.shape[0]} x {n_heads} rows")
+    rows, group = _row_views(q, positions, out), n_heads // n_kv_heads
+
+    def step(n: int) -> None:
+        qv, pv, ov = rows(n)
+        _attend_all(qv, k_cache, v_cache, pv, n_heads, group, head_dim, ov, scratch)
+
+    return step
+
+
+def bind_silu_mul(gate: np.ndarray, up: np.ndarray) -> Step:
+    silu_mul(gate[:0], up[:0])
+    rows = _row_views(gate, up)
+    return lambda n: _silu_mul(*rows(n))
+
+
+def bind_add(x: np.ndarray, ys: list[np.ndarray]) -> Step:
+    """x += each of ys in order."""
+    for y in ys:
+        add(x[:0], y[:0])
+    rows = _row_views(x, *ys)
+
+    def step(n: int) -> None:
+        xv, *yv = rows(n)
+        for y in yv:
+            _add(xv, y)
+
+    return step
+
+
+def bind_merge_add_q80(x: np.ndarray, slices_q80: np.ndarray) -> Step:
+    merge_add_q80(x[:0], slices_q80[:0])
+    rows = _row_views(x, slices_q80)
+    return lambda n: _merge_add_q80(*rows(n))
+
+
+def bind_add_bias(x: np.ndarray, bias: np.ndarray) -> Step:
+    add_bias(x[:0], bias)
+    rows = _row_views(x)
+    return lambda n: _add_bias(rows(n)[0], bias)

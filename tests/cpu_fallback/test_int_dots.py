@@ -13,7 +13,6 @@ import pytest
 from blocks import decode, random_weight
 
 from cpu_fallback import kernels as K
-from engine.weight_types import weight_type
 
 LEGACY = ("q40", "q41", "q50", "q51", "q80")
 TESTS = Path(__file__).resolve().parent.parent
@@ -27,20 +26,22 @@ def random_q80(batch: int, cols: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def check_integer_kernels(rng: np.random.Generator) -> None:
-    """Each legacy type, 3 batch rows and 37 rows (not a multiple of the 4-row quads): within float32
-    rounding of the exact product, on whichever integer path this process compiled."""
+    """Each legacy type, row counts that are not multiples of the 4-row quads: matmul_q80 of one matrix and
+    the one-launch step of three matrices (bind_matmul_q80) within float32 rounding of the exact products,
+    on whichever integer path this process compiled."""
     for wtype in LEGACY:
-        rows, cols = 37, 96
-        w = random_weight(wtype, rows, cols, rng)
-        xq = random_q80(3, cols, rng)
-        out = np.full((3, rows), np.nan, np.float32)
-        wb = w.reshape(-1)
-        wb.setflags(write=False)
-        K._MV_Q80[weight_type(wtype).code](wb, w.strides[0], 0, K._SLOT0, xq, 0, out, rows, cols)
-        xd, wf = decode(xq, "q80"), decode(w, wtype)
-        expect = xd @ wf.T
-        bound = 1e-5 * (np.abs(xd) @ np.abs(wf).T) + 1e-30
-        assert np.all(np.abs(out - expect) <= bound), wtype
+        cols = 96
+        ws = [random_weight(wtype, rows, cols, rng) for rows in (37, 5, 12)]
+        xq = random_q80(1, cols, rng)
+        outs = [np.full((1, w.shape[0]), np.nan, np.float32) for w in ws]
+        K.bind_matmul_q80([(w, wtype) for w in ws], xq, outs)(1)
+        single = np.full((1, 37), np.nan, np.float32)
+        K.matmul_q80(ws[0], wtype, xq, single)
+        xd = decode(xq, "q80")
+        for w, out in [*zip(ws, outs, strict=True), (ws[0], single)]:
+            wf = decode(w, wtype)
+            bound = 1e-5 * (np.abs(xd) @ np.abs(wf).T) + 1e-30
+            assert np.all(np.abs(out - xd @ wf.T) <= bound), wtype
 
 
 def test_integer_block_dots_of_every_legacy_type():
