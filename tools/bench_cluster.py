@@ -38,7 +38,8 @@ class Result:
     sync_ms: float
     sent_bytes: float  # payload bytes per generated token, at the root
     recv_bytes: float
-    tokens_per_s: float
+    tokens_per_s: float  # end to end (sampling, detokenising and the network included)
+    sync_ms_per_exchange: float  # the root's sync time per network step (broadcast, all-slices, gather)
 
 
 class Deadline:
@@ -232,6 +233,7 @@ def run_root(prefix: list[str], workers: list[Worker], args, setting: str, deadl
         j["decode_sent_bytes_per_token"],
         j["decode_recv_bytes_per_token"],
         j["decode_tokens_per_s"],
+        j["decode_sync_ms_per_exchange"],
     )
 
 
@@ -257,12 +259,15 @@ def run_setting(
     return results
 
 
-HEADER = "| setting | nodes | eval ms/tok | sync ms/tok | sent kB/tok | recv kB/tok | tokens/s |"
+HEADER = (
+    "| setting | nodes | eval ms/tok | sync ms/tok | ms/exchange | sent kB/tok | recv kB/tok | tokens/s |"
+)
 
 
 def format_row(r: Result) -> str:
     return (
-        f"| {r.setting} | {r.nodes} | {r.eval_ms:.2f} | {r.sync_ms:.2f} | {r.sent_bytes / 1024:.1f} | "
+        f"| {r.setting} | {r.nodes} | {r.eval_ms:.2f} | {r.sync_ms:.2f} | {r.sync_ms_per_exchange:.3f} | "
+        f"{r.sent_bytes / 1024:.1f} | "
         f"{r.recv_bytes / 1024:.1f} | {r.tokens_per_s:.1f} |"
     )
 
@@ -293,7 +298,7 @@ def main() -> int:
         args.nodes, args.steps, args.no_loopback, args.rate, args.delay = "2", 6, True, None, None
     nodes = sorted({int(n) for n in args.nodes.split(",")})
     deadline = Deadline(args.timeout)
-    print(HEADER + "\n|---|---|---|---|---|---|---|", flush=True)
+    print(HEADER + "\n|---|---|---|---|---|---|---|---|", flush=True)
     results: list[Result] = []
     try:
         if not args.no_loopback:

@@ -399,7 +399,11 @@ def print_table(rows: list[dict]) -> None:
     print(HEADER)
     print("|---|---|---|---|---|---|---|")
     for s in rows:
-        sync = f"{_fmt(s['dllama_sync_ms_per_token'], '.2f')} / {_fmt(s['peer_sync_ms_per_token'], '.2f')}"
+        sync = "-"
+        if s["nodes"] > 1:
+            sync = (
+                f"{_fmt(s['dllama_sync_ms_per_token'], '.2f')} / {_fmt(s['peer_sync_ms_per_token'], '.2f')}"
+            )
         if s["dllama_sync_ms_per_exchange"] is not None:
             each = f"{s['dllama_sync_ms_per_exchange']:.3f} / {_fmt(s['peer_sync_ms_per_exchange'], '.3f')}"
             sync += f" ({each} per exchange)"
@@ -412,6 +416,39 @@ def print_table(rows: list[dict]) -> None:
             f"| {s['case']} | {_fmt(s['dllama_tokens_per_s'])} | {_fmt(s['dllama_forward_tokens_per_s'])} | "
             f"{_fmt(s['peer_tokens_per_s'])} | {_fmt(s['ratio'], '.2f')} | {sync} | {bw} |"
         )
+
+
+def add_contention(table: list[dict]) -> None:
+    """A busy case's speed as a share of the same program's quiet run of that configuration."""
+    for s in table:
+        quiet = next(
+            (q for q in table if not q["busy"] and q["case"] == s["case"].removesuffix(" +busy")), None
+        )
+        if s["busy"] and quiet:
+            for who in ("dllama", "peer"):
+                busy, calm = s[f"{who}_tokens_per_s"], quiet[f"{who}_tokens_per_s"]
+                s[f"{who}_busy_share"] = busy / calm if busy and calm else None
+
+
+def print_goals(table: list[dict], stream: float) -> None:
+    """The figures the ratios above leave out: bandwidth share, contention, per-exchange overhead."""
+    for s in table:
+        if not s["busy"] and "bandwidth_fraction" in s:
+            print(
+                f"{s['case']}: {s['dllama_gbytes_per_s']:.2f} GB/s of weights, "
+                f"{s['bandwidth_fraction']:.2f} of the {stream:.2f} GB/s two-thread streaming read"
+            )
+        if s["busy"] and "dllama_busy_share" in s:
+            print(
+                f"{s['case']}: dllama keeps {_fmt(s['dllama_busy_share'], '.2f')} of its quiet speed, "
+                f"the peer {_fmt(s['peer_busy_share'], '.2f')}"
+            )
+        if s["nodes"] > 1:
+            print(
+                f"{s['case']}: sync per network step: dllama "
+                f"{_fmt(s['dllama_sync_ms_per_exchange'], '.3f')} ms, peer "
+                f"{_fmt(s['peer_sync_ms_per_exchange'], '.3f')} ms (its sync ms/token over the same steps)"
+            )
 
 
 def write_png(path: Path, rows: list[dict], title: str) -> None:
@@ -503,7 +540,9 @@ def main() -> int:
         return 1
     load_end = os.getloadavg()
     table = [summary(r, stream) for r in rows]
+    add_contention(table)
     print_table(table)
+    print_goals(table, stream)
     print(f"load average at the start {load_start[0]:.2f}, at the end {load_end[0]:.2f} (1 minute)")
     result = {
         "peer": str(args.peer),

@@ -81,6 +81,10 @@ def test_inference_on_three_nodes_matches_one_node(pool, tiny8_paths, tmp_path):
     assert b["decode_sent_bytes_per_token"] == 2 * (8 + 4 * 256 + 4 * 272)
     assert b["decode_recv_bytes_per_token"] == 2 * 4 * 272 + 4 * 288 * 2 // 3
     assert a["decode_sent_bytes_per_token"] == 0
+    # network steps per token (spec 5.8): the broadcast of x, 2L all-slices exchanges, the logits gather
+    assert (a["decode_exchanges_per_token"], b["decode_exchanges_per_token"]) == (0, 2 * 2 + 2)
+    sync_ms = b["decode_sync_s"] * 1e3 / b["decode_tokens"]
+    assert b["decode_sync_ms_per_exchange"] == pytest.approx(sync_ms / 6) and sync_ms > 0
     assert "⭕ Worker 2 at " + w2.address in three.stdout
     assert "Sent     4 kB Recv     2 kB" in three.stdout  # the per-token read-out: 4240 B and 2944 B
 
