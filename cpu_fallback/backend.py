@@ -93,8 +93,7 @@ class CpuProgram(Program):
         return kernels.bind_quantize_q80(ins[0], outs[0])
 
     def _matmul(self, op: Op, w: Weight, ins: list, outs: list) -> Step:
-        x, out = ins[0], outs[0]
-        return lambda n: kernels.matmul(w.data, w.dtype, x[:n], out[:n])
+        return kernels.bind_matmul(w.data, w.dtype, ins[0], outs[0])
 
     def _add_bias(self, op: Op, w: Weight, ins: list, outs: list) -> Step:
         return kernels.bind_add_bias(outs[0], vector_f32(w))

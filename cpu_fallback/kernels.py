@@ -1677,6 +1677,24 @@ def matmul_q80(w: np.ndarray, wtype: str, xq: np.ndarray, out: np.ndarray) -> No
         matmul(w, wtype, x, out)
 
 
+def bind_matmul(w: np.ndarray, wtype: str, x: np.ndarray, out: np.ndarray) -> Step:
+    """A step(n) computing matmul(w, wtype, x[:n], out[:n]), shapes checked once; n = 1 of a float or
+    32-value block weight is a direct kernel launch."""
+    matmul(w, wtype, x[:0], out[:0])
+    t, wb, _, rstride, rows, cols = _weight_view(w, wtype, experts=False)
+    if t.code in _K_CODES or rows == 0:
+        return lambda n: matmul(w, wtype, x[:n], out[:n])
+    kernel, x1, o1 = _MV[t.code], x[0].view(np.uint8), out[0]
+
+    def step(n: int) -> None:
+        if n == 1:
+            kernel(wb, rstride, 0, _SLOT0, x1, 0, o1, rows, cols)
+        else:
+            matmul(w, wtype, x[:n], out[:n])
+
+    return step
+
+
 def bind_matmul_q80(mats: list[tuple[np.ndarray, str]], xq: np.ndarray, outs: list[np.ndarray]) -> Step:
     """A step(n) computing matmul_q80(w, wtype, xq[:n], out[:n]) for each (w, wtype) of `mats` and its out.
 
