@@ -55,19 +55,16 @@ class CpuProgram(Program):
 
     # ---- op binding: one closure per op, no lookups at run time ----
     def _bind_ops(self, ops: list[Op]) -> list[Step]:
-        """Steps of a segment: adjacent matmuls of one Q80 input (q/k/v, gate/up) share one step, which
-        a decode pass runs as one kernel launch."""
+        """Steps of a segment: adjacent matmuls of one input (q/k/v, gate/up) share one step, which a
+        decode pass runs as one kernel launch."""
         steps: list[Step] = []
         i = 0
         while i < len(ops):
             j = i + 1
-            if ops[i].kind == "matmul" and self.bufs[ops[i].inputs[0]].dtype == np.uint8:
+            if ops[i].kind == "matmul":
                 while j < len(ops) and ops[j].kind == "matmul" and ops[j].inputs == ops[i].inputs:
                     j += 1
-                group = ops[i:j]
-                mats = [(self.weights[op.weight].data, self.weights[op.weight].dtype) for op in group]
-                outs = [self.bufs[op.outputs[0]] for op in group]
-                steps.append(kernels.bind_matmul_q80(mats, self.bufs[ops[i].inputs[0]], outs))
+                steps.append(self._matmuls(ops[i:j]))
             else:
                 steps.append(self._bind(ops[i]))
             i = j
@@ -92,8 +89,14 @@ class CpuProgram(Program):
     def _quantize_q80(self, op: Op, w: None, ins: list, outs: list) -> Step:
         return kernels.bind_quantize_q80(ins[0], outs[0])
 
+    def _matmuls(self, group: list[Op]) -> Step:
+        """One step for matmuls of one input buffer."""
+        mats = [(self.weights[op.weight].data, self.weights[op.weight].dtype) for op in group]
+        outs = [self.bufs[op.outputs[0]] for op in group]
+        return kernels.bind_matmuls(mats, self.bufs[group[0].inputs[0]], outs)
+
     def _matmul(self, op: Op, w: Weight, ins: list, outs: list) -> Step:
-        return kernels.bind_matmul(w.data, w.dtype, ins[0], outs[0])
+        return self._matmuls([op])
 
     def _add_bias(self, op: Op, w: Weight, ins: list, outs: list) -> Step:
         return kernels.bind_add_bias(outs[0], vector_f32(w))

@@ -914,33 +914,35 @@ def _xblock(x, xo, k):
     return x0, x1, x2, x3, _vadd(_vadd(x0, x1), _vadd(x2, x3))
 
 
+@_helper
+def _quad_f32(code, w, base, rstride, x, xo, out, oo, g, q, rows, cols):
+    """Quad g of a 32-value block matrix (row r at byte base + r * rstride of w) times the float32 row at
+    byte xo of x, into out[oo + r]."""
+    bs = _BLOCK_BYTES[code]
+    r0, r1, r2, r3 = _quad(g, q, rows)
+    o0, o1 = base + r0 * rstride, base + r1 * rstride
+    o2, o3 = base + r2 * rstride, base + r3 * rstride
+    a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
+    for k in range(cols // 32):
+        x0, x1, x2, x3, sx = _xblock(x, xo, k)
+        o = bs * k
+        a0 = _vadd(a0, _qblock(code, w, o0 + o, x0, x1, x2, x3, sx))
+        a1 = _vadd(a1, _qblock(code, w, o1 + o, x0, x1, x2, x3, sx))
+        a2 = _vadd(a2, _qblock(code, w, o2 + o, x0, x1, x2, x3, sx))
+        a3 = _vadd(a3, _qblock(code, w, o3 + o, x0, x1, x2, x3, sx))
+    out[oo + r3], out[oo + r2] = _vsum(a3), _vsum(a2)
+    out[oo + r1], out[oo + r0] = _vsum(a1), _vsum(a0)
+
+
 def _make_mv_legacy(code: int):
     """B = 1 kernel for 32-value block weights and float32 x."""
 
     @_parallel_kernel
     def mv_legacy(w, rstride, estride, idx, x, xstride, out, rows, cols):
-        bs = _BLOCK_BYTES[code]
         q = (rows + 3) // 4
         for g in prange(q):
             for s in range(idx.shape[0]):
-                base, xo, oo = idx[s] * estride, s * xstride, s * rows
-                r0, r1, r2, r3 = _quad(g, q, rows)
-                o0, o1, o2, o3 = (
-                    base + r0 * rstride,
-                    base + r1 * rstride,
-                    base + r2 * rstride,
-                    base + r3 * rstride,
-                )
-                a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
-                for k in range(cols // 32):
-                    x0, x1, x2, x3, sx = _xblock(x, xo, k)
-                    o = bs * k
-                    a0 = _vadd(a0, _qblock(code, w, o0 + o, x0, x1, x2, x3, sx))
-                    a1 = _vadd(a1, _qblock(code, w, o1 + o, x0, x1, x2, x3, sx))
-                    a2 = _vadd(a2, _qblock(code, w, o2 + o, x0, x1, x2, x3, sx))
-                    a3 = _vadd(a3, _qblock(code, w, o3 + o, x0, x1, x2, x3, sx))
-                out[oo + r3], out[oo + r2] = _vsum(a3), _vsum(a2)
-                out[oo + r1], out[oo + r0] = _vsum(a1), _vsum(a0)
+                _quad_f32(code, w, idx[s] * estride, rstride, x, s * xstride, out, s * rows, g, q, rows, cols)
 
     return mv_legacy
 
@@ -1022,22 +1024,23 @@ def _make_mv_q80(code: int):
     return mv_q80
 
 
-def _make_mv3_q80(code: int):
-    """B = 1 kernel for up to three matrices of one type and width sharing one Q80 input (q/k/v, gate/up):
-    one parallel launch over all their quads. A matrix of 0 rows is absent."""
+def _make_mv3(code: int, quad):
+    """B = 1 kernel for up to three matrices of one 32-value block type and width sharing one input row x
+    (bytes: float32 values with quad=_quad_f32, Q80 blocks with _quad_q80), as for q/k/v or gate/up: one
+    parallel launch over all their quads. A matrix of 0 rows is absent."""
 
     @_parallel_kernel
-    def mv3_q80(wa, wb, wc, rsa, rsb, rsc, x, outa, outb, outc, ra, rb, rc, cols):
+    def mv3(wa, wb, wc, rsa, rsb, rsc, x, outa, outb, outc, ra, rb, rc, cols):
         qa, qb, qc = (ra + 3) // 4, (rb + 3) // 4, (rc + 3) // 4
         for g in prange(qa + qb + qc):
             if g < qa:
-                _quad_q80(code, wa, 0, rsa, x, 0, outa, 0, g, qa, ra, cols)
+                quad(code, wa, 0, rsa, x, 0, outa, 0, g, qa, ra, cols)
             elif g < qa + qb:
-                _quad_q80(code, wb, 0, rsb, x, 0, outb, 0, g - qa, qb, rb, cols)
+                quad(code, wb, 0, rsb, x, 0, outb, 0, g - qa, qb, rb, cols)
             else:
-                _quad_q80(code, wc, 0, rsc, x, 0, outc, 0, g - qa - qb, qc, rc, cols)
+                quad(code, wc, 0, rsc, x, 0, outc, 0, g - qa - qb, qc, rc, cols)
 
-    return mv3_q80
+    return mv3
 
 
 @_helper
@@ -1192,7 +1195,8 @@ _MV = {c: _make_mv_legacy(c) for c in _LEGACY_CODES}
 _MV.update({c: _make_mv_float(c) for c in _FLOAT_CODES})
 _MV_K = {c: _make_mv_k(c) for c in _K_CODES}
 _MV_Q80 = {c: _make_mv_q80(c) for c in _LEGACY_CODES}
-_MV3_Q80 = {c: _make_mv3_q80(c) for c in _LEGACY_CODES}
+_MV3 = {(c, False): _make_mv3(c, _quad_f32) for c in _LEGACY_CODES}
+_MV3.update({(c, True): _make_mv3(c, _quad_q80) for c in _LEGACY_CODES})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1677,47 +1681,33 @@ def matmul_q80(w: np.ndarray, wtype: str, xq: np.ndarray, out: np.ndarray) -> No
         matmul(w, wtype, x, out)
 
 
-def bind_matmul(w: np.ndarray, wtype: str, x: np.ndarray, out: np.ndarray) -> Step:
-    """A step(n) computing matmul(w, wtype, x[:n], out[:n]), shapes checked once; n = 1 of a float or
-    32-value block weight is a direct kernel launch."""
-    matmul(w, wtype, x[:0], out[:0])
-    t, wb, _, rstride, rows, cols = _weight_view(w, wtype, experts=False)
-    if t.code in _K_CODES or rows == 0:
-        return lambda n: matmul(w, wtype, x[:n], out[:n])
-    kernel, x1, o1 = _MV[t.code], x[0].view(np.uint8), out[0]
-
-    def step(n: int) -> None:
-        if n == 1:
-            kernel(wb, rstride, 0, _SLOT0, x1, 0, o1, rows, cols)
-        else:
-            matmul(w, wtype, x[:n], out[:n])
-
-    return step
-
-
-def bind_matmul_q80(mats: list[tuple[np.ndarray, str]], xq: np.ndarray, outs: list[np.ndarray]) -> Step:
-    """A step(n) computing matmul_q80(w, wtype, xq[:n], out[:n]) for each (w, wtype) of `mats` and its out.
+def bind_matmuls(mats: list[tuple[np.ndarray, str]], x: np.ndarray, outs: list[np.ndarray]) -> Step:
+    """A step(n) computing, for each (w, wtype) of `mats` and its out, matmul (float32 x) or matmul_q80
+    (Q80 x) of x[:n] into out[:n].
 
     Shapes are checked once, here. For n = 1 up to three matrices of one 32-value block type and width are
     one direct kernel launch (the per-call checks and views, ~10 µs, and one parallel wake-up, ~13 µs with
-    two passive threads, per matrix were a third of a SmolLM2 token); other n go through matmul_q80.
+    two passive threads, per matrix were a third of a SmolLM2 token); other n and types go through the
+    public functions.
     """
+    q80x = x.dtype == np.uint8
+    public = matmul_q80 if q80x else matmul
     for (w, wtype), out in zip(mats, outs, strict=True):
-        matmul_q80(w, wtype, xq[:0], out[:0])  # the shape checks, on no rows
+        public(w, wtype, x[:0], out[:0])  # the shape checks, on no rows
 
     def each(n: int) -> None:
         for (w, wtype), out in zip(mats, outs, strict=True):
-            matmul_q80(w, wtype, xq[:n], out[:n])
+            public(w, wtype, x[:n], out[:n])
 
     views = [_weight_view(w, wtype, experts=False) for w, wtype in mats]
     t, cols = views[0][0], views[0][5]
     if not (t.code in _LEGACY_CODES and len(mats) <= 3 and all(v[0] == t and v[5] == cols for v in views)):
         return each
-    kernel = _MV3_Q80[t.code]
+    kernel = _MV3[t.code, q80x]
     absent = (t, views[0][1], 0, views[0][3], 0, cols)  # a matrix of no rows
     (_, wa, _, sa, ra, _), (_, wb, _, sb, rb, _), (_, wc, _, sc, rc, _) = (views + [absent] * 3)[:3]
     oa, ob, oc = ([o[0] for o in outs] + [outs[0][0]] * 3)[:3]
-    x1 = xq[0]
+    x1 = x[0].view(np.uint8)
 
     def step(n: int) -> None:
         if n == 1:

@@ -54,9 +54,9 @@ def test_kernel_launches_per_decoded_token(tmp_path, monkeypatch, act):
     runner.forward([5, 6, 7], 0)
     counts.clear()
     runner.forward([8], 3)
-    # one launch per op, except: to_pipe of a single f32 node is a numpy copy; with Q80 activations the
-    # three q/k/v matmuls are one launch and gate/up another (3 fewer per layer)
-    fused = 3 * N_LAYERS if act == "q80" else 0
+    # one launch per op, except: to_pipe of a single f32 node is a numpy copy; the three q/k/v matmuls are
+    # one launch and gate/up another (3 fewer per layer)
+    fused = 3 * N_LAYERS
     assert kinds["matmul"] == 7 * N_LAYERS + 1 and kinds["to_pipe"] == 2 * N_LAYERS
     assert counts["launches"] <= len(ops) - kinds["to_pipe"] - fused, counts
     # parallel regions (thread wake-ups): the matmul launches only, plus nothing at these positions

@@ -27,14 +27,14 @@ def random_q80(batch: int, cols: int, rng: np.random.Generator) -> np.ndarray:
 
 def check_integer_kernels(rng: np.random.Generator) -> None:
     """Each legacy type, row counts that are not multiples of the 4-row quads: matmul_q80 of one matrix and
-    the one-launch step of three matrices (bind_matmul_q80) within float32 rounding of the exact products,
+    the one-launch step of three matrices (bind_matmuls) within float32 rounding of the exact products,
     on whichever integer path this process compiled."""
     for wtype in LEGACY:
         cols = 96
         ws = [random_weight(wtype, rows, cols, rng) for rows in (37, 5, 12)]
         xq = random_q80(1, cols, rng)
         outs = [np.full((1, w.shape[0]), np.nan, np.float32) for w in ws]
-        K.bind_matmul_q80([(w, wtype) for w in ws], xq, outs)(1)
+        K.bind_matmuls([(w, wtype) for w in ws], xq, outs)(1)
         single = np.full((1, 37), np.nan, np.float32)
         K.matmul_q80(ws[0], wtype, xq, single)
         xd = decode(xq, "q80")

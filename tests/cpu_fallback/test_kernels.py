@@ -542,3 +542,18 @@ def test_real_smollm2_tensors(smollm2_path, rng):
     out = np.empty((4, emb.cols), np.float32)
     K.embedding(emb.data, emb.dtype, tokens, out)
     assert np.array_equal(out, decode(np.asarray(emb.data[tokens]), emb.dtype))
+
+
+@pytest.mark.parametrize("wtype", ["q40", "q41", "q50", "q51", "q80", "q6k", "f16"])
+def test_bound_matmuls_of_one_input_match_float64(wtype, rng):
+    """bind_matmuls: three matrices of one float32 input, decode (one launch for block types) and a batch."""
+    cols = unit(wtype) * 2
+    ws = [random_weight(wtype, rows, cols, rng) for rows in (37, 5, 12)]
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    outs = [np.full((3, w.shape[0]), np.nan, np.float32) for w in ws]
+    step = K.bind_matmuls([(w, wtype) for w in ws], x, outs)
+    for n in (1, 3):
+        step(n)
+        for w, out in zip(ws, outs, strict=True):
+            wf = decode(w, wtype)
+            assert np.all(np.abs(out[:n] - x[:n] @ wf.T) <= tolerance(x[:n], wf))
