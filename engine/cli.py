@@ -185,6 +185,30 @@ Workers = Annotated[
         "repeated, or comma-separated; this node becomes the root of the cluster",
     ),
 ]
+
+
+def _check_split(value: str | None) -> list[float] | str | None:
+    """--split auto, or 3,1,1: one positive finite weight per node, root first."""
+    if value is None or value == "auto":
+        return value
+    try:
+        weights = [float(v) for v in value.split(",")]
+    except ValueError:
+        weights = []
+    if not weights or not all(math.isfinite(w) and w > 0 for w in weights):
+        raise typer.BadParameter(f"{value!r}: give auto or one positive number per node (root first): 3,1,1")
+    return weights
+
+
+Split = Annotated[
+    str | None,
+    typer.Option(
+        "--split",
+        callback=_check_split,
+        help="a cluster's shares: auto (default: in proportion to each node's measured speed) or one number "
+        "per node, root first (3,1,1: the root gets 3/5 of the heads, FFN rows and vocabulary)",
+    ),
+]
 NetTimeout = Annotated[
     float,
     typer.Option(
@@ -266,9 +290,13 @@ def _expand_workers(argv: list[str]) -> list[str]:
     return out
 
 
-def _load(ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len, workers, net_timeout):
+def _load(
+    ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len, workers, net_timeout, split
+):
     from engine.loader import load
 
+    if split is not None and not workers:
+        raise DllamaError("--split shares the work of a cluster: give --workers too")
     loaded = load(
         model,
         tokenizer,
@@ -279,6 +307,7 @@ def _load(ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_l
         workers or [],
         net_timeout,
         gpu_index=ctx.obj.get("gpu_index"),
+        split=split,
     )
     ctx.call_on_close(loaded.runner.close)  # workers are released however the command ends
     cfg, r = loaded.model.config, loaded.runner
@@ -349,6 +378,7 @@ def inference(
     json_out: JsonOut = None,
     workers: Workers = None,
     net_timeout: NetTimeout = NET_TIMEOUT,
+    split: Split = None,
     ignore_eos: Annotated[
         bool, typer.Option("--ignore-eos", help="keep generating past end-of-sequence")
     ] = False,
@@ -358,7 +388,7 @@ def inference(
     from engine.sampler import Sampler
 
     loaded = _load(
-        ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len, workers, net_timeout
+        ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len, workers, net_timeout, split
     )
     tok, runner = loaded.tokenizer, loaded.runner
     ids = tok.encode(prompt)
@@ -438,6 +468,7 @@ def inference(
                 "decode_sync_ms_per_exchange": sync_ms / syncs if runner.n_nodes > 1 and syncs else 0.0,
                 "decode_sent_bytes_per_token": m.decode.sent / m.decode.n_tokens if m.decode.n_tokens else 0,
                 "decode_recv_bytes_per_token": m.decode.recv / m.decode.n_tokens if m.decode.n_tokens else 0,
+                "split": runner.split_table,
             },
         )
 
@@ -469,13 +500,14 @@ def perplexity(
     json_out: JsonOut = None,
     workers: Workers = None,
     net_timeout: NetTimeout = NET_TIMEOUT,
+    split: Split = None,
 ) -> None:
     """Score every token after the first given all before it; print perplexity and average log-prob."""
     if (file is None) == (prompt is None):
         raise DllamaError("give exactly one of --file FILE or --prompt TEXT")
     text = _read_text(file) if file is not None else prompt
     loaded = _load(
-        ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len, workers, net_timeout
+        ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len, workers, net_timeout, split
     )
     ids = loaded.tokenizer.encode(text)
     if len(ids) < 2:
@@ -548,12 +580,13 @@ def chat(
     gpu_index: GpuIndex = None,
     workers: Workers = None,
     net_timeout: NetTimeout = NET_TIMEOUT,
+    split: Split = None,
 ) -> None:
     """Multi-turn conversation through the model's chat template; the KV cache is kept across turns."""
     from engine.chat import run_chat
 
     loaded = _load(
-        ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len, workers, net_timeout
+        ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len, workers, net_timeout, split
     )
     run_chat(
         loaded,
@@ -658,12 +691,29 @@ def worker(
     nthreads: Threads = None,
     backend: BackendOpt = None,
     gpu_index: GpuIndex = None,
+    cache_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--cache-dir",
+            help="keep received slices in this folder: a root reconnecting with the same model and split "
+            "sends only what is missing (default: no cache)",
+        ),
+    ] = None,
+    cache_size: Annotated[
+        str | None,
+        typer.Option("--cache-size", help="bound of the --cache-dir folder, e.g. 20G (default: no bound)"),
+    ] = None,
 ) -> None:
     """Serve roots one at a time: receive a model slice, compute it for every token, free it afterwards."""
     from engine.loader import make_backend
+    from net.slice_cache import parse_size
     from net.worker import serve
 
-    serve(host, port, make_backend(_backend(ctx, backend), nthreads, ctx.obj.get("gpu_index")))
+    if cache_size is not None and cache_dir is None:
+        raise DllamaError("--cache-size bounds the slice cache: give --cache-dir too")
+    limit = parse_size(cache_size) if cache_size is not None else None
+    be = make_backend(_backend(ctx, backend), nthreads, ctx.obj.get("gpu_index"))
+    serve(host, port, be, cache_dir=cache_dir, cache_size=limit)
 
 
 # ---- api: the OpenAI-compatible HTTP server (also installed as `dllama-api`) ----
@@ -702,6 +752,7 @@ def api(
     gpu_index: GpuIndex = None,
     workers: Workers = None,
     net_timeout: NetTimeout = NET_TIMEOUT,
+    split: Split = None,
 ) -> None:
     """Serve the model over OpenAI's HTTP API (chat and text completions, streaming, models, health)."""
     from engine.server.main import ServerOptions, serve
@@ -717,6 +768,7 @@ def api(
             max_seq_len=max_seq_len,
             workers=workers or [],
             net_timeout=net_timeout,
+            split=split,
             temperature=temperature,
             top_p=topp,
             seed=seed,

@@ -112,10 +112,11 @@ def load(
     workers: Sequence[str] = (),
     net_timeout: float | None = None,
     gpu_index: int | None = None,
+    split: Sequence[float] | str | None = None,
 ) -> Loaded:
     """Open the model (a file or a catalogue name; the embedded SmolLM2 when none is given) and its
     tokenizer, and compile the graph; with `workers` (HOST:PORT) this node becomes the root of a cluster and
-    streams them their slices."""
+    streams them their slices, split by `split` (default "auto": by every node's measured speed)."""
     if act not in ACT_TYPES:
         raise DllamaError(f"unknown --buffer-float-type {act!r}: choose one of {', '.join(ACT_TYPES)}")
     if max_seq_len is not None and max_seq_len < 1:
@@ -136,5 +137,6 @@ def load(
     else:
         raise DllamaError(f"{path} carries no tokenizer: pass --tokenizer FILE (.t or .gguf)")
     check_vocab_sizes(tokenizer.vocab_size, model.config.vocab_size, tokenizer_path or path.name, path.name)
-    runner = Runner(model, be, act, max_seq_len, workers=workers, net_timeout=net_timeout)
+    split = split if split is not None or not workers else "auto"
+    runner = Runner(model, be, act, max_seq_len, workers=workers, net_timeout=net_timeout, split=split)
     return Loaded(model, tokenizer, runner)

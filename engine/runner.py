@@ -11,7 +11,7 @@ import numpy as np
 from engine.backend import Backend, Program
 from engine.errors import DllamaError
 from engine.graph import Graph, Segment, Sync, build_graph
-from engine.slicing import plan_slices, slice_weights
+from engine.slicing import NodeSlice, fit_slices, plan_slices, slice_bytes, slice_weights
 from engine.weights import Model, Weight
 
 MAX_BATCH = 32  # prompt tokens per forward pass
@@ -100,14 +100,17 @@ class Runner:
         workers: Sequence[str] = (),
         net_timeout: float | None = None,
         log: Callable[[str], None] = print,
+        split: Sequence[float] | str | None = None,
     ):
         cfg = model.config
         self.model, self.backend, self.act, self.max_batch = model, backend, act, max_batch
         self.max_seq_len = min(cfg.context_len, max_seq_len or 4096)
         self.n_nodes = 1 + len(workers)
+        if split is not None and split != "auto" and len(split) != self.n_nodes:
+            what = "give --workers too" if not workers else f"the cluster has {self.n_nodes} nodes"
+            raise DllamaError(f"--split gives {len(split)} weights: {what} (one weight per node, root first)")
         self.slices = plan_slices(model, self.n_nodes)  # too many nodes: refused before any connection
-        self.slice = self.slices[0]
-        self.graph = build_graph(cfg, self.slice, act, self.max_seq_len)
+        self.split_table: list[dict] = []  # a cluster's start-up table: one row per node
         self.cluster = None
         if workers:
             from net.protocol import NET_TIMEOUT
@@ -115,7 +118,7 @@ class Runner:
 
             self.cluster = RootCluster(
                 model,
-                self.slices,
+                lambda caps: self._plan(caps, split, log),
                 workers,
                 act,
                 self.max_seq_len,
@@ -124,6 +127,8 @@ class Runner:
                 net_timeout or NET_TIMEOUT,
                 log,
             )
+        self.slice = self.slices[0]
+        self.graph = build_graph(cfg, self.slice, act, self.max_seq_len)
         try:
             weights = slice_weights(model, self.slice)
             self.program = backend.compile(self.graph, weights, max_batch)
@@ -135,6 +140,56 @@ class Runner:
             raise
         self.weight_bytes_per_token = weight_bytes_per_token(self.graph, weights)
         self.vocab_size = cfg.vocab_size
+
+    def _plan(
+        self, caps: list[dict], split: Sequence[float] | str | None, log: Callable[[str], None]
+    ) -> list[NodeSlice]:
+        """Every node's slice, once the workers have said what they are: evenly (None), in proportion to each
+        node's measured speed ("auto") or to `split`, within each node's free memory; logged as a table."""
+        from engine.calibrate import measure_speed
+        from net.protocol import available_memory, printable
+
+        speeds = [c.get("speed") for c in caps]
+        if split == "auto" and all(isinstance(v, float) and 0 < v < 1e6 for v in speeds):
+            measured = [measure_speed(self.backend), *speeds]
+            # shares in quarters of the fastest, so that calibration noise neither splits equal nodes unevenly
+            # nor moves the cut between runs (a moved cut would miss the workers' slice caches)
+            weights = [max(1, round(4 * v / max(measured))) / 4 for v in measured]
+            how = "by measured speed (" + ", ".join(f"{v:.2f}" for v in measured) + " GB/s)"
+        elif split == "auto":
+            weights, how = [1.0] * self.n_nodes, "evenly (a worker reported no speed)"
+        elif split is not None:
+            weights, how = list(split), "by --split"
+        else:
+            weights, how = [1.0] * self.n_nodes, "evenly"
+        memory = [available_memory()] + [
+            m if isinstance(m, int) and not isinstance(m, bool) and m > 0 else 0
+            for m in (c.get("memory") for c in caps)
+        ]
+        names = ["the root"] + [f"worker {k}" for k in range(1, self.n_nodes)]
+        self.slices = fit_slices(self.model, weights, memory, self.max_seq_len, names)
+        devices = [self.backend.description] + [str(c.get("device", "?")) for c in caps]
+        self.split_table = [
+            {
+                "node": sl.node,
+                "device": printable(dev, 60),
+                "weight": round(w, 3),
+                "kv_heads": list(sl.kv_heads),
+                "ffn_rows": list(sl.ffn if self.model.config.hidden_dim else sl.moe),
+                "vocab_rows": list(sl.vocab),
+                "bytes": slice_bytes(self.model, sl, self.max_seq_len),
+            }
+            for sl, dev, w in zip(self.slices, devices, weights, strict=True)
+        ]
+        log(f"🧮 Split {how}:")
+        log(f"   {'node':<5}{'device':<34}{'weight':>8}  {'KV heads':<10}{'FFN rows':<14}{'MB':>9}")
+        for row in self.split_table:
+            kv, ffn = row["kv_heads"], row["ffn_rows"]
+            log(
+                f"   {row['node']:<5}{row['device'][:33]:<34}{row['weight']:>8.2f}  {f'{kv[0]}-{kv[1]}':<10}"
+                f"{f'{ffn[0]}-{ffn[1]}':<14}{row['bytes'] / 1e6:>9.1f}"
+            )
+        return self.slices
 
     def close(self) -> None:
         """Send the workers home (they free their slices and wait for the next root); idempotent."""

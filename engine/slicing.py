@@ -8,13 +8,16 @@ otherwise), so slices may be uneven; any node count up to n_kv_heads works.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from engine.arch import get_arch
 from engine.arch.base import TensorSpec
 from engine.config import ModelConfig
 from engine.errors import DllamaError
-from engine.weight_types import weight_type
+from engine.weight_types import row_bytes, weight_type
 from engine.weights import BLOCK, Model, Weight
 
 
@@ -23,6 +26,26 @@ def split(total_units: int, n_nodes: int, node: int) -> tuple[int, int]:
     base, extra = divmod(total_units, n_nodes)
     start = node * base + min(node, extra)
     return start, start + base + (1 if node < extra else 0)
+
+
+def shares(total_units: int, weights: Sequence[float]) -> list[tuple[int, int]]:
+    """Unit ranges [start, end) in proportion to `weights` (largest remainders), every node at least one unit;
+    equal weights give exactly `split`'s ranges."""
+    n = len(weights)
+    if len(set(weights)) == 1:
+        return [split(total_units, n, k) for k in range(n)]
+    ideal = [total_units * w / sum(weights) for w in weights]
+    counts = [max(1, int(x)) for x in ideal]
+    while sum(counts) != total_units:  # hand out (or take back) single units by how far each is from ideal
+        more = sum(counts) < total_units
+        pick = [k for k in range(n) if more or counts[k] > 1]
+        k = max(pick, key=lambda k: (ideal[k] - counts[k]) * (1 if more else -1))
+        counts[k] += 1 if more else -1
+    out, start = [], 0
+    for c in counts:
+        out.append((start, start + c))
+        start += c
+    return out
 
 
 @dataclass(frozen=True)
@@ -46,8 +69,8 @@ class NodeSlice:
         return self.kv_heads[1] - self.kv_heads[0]
 
 
-def _cut(total: int, unit: int, n_nodes: int, node: int) -> tuple[int, int]:
-    a, b = split(total // unit, n_nodes, node)
+def _cut(total: int, unit: int, weights: Sequence[float], node: int) -> tuple[int, int]:
+    a, b = shares(total // unit, weights)[node]
     return a * unit, b * unit
 
 
@@ -62,16 +85,21 @@ def node_slice(
     n_nodes: int = 1,
     ffn_unit: int | None = None,
     moe_unit: int | None = None,
+    weights: Sequence[float] | None = None,
 ) -> NodeSlice:
-    """Slice of node `node`; FFN rows are cut in multiples of `ffn_unit` / `moe_unit` values (default 32).
-    More nodes than KV heads is refused (a query head needs its whole KV head)."""
+    """Slice of node `node`; FFN rows are cut in multiples of `ffn_unit` / `moe_unit` values (default 32), KV
+    heads, FFN rows and the vocabulary in proportion to `weights` (default: evenly). More nodes than KV heads
+    is refused (a query head needs its whole KV head)."""
     if not 1 <= n_nodes <= cfg.n_kv_heads:
         raise DllamaError(
             f"{n_nodes} nodes cannot share a model with {cfg.n_kv_heads} KV heads: "
             f"use at most {cfg.n_kv_heads} nodes"
         )
+    weights = list(weights) if weights is not None else [1.0] * n_nodes
+    if len(weights) != n_nodes or not all(w > 0 for w in weights):
+        raise DllamaError(f"a split of {n_nodes} nodes needs {n_nodes} positive weights, not {weights}")
     group = cfg.n_heads // cfg.n_kv_heads
-    kv = split(cfg.n_kv_heads, n_nodes, node)
+    kv = shares(cfg.n_kv_heads, weights)[node]
     ffn_unit = ffn_unit or _default_unit(cfg.hidden_dim)
     moe_unit = moe_unit or _default_unit(cfg.moe_hidden_dim)
     widths = (("FFN", cfg.hidden_dim, ffn_unit), ("expert FFN", cfg.moe_hidden_dim, moe_unit))
@@ -87,21 +115,55 @@ def node_slice(
         n_nodes,
         kv,
         (kv[0] * group, kv[1] * group),
-        _cut(cfg.hidden_dim, ffn_unit, n_nodes, node),
-        _cut(cfg.moe_hidden_dim, moe_unit, n_nodes, node),
-        split(cfg.vocab_size, n_nodes, node),
+        _cut(cfg.hidden_dim, ffn_unit, weights, node) if cfg.hidden_dim else (0, 0),
+        _cut(cfg.moe_hidden_dim, moe_unit, weights, node) if cfg.moe_hidden_dim else (0, 0),
+        shares(cfg.vocab_size, weights)[node],
     )
 
 
-def plan_slices(model: Model, n_nodes: int) -> list[NodeSlice]:
-    """Every node's slice of this model: FFN cuts on the largest block of the weights cut by columns."""
+def plan_slices(model: Model, n_nodes: int, weights: Sequence[float] | None = None) -> list[NodeSlice]:
+    """Every node's slice of this model (in proportion to `weights`, default evenly): FFN cuts on the largest
+    block of the weights cut by columns."""
     cfg = model.config
     units = {"ffn": _default_unit(cfg.hidden_dim), "moe": _default_unit(cfg.moe_hidden_dim)}
     for name, spec in get_arch(cfg.arch).table(cfg):
         rng, _, axis = spec.split.partition(":")
         if axis == "in" and rng in units and name in model.weights:
             units[rng] = max(units[rng], weight_type(model.weights[name].dtype).block_values)
-    return [node_slice(cfg, k, n_nodes, units["ffn"], units["moe"]) for k in range(n_nodes)]
+    return [node_slice(cfg, k, n_nodes, units["ffn"], units["moe"], weights) for k in range(n_nodes)]
+
+
+def slice_bytes(model: Model, sl: NodeSlice, max_seq_len: int) -> int:
+    """Bytes node `sl.node` holds: its weight slices (the root's embedding aside) and its KV cache."""
+    cfg, total = model.config, 0
+    for name, spec in get_arch(cfg.arch).table(cfg):
+        if name not in model.weights or (spec.split == "root" and sl.node != 0):
+            continue
+        shape = sliced_shape(spec, cfg, sl)
+        lead = int(np.prod(shape[:-2], dtype=np.int64)) if len(shape) > 2 else 1
+        total += lead * shape[-2] * row_bytes(model.weights[name].dtype, shape[-1])
+    return total + 2 * cfg.n_layers * max_seq_len * sl.n_kv_heads * cfg.head_dim * 4
+
+
+def fit_slices(
+    model: Model, speeds: Sequence[float], memory: Sequence[int], max_seq_len: int, names: Sequence[str]
+) -> list[NodeSlice]:
+    """Slices in proportion to `speeds` that fit every node's `memory` (bytes, 0 = unknown): a node short of
+    memory gets a smaller share; a model the nodes cannot hold is refused naming the node."""
+    n, weights = len(speeds), [float(s) for s in speeds]
+    for _ in range(64):
+        slices = plan_slices(model, n, weights)
+        need = [slice_bytes(model, sl, max_seq_len) for sl in slices]
+        over = [k for k in range(n) if memory[k] and need[k] > memory[k]]
+        if not over:
+            return slices
+        for k in over:
+            weights[k] *= 0.9 * memory[k] / need[k]
+    k = over[0]
+    raise DllamaError(
+        f"the model does not fit: {names[k]} needs {need[k] / 1e9:.2f} GB for its slice and KV cache but has "
+        f"{memory[k] / 1e9:.2f} GB free; add nodes, lower --max-seq-len or free memory there"
+    )
 
 
 def _range(spec: TensorSpec, cfg: ModelConfig, sl: NodeSlice) -> tuple[str, int, int] | None:

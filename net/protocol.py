@@ -28,7 +28,7 @@ from engine.graph import ACT_TYPES
 from engine.slicing import NodeSlice
 
 MAGIC = b"DLMA"
-PROTOCOL_VERSION = 2  # 2: the session config carries the worker's NodeSlice, tensor headers a shape
+PROTOCOL_VERSION = 3  # 2: the session config carries the NodeSlice, tensor headers a shape; 3: slice cache
 GREETING = struct.Struct("<4sHBBI")  # magic, version, role, reserved, payload length
 HEADER = struct.Struct("<BBHI")  # type, a, b, c
 GREETING_BOUND = 4096  # bytes of a greeting's JSON payload
@@ -88,9 +88,11 @@ class Msg(IntEnum):
     FORWARD = 7  # root -> worker: a = mode, b = tokens, c = start position; no payload
     PING = 8  # keep-alive while a link is otherwise idle
     STOP = 9  # root -> worker: the session is over; OK once the worker has freed the model
+    HAVE = 10  # worker -> root after OK of CONFIG: JSON {"have": [tensor names its slice cache holds]}
 
 
-BOUNDS = {Msg.ERROR: 4096, Msg.CONFIG: 1 << 16, Msg.TENSOR: 4096}  # payload bytes; other types carry none
+# payload bytes; other types carry none
+BOUNDS = {Msg.ERROR: 4096, Msg.CONFIG: 1 << 16, Msg.TENSOR: 4096, Msg.HAVE: 1 << 18}
 
 
 class ProtocolError(DllamaError):
@@ -312,7 +314,8 @@ class SessionConfig:
     max_batch: int
     timeout: float  # NET_TIMEOUT of the root
     heartbeat: float  # seconds between the root's keep-alive pings on idle links
-    weight_bytes: int  # bytes of tensors this worker will receive
+    weight_bytes: int  # bytes of tensors this worker will hold (received or from its slice cache)
+    cache_key: str  # names this slice in a worker's slice cache (net/slice_cache.py): 64 hex digits
     peers: list[tuple[str, int]]  # addresses of nodes 1..n_nodes-1 as the root reached them
     model: ModelConfig
     slice: NodeSlice  # the part of the model this worker computes
@@ -338,6 +341,7 @@ class SessionConfig:
                 timeout=_num(d["timeout"]),
                 heartbeat=_num(d["heartbeat"]),
                 weight_bytes=_int(d["weight_bytes"]),
+                cache_key=_str(d["cache_key"]),
                 peers=peers,
                 model=model,
                 slice=slice_from_json(d["slice"], model, peer),
@@ -355,6 +359,8 @@ class SessionConfig:
             and 0 < sc.timeout <= MAX_NET_TIMEOUT
             and HEARTBEAT_MIN <= sc.heartbeat <= max(1.0, sc.timeout)
             and 0 <= sc.weight_bytes < 1 << 50
+            and len(sc.cache_key) == 64
+            and all(c in "0123456789abcdef" for c in sc.cache_key)
             and sc.slice.node == sc.node
             and sc.slice.n_nodes == sc.n_nodes
         ):
@@ -377,19 +383,22 @@ def available_memory() -> int:
         return 0
 
 
-def capabilities(backend: Backend) -> dict[str, Any]:
-    """What a node tells its peers about itself in the greeting."""
-    return {
+def capabilities(backend: Backend, speed: float | None = None) -> dict[str, Any]:
+    """What a node tells its peers about itself in the greeting (a worker adds its measured `speed`, GB/s,
+    which the root's split follows)."""
+    caps = {
         "backend": backend.name,
         "device": backend.description,
         "threads": getattr(backend, "n_threads", 1),
         "memory": available_memory(),
         "host": socket.gethostname(),
     }
+    return caps if speed is None else {**caps, "speed": round(speed, 4)}
 
 
 def describe(caps: dict[str, Any]) -> str:
     """One line for a log: device, host, free memory (a peer's own words, made printable and short)."""
-    mem = caps.get("memory")
+    mem, speed = caps.get("memory"), caps.get("speed")
     free = f", {mem / 2**30:.1f} GiB free" if isinstance(mem, int) and mem > 0 else ""
-    return f"{printable(caps.get('device', '?'), 100)} on {printable(caps.get('host', '?'), 100)}{free}"
+    fast = f", {speed:.2f} GB/s measured" if isinstance(speed, float) and 0 < speed < 1e6 else ""
+    return f"{printable(caps.get('device', '?'), 100)} on {printable(caps.get('host', '?'), 100)}{free}{fast}"

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
@@ -48,6 +49,7 @@ from net.protocol import (
     setup_silence,
     version_mismatch,
 )
+from net.slice_cache import model_identity, slice_key
 from net.transport import Link, NodeSync, PeerError, Transfer, connect, exchange, parse_address
 
 PROGRESS_EVERY = 1.0  # seconds between progress lines of a weight transfer
@@ -60,7 +62,7 @@ class RootCluster:
     def __init__(
         self,
         model: Model,
-        slices: Sequence[NodeSlice],
+        plan: Callable[[list[dict[str, Any]]], Sequence[NodeSlice]],
         addresses: Sequence[str],
         act: str,
         max_seq_len: int,
@@ -72,7 +74,8 @@ class RootCluster:
         timeout = check_timeout(timeout)
         self.addresses = [parse_address(a) for a in addresses]
         self.n_nodes = 1 + len(self.addresses)
-        self.slices = list(slices)
+        self.slices: list[NodeSlice] = []
+        self.worker_caps: list[dict[str, Any]] = []  # what each worker said of itself, in node order
         self.timeout, self.log = timeout, log
         self.heartbeat = max(HEARTBEAT_MIN, min(1.0, timeout / 3))
         self.links: dict[int, Link] = {}
@@ -82,11 +85,14 @@ class RootCluster:
         self._stop = threading.Event()
         self._pinger = threading.Thread(target=self._ping_idle, name="dllama-heartbeat", daemon=True)
         session = secrets.token_hex(8)
+        self.weight_bytes_sent = self.weight_bytes_cached = 0  # set-up totals over all workers
         try:
             caps = capabilities(backend)
             for k, (host, port) in enumerate(self.addresses, 1):
                 self.links[k] = self._greet(k, host, port, caps)
             self._pinger.start()
+            self.slices = list(plan(self.worker_caps))  # every worker's speed and memory are known now
+            identity = model_identity(model)
             for k in self.links:
                 try:
                     weights = slice_weights(model, self.slices[k])
@@ -103,12 +109,20 @@ class RootCluster:
                     timeout=timeout,
                     heartbeat=self.heartbeat,
                     weight_bytes=sum(w.nbytes for w in weights.values()),
+                    cache_key=slice_key(identity, self.slices[k], weights),
                     peers=self.addresses,
                     model=model.config,
                     slice=self.slices[k],
                 )
-                self._setup_step(k, "the session config", lambda link, sc=sc: self._send_config(link, sc))
-                self._setup_step(k, "the weights", lambda link, w=weights: self._send_weights(link, w))
+                have: set[str] = set()
+                self._setup_step(
+                    k,
+                    "the session config",
+                    lambda link, sc=sc, w=weights, h=have: h.update(self._send_config(link, sc, w)),
+                )
+                self._setup_step(
+                    k, "the weights", lambda link, w=weights, h=have: self._send_weights(link, w, h)
+                )
                 del weights
         except BaseException:
             self._abort()
@@ -147,6 +161,7 @@ class RootCluster:
             link.close()
             raise
         self.log(f"⭕ Worker {k} at {host}:{port}: {describe(wcaps)}")
+        self.worker_caps.append(wcaps)
         return link
 
     def _setup_step(self, k: int, what: str, step: Callable[[Link], None]) -> None:
@@ -164,16 +179,25 @@ class RootCluster:
                 raise DllamaError(f"{link.name}: {error_text(f.payload)}") from None
             raise DllamaError(f"{e} while the root sent it {what}") from None
 
-    def _send_config(self, link: Link, sc: SessionConfig) -> None:
+    def _send_config(self, link: Link, sc: SessionConfig, weights: dict[str, Weight]) -> set[str]:
+        """Send the session config; returns the tensors the worker's slice cache already holds."""
         link.send(pack_frame(Msg.CONFIG, sc.to_bytes()), self.timeout)
         silence = setup_silence(self.timeout)
         link.expect(Msg.OK, silence, of=Msg.CONFIG, total=silence)
+        f = link.expect(Msg.HAVE, silence, total=compile_wait(self.timeout))  # it may read a large cache
+        names = parse_json(f.payload, "list of cached tensors", link.name).get("have")
+        if not isinstance(names, list) or not all(isinstance(n, str) and n in weights for n in names):
+            raise ProtocolError(f"{link.name} listed cached tensors that its slice does not hold")
+        return set(names)
 
-    def _send_weights(self, link: Link, weights: dict[str, Weight]) -> None:
-        total = sum(w.nbytes for w in weights.values())
+    def _send_weights(self, link: Link, weights: dict[str, Weight], have: set[str]) -> None:
+        total = sum(w.nbytes for n, w in weights.items() if n not in have)
+        cached = sum(w.nbytes for n, w in weights.items() if n in have)
         t0 = last = time.monotonic()
         done = 0
         for name, w in weights.items():
+            if name in have:
+                continue
             header = {"name": name, "dtype": w.dtype, "shape": list(w.shape)}
             link.send(pack_frame(Msg.TENSOR, json.dumps(header).encode()), self.timeout)
             data = memoryview(np.ascontiguousarray(w.data)).cast("B")
@@ -188,7 +212,10 @@ class RootCluster:
                     last = now
         link.send(pack_frame(Msg.WEIGHTS_DONE), self.timeout)
         dt = time.monotonic() - t0
-        self.log(f"💿 {link.name}: {total / 1e6:.1f} MB of weights sent in {dt:.1f} s")
+        from_cache = f" ({cached / 1e6:.1f} MB from its slice cache)" if cached else ""
+        self.log(f"💿 {link.name}: {total / 1e6:.1f} MB of weights sent in {dt:.1f} s{from_cache}")
+        self.weight_bytes_sent += total
+        self.weight_bytes_cached += cached
 
     def start(self, program: Program, graph: Graph) -> None:
         """Wait until every worker has compiled its graph, build the mesh, and get ready for forwards."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import gc
+import json
 import os
 import queue
 import socket
@@ -24,6 +25,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from engine.backend import Backend
+from engine.calibrate import measure_speed
 from engine.errors import DllamaError
 from engine.graph import Graph, build_graph
 from engine.runner import run_graph, warm_up
@@ -53,6 +55,7 @@ from net.protocol import (
     setup_silence,
     version_mismatch,
 )
+from net.slice_cache import SliceCache
 from net.transport import Link, NodeSync, PeerError, connect
 
 GREETING_WAIT = 10.0  # seconds a new connection has to complete its greeting, however it trickles
@@ -66,8 +69,16 @@ class _Stopped(Exception):
 class WorkerServer:
     """A listening socket plus the session loop; `serve_forever` never returns."""
 
-    def __init__(self, host: str, port: int, backend: Backend, log: Callable[[str], None] = print):
-        self.backend, self.log = backend, log
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        backend: Backend,
+        log: Callable[[str], None] = print,
+        cache: SliceCache | None = None,
+    ):
+        self.backend, self.log, self.cache = backend, log, cache
+        self.speed: float | None = None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             self.listener = socket.create_server((host, port), family=family, backlog=16)
@@ -83,8 +94,9 @@ class WorkerServer:
         self._greeting = threading.BoundedSemaphore(MAX_GREETINGS)
 
     def serve_forever(self) -> None:
+        self.speed = measure_speed(self.backend)  # before listening: every greeting reports it
         threading.Thread(target=self._accept_loop, name="dllama-accept", daemon=True).start()
-        caps = describe(capabilities(self.backend))
+        caps = describe(capabilities(self.backend, self.speed))
         self.log(f"Listening on {self.host}:{self.port}... ({caps}, protocol {PROTOCOL_VERSION})")
         while True:
             self._serve(self._roots.get())
@@ -124,7 +136,8 @@ class WorkerServer:
             head = link.recv_exact(GREETING.size, GREETING_WAIT, deadline)
             version, role, length = parse_greeting_head(head, peer)
             caps = parse_json(link.recv_exact(length, GREETING_WAIT, deadline), "greeting", peer)
-            link.send(pack_greeting(Role.WORKER, capabilities(self.backend)), GREETING_WAIT, deadline)
+            hello = pack_greeting(Role.WORKER, capabilities(self.backend, self.speed))
+            link.send(hello, GREETING_WAIT, deadline)
             greeted = True
             if version != PROTOCOL_VERSION:
                 raise ProtocolError(version_mismatch(peer, version))
@@ -139,7 +152,7 @@ class WorkerServer:
             self.log(f"⚠️ Refused {peer}: {printable(e, 500)}")
             try:
                 if not greeted:
-                    link.send(pack_greeting(Role.WORKER, capabilities(self.backend)), 1.0)
+                    link.send(pack_greeting(Role.WORKER, capabilities(self.backend, self.speed)), 1.0)
                 link.send(pack_error(f"refused: {e}"), 1.0)
             except PeerError:
                 pass
@@ -277,8 +290,17 @@ class _Session:
                 f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB are available"
             )
         self.root.send(pack_frame(Msg.OK, a=Msg.CONFIG), sc.timeout)
-        self._receive_weights(sc, node_tensors(cfg, sc.slice), idle)
+        expected, cache = node_tensors(cfg, sc.slice), self.server.cache
+        if cache is not None:
+            with _keepalive(self.root, sc.heartbeat):
+                self.weights = cache.load(sc.cache_key, expected)
+        have = json.dumps({"have": sorted(self.weights)}).encode()
+        self.root.send(pack_frame(Msg.HAVE, have), sc.timeout)
+        cached = set(self.weights)
+        self._receive_weights(sc, expected, idle)
         with _keepalive(self.root, sc.heartbeat):
+            if cache is not None:
+                cache.store(sc.cache_key, self.weights, set(self.weights) - cached)
             self.program = self.server.backend.compile(graph, self.weights, sc.max_batch)
             warm_up(self.program, graph, sc.max_batch, networked=True)
         self.root.send(pack_frame(Msg.OK, a=Msg.WEIGHTS_DONE), sc.timeout)
@@ -290,7 +312,8 @@ class _Session:
 
     def _receive_weights(self, sc: SessionConfig, expected: dict, idle: float) -> None:
         """TENSOR messages until WEIGHTS_DONE; each is checked against the graph before its bytes are read."""
-        t0, total, peer = time.monotonic(), 0, self.root.name
+        cached = sum(w.nbytes for w in self.weights.values())  # from the slice cache
+        t0, total, peer = time.monotonic(), cached, self.root.name
         while True:
             f = self._frame(idle)
             if f.msg == Msg.WEIGHTS_DONE:
@@ -327,7 +350,8 @@ class _Session:
         if missing:
             raise DllamaError(f"the root sent no tensor {missing[0]} ({len(missing)} missing)")
         dt = time.monotonic() - t0
-        self.log(f"💿 Received {len(self.weights)} tensors, {total / 1e6:.1f} MB in {dt:.1f} s")
+        from_cache = f" ({cached / 1e6:.1f} MB from the slice cache)" if cached else ""
+        self.log(f"💿 Received {len(self.weights)} tensors, {total / 1e6:.1f} MB in {dt:.1f} s{from_cache}")
 
     def _build_mesh(self, sc: SessionConfig) -> None:
         """Connect to every higher-numbered worker, accept every lower-numbered one (full mesh)."""
@@ -415,6 +439,16 @@ def _keepalive(link: Link, interval: float) -> Iterator[None]:
         t.join()
 
 
-def serve(host: str, port: int, backend: Backend, log: Callable[[str], None] | None = None) -> None:
-    """Run a worker until the process is stopped; every log line is flushed at once."""
-    WorkerServer(host, port, backend, log or (lambda line: print(line, flush=True))).serve_forever()
+def serve(
+    host: str,
+    port: int,
+    backend: Backend,
+    log: Callable[[str], None] | None = None,
+    cache_dir: str | None = None,
+    cache_size: int | None = None,
+) -> None:
+    """Run a worker until the process is stopped; every log line is flushed at once. With `cache_dir` it keeps
+    the slices it receives there (at most `cache_size` bytes) for roots that reconnect with the same model."""
+    log = log or (lambda line: print(line, flush=True))
+    cache = SliceCache(cache_dir, cache_size, log) if cache_dir is not None else None
+    WorkerServer(host, port, backend, log, cache).serve_forever()

@@ -38,6 +38,7 @@ class ServerOptions:
     max_seq_len: int | None
     workers: Sequence[str]
     net_timeout: float | None
+    split: list[float] | str | None  # a cluster's shares: "auto"/None (by measured speed) or one per node
     temperature: float
     top_p: float
     seed: int | None
@@ -141,6 +142,7 @@ def _loader(opts: ServerOptions) -> Callable[[], Loaded]:
             opts.workers,
             opts.net_timeout,
             gpu_index=opts.gpu_index,
+            split=opts.split,
         )
         runner = loaded.runner
         if runner.n_nodes == 1:  # compile the kernels now, not in the first request (a cluster already did)

@@ -46,7 +46,7 @@ def assert_serves(model, backend, workers) -> None:
 class WorkerProc:
     """A `dllama worker` subprocess on 127.0.0.1 (port 0 = any free port) and its collected log lines."""
 
-    def __init__(self, backend: str = "cpu"):
+    def __init__(self, backend: str = "cpu", args: tuple[str, ...] = ()):
         self.backend = backend
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
@@ -63,6 +63,7 @@ class WorkerProc:
                 "0",
                 "--nthreads",
                 "1",
+                *args,
             ],
             cwd=ROOT,
             env=env,

@@ -72,10 +72,13 @@ def test_inference_on_three_nodes_matches_one_node(pool, tiny8_paths, tmp_path):
     one = dllama(*base, "--json", str(tmp_path / "one.json"))
     assert one.returncode == 0, one.stderr
     w1, w2 = pool.get(2)
-    three = dllama(*base, "--json", str(tmp_path / "three.json"), "--workers", w1.address, w2.address)
+    even = ["--split", "1,1,1"]  # spec 5.8's even split (the default follows measured speeds)
+    three = dllama(*base, *even, "--json", str(tmp_path / "three.json"), "--workers", w1.address, w2.address)
     assert three.returncode == 0, three.stderr
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "three.json"))
     assert b["nodes"] == 3 and a["nodes"] == 1
+    assert [row["kv_heads"] for row in b["split"]] == [[0, 3], [3, 6], [6, 8]] and a["split"] == []
+    assert "🧮 Split by --split:" in three.stdout
     assert b["generated_ids"] == a["generated_ids"]
     # spec 5.8 with D=256, L=2, V=288, N=3, Q80 slices of 272 bytes
     assert b["decode_sent_bytes_per_token"] == 2 * (8 + 4 * 256 + 4 * 272)

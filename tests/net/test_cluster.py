@@ -129,6 +129,7 @@ def test_weight_streaming_reports_progress_and_capabilities(pool, tiny8_paths, b
     )
     r.close()
     caps = rf"⭕ Worker 1 at {w.address}: CPU \(numba, 1 thread\) on \S+, [\d.]+ GiB free"
+    caps += r", [\d.]+ GB/s measured"
     assert re.fullmatch(caps, lines[0])  # what the worker said of itself in its greeting
     steps = [re.search(r": ([\d.]+) / ([\d.]+) MB of weights sent$", ln) for ln in lines]
     sent = [float(m.group(1)) for m in steps if m]

@@ -230,6 +230,7 @@ def test_worker_refuses_a_tensor_it_does_not_need(pool, model, backend):
         timeout=3.0,
         heartbeat=1.0,
         weight_bytes=10**6,
+        cache_key="0" * 64,
         peers=[("127.0.0.1", 1)],
         model=model.config,
         slice=node_slice(model.config, 1, 2),
@@ -241,6 +242,8 @@ def test_worker_refuses_a_tensor_it_does_not_need(pool, model, backend):
         assert HEADER.unpack(c.recv(HEADER.size, socket.MSG_WAITALL))[0] == Msg.OK
         c.sendall(pack_frame(Msg.CONFIG, sc.to_bytes()))
         assert HEADER.unpack(c.recv(HEADER.size, socket.MSG_WAITALL))[:2] == (Msg.OK, Msg.CONFIG)
+        have = HEADER.unpack(c.recv(HEADER.size, socket.MSG_WAITALL))
+        assert have[0] == Msg.HAVE and c.recv(have[3], socket.MSG_WAITALL) == b'{"have": []}'
         c.sendall(pack_frame(Msg.TENSOR, json.dumps(header).encode()))
 
     reply = talk(w.address, pack_greeting(Role.ROOT, {}), config_then_tensor)

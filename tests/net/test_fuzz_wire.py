@@ -147,6 +147,7 @@ def session_config(model, **kw) -> bytes:
         timeout=3.0,
         heartbeat=1.0,
         weight_bytes=10**6,
+        cache_key="0" * 64,
         peers=[("127.0.0.1", 1)],
         model=model.config,
         slice=node_slice(model.config, 1, 2),
@@ -209,9 +210,10 @@ class FakeWorker:
             return self._misbehave(conn, frame(Msg.OK, a=Msg.OK))
         conn.sendall(frame(Msg.OK, a=Msg.OK))
         assert read_frame(conn)[0] == Msg.CONFIG
+        answer = frame(Msg.OK, a=Msg.CONFIG) + frame(Msg.HAVE, b'{"have":[]}')  # an empty slice cache
         if self.step == "config":
-            return self._misbehave(conn, frame(Msg.OK, a=Msg.CONFIG))
-        conn.sendall(frame(Msg.OK, a=Msg.CONFIG))
+            return self._misbehave(conn, answer)
+        conn.sendall(answer)
         while (f := read_frame(conn))[0] != Msg.WEIGHTS_DONE:
             shape = json.loads(f[3])["shape"]
             if self.step == "weights":
@@ -317,6 +319,18 @@ ROOT_CASES = [  # (step, how, what the root's one line must match)
     ("config", "garbage", "sent an unknown message type 200"),
     ("config", "wrong", "sent OK \\(a=9\\) where OK was expected"),
     ("config", "truncated", "closed the connection.* while the root sent it the session config"),
+    (
+        "config",
+        frame(Msg.OK, a=Msg.CONFIG) + frame(Msg.HAVE, b'{"have":["blk.0.attn_q.weight","evil"]}'),
+        "listed cached tensors that its slice does not hold",
+    ),
+    ("config", frame(Msg.OK, a=Msg.CONFIG) + frame(Msg.HAVE, b'{"have":7}'), "listed cached tensors that"),
+    (
+        "config",
+        frame(Msg.OK, a=Msg.CONFIG) + frame(Msg.HAVE, b"[" * 300),
+        "sent a list of cached tensors nested 300 levels deep",
+    ),
+    ("config", frame(Msg.OK, a=Msg.CONFIG) + frame(Msg.MESH), "sent MESH \\(a=0\\) where HAVE was expected"),
     ("weights", "hangup", "closed the connection"),
     ("weights", "error", "out of memory Traceback"),
     ("compile", "hangup", "closed the connection while the root waited for it to compile its slice"),
@@ -507,6 +521,7 @@ def configured(payload_fn: Callable[[object], bytes]) -> Callable:
         as_root(c)
         c.sendall(frame(Msg.CONFIG, payload_fn(model)))
         assert read_frame(c)[:2] == (Msg.OK, Msg.CONFIG)
+        assert read_frame(c)[0] == Msg.HAVE
 
     return act
 

@@ -93,6 +93,7 @@ def session(**kw) -> SessionConfig:
         timeout=3.0,
         heartbeat=1.0,
         weight_bytes=1234,
+        cache_key="0123456789abcdef" * 4,
         peers=[("10.0.0.2", 9990), ("10.0.0.3", 9991)],
         model=CFG,
         slice=node_slice(CFG, 1, 3),
@@ -306,6 +307,9 @@ def test_step_time_is_the_silence_plus_the_bytes_at_the_minimum_rate():
         dict(peers=[("10.0.0.2", 9990), ("bad\nhost", 9991)]),
         dict(peers=[("10.0.0.2", 9990), ("10.0.0.3", 70000)]),
         dict(weight_bytes=-1),
+        dict(cache_key="abc"),
+        dict(cache_key="G" * 64),
+        dict(cache_key="0" * 65),
         dict(session=""),
         dict(n_nodes=9, peers=[("h", 1)] * 8, slice=node_slice(CFG, 1, 8)),  # 9 nodes, 8 KV heads
     ],
