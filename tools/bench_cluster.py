@@ -5,7 +5,9 @@ into it (10.213.0.x/24), optionally shaped with `tc` (`--rate` alone uses tbf; `
 runs `dllama worker` in each and `dllama inference` in the root's. Traffic stays on loopback and inside the
 namespaces it creates; every process it starts is killed and every namespace deleted on exit, and the
 whole run is bounded by `--timeout`. Prints per generated token: compute (eval) and sync time, payload bytes
-sent and received by the root, and tokens/s.
+sent and received by the root, and tokens/s. `--hetero` adds a 2-node case whose worker shares its core with a
+busy process (the even split against `--split auto`); `--startup` the time to a first token with a cold and a
+warm worker slice cache (in the namespaces, shaped by `--rate`, where they can be made).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -146,7 +149,9 @@ class Namespaces:
 class Worker:
     """A `dllama worker` process and its log, read continuously so its pipe never fills."""
 
-    def __init__(self, prefix: list[str], host: str, port: int, nthreads: int, deadline: Deadline):
+    def __init__(
+        self, prefix: list[str], host: str, port: int, nthreads: int, deadline: Deadline, extra: tuple = ()
+    ):
         cmd = [
             *prefix,
             sys.executable,
@@ -159,6 +164,7 @@ class Worker:
             str(port),
             "--nthreads",
             str(nthreads),
+            *extra,
         ]
         self.proc = subprocess.Popen(
             cmd,
@@ -190,7 +196,9 @@ class Worker:
         self.proc.wait(timeout=30)
 
 
-def run_root(prefix: list[str], workers: list[Worker], args, setting: str, deadline: Deadline) -> Result:
+def run_root(
+    prefix: list[str], workers: list[Worker], args, setting: str, deadline: Deadline, split: str | None = None
+) -> Result:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
         cmd = [
@@ -217,8 +225,9 @@ def run_root(prefix: list[str], workers: list[Worker], args, setting: str, deadl
         ]
         if args.model:
             cmd += ["--model", args.model]
-        if workers:
-            cmd += ["--workers", *[w.address for w in workers]]
+        if workers:  # by default the even split of spec 5.8, whose byte counts the table shows
+            even = ",".join(["1"] * (1 + len(workers)))
+            cmd += ["--workers", *[w.address for w in workers], "--split", split or even]
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=deadline.left())
         if r.returncode:
             raise RuntimeError(f"the root failed ({setting}, {1 + len(workers)} nodes): {r.stderr.strip()}")
@@ -259,6 +268,58 @@ def run_setting(
     return results
 
 
+def run_hetero(args, deadline: Deadline) -> list[Result]:
+    """Two nodes on loopback, one thread each, the worker sharing its core with a busy process (so it runs at
+    about half speed): the even split against the split by measured speed (`--split auto`)."""
+    if shutil.which("taskset") is None or (os.cpu_count() or 1) < 2:
+        print("skipped the heterogeneous case: it needs taskset and 2 cores", file=sys.stderr)
+        return []
+    one = argparse.Namespace(**{**vars(args), "nthreads": 1})
+    busy = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", "while True: pass"])
+    try:
+        w = Worker(["taskset", "-c", "1"], "127.0.0.1", 0, 1, deadline)  # measures its speed beside `busy`
+        try:
+            rows = []
+            for setting, split in (("hetero even", "1,1"), ("hetero weighted", "auto")):
+                rows.append(run_root(["taskset", "-c", "0"], [w], one, setting, deadline, split))
+                print(format_row(rows[-1]), flush=True)
+            return rows
+        finally:
+            w.kill()
+    finally:
+        busy.kill()
+        busy.wait(timeout=30)
+
+
+def run_startup(args, deadline: Deadline, ns: Namespaces | None) -> list[dict]:
+    """Seconds from starting a 2-node root to its first token, with a cold and then a warm worker slice
+    cache, and the weight bytes the root sent each time."""
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        prefix, host, port = (ns.exec(1), f"{SUBNET}.2", PORT) if ns else ([], "127.0.0.1", 0)
+        w = Worker(prefix, host, port, args.nthreads, deadline, ("--cache-dir", cache))
+        try:
+            for label in ("cold cache", "warm cache"):
+                cmd = [*(ns.exec(0) if ns else []), sys.executable, "-m", "engine.cli", "inference"]
+                cmd += ["--prompt", "Hi", "--steps", "1", "--temperature", "0"]
+                cmd += ["--nthreads", str(args.nthreads)]
+                cmd += ["--buffer-float-type", args.buffer_float_type, "--max-seq-len", "512"]
+                cmd += (["--model", args.model] if args.model else []) + ["--workers", w.address]
+                cmd += ["--split", "1,1"]  # the same slice both times, whatever the calibration says
+                t0 = time.monotonic()
+                r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=deadline.left())
+                seconds = time.monotonic() - t0
+                if r.returncode:
+                    raise RuntimeError(f"the root failed ({label}): {r.stderr.strip()}")
+                sent = re.search(r"([\d.]+) MB of weights sent in", r.stdout)
+                mb = float(sent.group(1))
+                rows.append({"case": label, "first_token_s": seconds, "weights_sent_mb": mb})
+                print(f"| start-up, {label} | {seconds:.2f} s to the first token | {sent.group(1)} MB sent |")
+        finally:
+            w.kill()
+    return rows
+
+
 HEADER = (
     "| setting | nodes | eval ms/tok | sync ms/tok | ms/exchange | sent kB/tok | recv kB/tok | tokens/s |"
 )
@@ -291,6 +352,8 @@ def main() -> int:
     ap.add_argument("--delay", help="add this one-way delay per link end, e.g. 0.1ms (needs netem)")
     ap.add_argument("--no-loopback", action="store_true", help="only the namespace runs")
     ap.add_argument("--short", action="store_true", help="CI: 2 nodes in two namespaces, 6 steps, no shaping")
+    ap.add_argument("--hetero", action="store_true", help="also: a half-speed worker, even vs weighted split")
+    ap.add_argument("--startup", action="store_true", help="also: time to a first token, cold vs warm cache")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--timeout", type=float, default=900, help="bound on the whole run in seconds")
     args = ap.parse_args()
@@ -300,6 +363,7 @@ def main() -> int:
     deadline = Deadline(args.timeout)
     print(HEADER + "\n|---|---|---|---|---|---|---|---|", flush=True)
     results: list[Result] = []
+    startup: list[dict] = []
     try:
         if not args.no_loopback:
             results += run_setting("loopback", nodes, args, deadline, None)
@@ -310,14 +374,21 @@ def main() -> int:
                 return 3
         else:
             shape = "".join(f" {x}" for x in (args.rate, args.delay) if x)
-            with Namespaces(max(nodes), args.rate, args.delay) as ns:
+            with Namespaces(max(max(nodes), 2), args.rate, args.delay) as ns:
                 print(f"namespaces {ns.names[0]}..{ns.names[-1]}", file=sys.stderr)
                 results += run_setting("netns" + shape, nodes, args, deadline, ns)
+                if args.startup:
+                    startup = run_startup(args, deadline, ns)
+        if args.hetero:
+            results += run_hetero(args, deadline)
+        if args.startup and why_not:
+            startup = run_startup(args, deadline, None)
     except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+        rows = [asdict(r) for r in results] + [{"setting": "startup", **row} for row in startup]
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 

@@ -256,7 +256,9 @@ def run_dllama(
         cmd = [sys.executable, "-m", "engine.cli", "inference", "--model", str(files[0]), "--tokenizer"]
         cmd += [str(files[1]), "--prompt", prompt, "--steps", str(steps), "--temperature", "0", "--seed", "1"]
         cmd += ["--ignore-eos", "--nthreads", str(case.threads), "--buffer-float-type", "q80"]
-        cmd += ["--max-seq-len", "1024", "--json", str(out)] + (["--workers", *workers] if workers else [])
+        cmd += ["--max-seq-len", "1024", "--json", str(out)]
+        if workers:  # the peer's even split, so both run the same slices
+            cmd += ["--workers", *workers, "--split", ",".join(["1"] * (1 + len(workers)))]
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout, env=_env())
         if r.returncode:
             raise RuntimeError(f"dllama failed on {case.label}: {r.stderr.strip()[-500:]}")
