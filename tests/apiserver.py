@@ -104,10 +104,9 @@ class ApiServer(Proc):
 class Worker(Proc):
     """`dllama worker --port PORT` on loopback; `port` is the one it listens on."""
 
-    def __init__(self, port: int, log: Path):
-        super().__init__(
-            [sys.executable, "-m", "engine.cli", "worker", "--host", "127.0.0.1", "--port", str(port)], log
-        )
+    def __init__(self, port: int, log: Path, args: tuple[str, ...] = ()):
+        argv = [sys.executable, "-m", "engine.cli", "worker", "--host", "127.0.0.1", "--port", str(port)]
+        super().__init__([*argv, *args], log)
         self.port = int(self.wait_line(r"Listening on 127\.0\.0\.1:(\d+)", 60).group(1))
 
 

@@ -1,10 +1,11 @@
 """dllama-api as the root of a cluster (root + one worker on loopback): it serves; a worker killed mid-stream
 fails that request with a 503 error event and turns /health to 503; once the worker is back the server
-rebuilds the cluster by itself and serves again."""
+rebuilds the cluster by itself and serves again, the worker's slice cache sparing it the weights."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import pytest
@@ -16,10 +17,13 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.mark.slow
 def test_cluster_fails_with_503_and_recovers(tmp_path):
-    worker = Worker(0, tmp_path / "worker1.log")
+    cache = ("--cache-dir", str(tmp_path / "slices"))
+    worker = Worker(0, tmp_path / "worker1.log", cache)
     server = None
     try:
-        server = ApiServer(["--workers", f"127.0.0.1:{worker.port}"], tmp_path / "server.log")
+        # an even split: the cut must not move with the restarted worker's re-measured speed
+        args = ["--workers", f"127.0.0.1:{worker.port}", "--split", "1,1"]
+        server = ApiServer(args, tmp_path / "server.log")
         health = server.wait_health(200)
         assert health["nodes"] == 2
         models = httpx.get(server.url + "/v1/models", timeout=10).json()
@@ -51,8 +55,11 @@ def test_cluster_fails_with_503_and_recovers(tmp_path):
 
         # the worker comes back on the same address: the server rebuilds the cluster without a restart
         worker.stop()
-        worker = Worker(worker.port, tmp_path / "worker2.log")
+        worker = Worker(worker.port, tmp_path / "worker2.log", cache)
         assert server.wait_health(200, timeout=180)["nodes"] == 2
+        sent = re.findall(r"([\d.]+) MB of weights sent in [\d.]+ s(.*)", server.log())
+        assert float(sent[0][0]) > 10 and sent[0][1] == ""  # the first start streamed the slice
+        assert float(sent[-1][0]) == 0.0 and "MB from its slice cache" in sent[-1][1]
         r = server.post("/v1/chat/completions", {"messages": QUESTION, "temperature": 0, "max_tokens": 12})
         assert r.status_code == 200, r.text
         assert "Paris" in r.json()["choices"][0]["message"]["content"]
