@@ -557,3 +557,25 @@ def test_bound_matmuls_of_one_input_match_float64(wtype, rng):
         for w, out in zip(ws, outs, strict=True):
             wf = decode(w, wtype)
             assert np.all(np.abs(out[:n] - x[:n] @ wf.T) <= tolerance(x[:n], wf))
+
+
+def test_bound_steps_check_positions_on_every_call():
+    """Bound rope / kv_store / attention steps raise the public functions' errors for a bad position."""
+    cos, sin = K.rope_table(8, 10000.0, False, None, None, 4)
+    x, pos = np.zeros((2, 16), np.float32), np.zeros(2, np.int32)
+    rope = K.bind_rope(x, pos, cos, sin, 8, False)
+    rope(2)
+    pos[1] = 4
+    with pytest.raises(DllamaError, match="position 4 is beyond the RoPE table"):
+        rope(2)
+    kc, vc = np.zeros((4, 16), np.float32), np.zeros((4, 16), np.float32)
+    store = K.bind_kv_store(kc, vc, pos, x, x)
+    with pytest.raises(DllamaError, match="position 4 is outside the KV cache"):
+        store(2)
+    attend = K.bind_attention(x, kc, vc, pos, 2, 2, 8, np.zeros_like(x), np.zeros((4, 4), np.float32))
+    with pytest.raises(DllamaError, match="position 4 is outside the KV cache"):
+        attend(2)
+    pos[1] = 1  # in range again: no error
+    store(2)
+    attend(2)
+    assert np.array_equal(kc[1], x[1])
