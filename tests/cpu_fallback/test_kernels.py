@@ -576,6 +576,7 @@ def test_bound_steps_check_positions_on_every_call():
     with pytest.raises(DllamaError, match="position 4 is outside the KV cache"):
         attend(2)
     pos[1] = 1  # in range again: no error
+    x[1] = 1.5
     store(2)
     attend(2)
     assert np.array_equal(kc[1], x[1])
