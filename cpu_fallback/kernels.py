@@ -1024,21 +1024,26 @@ def _make_mv_q80(code: int):
     return mv_q80
 
 
-def _make_mv3(code: int, quad):
+def _make_mv3(code: int, q80x: bool):
     """B = 1 kernel for up to three matrices of one 32-value block type and width sharing one input row x
-    (bytes: float32 values with quad=_quad_f32, Q80 blocks with _quad_q80), as for q/k/v or gate/up: one
-    parallel launch over all their quads. A matrix of 0 rows is absent."""
+    (bytes: Q80 blocks with q80x, else float32 values), as for q/k/v or gate/up: one parallel launch over all
+    their quads. A matrix of 0 rows is absent. (The closure holds only an int and a bool: a captured
+    dispatcher pickles with a per-process id, so the kernel would miss numba's cache in every process.)"""
 
     @_parallel_kernel
     def mv3(wa, wb, wc, rsa, rsb, rsc, x, outa, outb, outc, ra, rb, rc, cols):
         qa, qb, qc = (ra + 3) // 4, (rb + 3) // 4, (rc + 3) // 4
         for g in prange(qa + qb + qc):
             if g < qa:
-                quad(code, wa, 0, rsa, x, 0, outa, 0, g, qa, ra, cols)
+                w, rs, out, q, nq, nr = wa, rsa, outa, g, qa, ra
             elif g < qa + qb:
-                quad(code, wb, 0, rsb, x, 0, outb, 0, g - qa, qb, rb, cols)
+                w, rs, out, q, nq, nr = wb, rsb, outb, g - qa, qb, rb
             else:
-                quad(code, wc, 0, rsc, x, 0, outc, 0, g - qa - qb, qc, rc, cols)
+                w, rs, out, q, nq, nr = wc, rsc, outc, g - qa - qb, qc, rc
+            if q80x:
+                _quad_q80(code, w, 0, rs, x, 0, out, 0, q, nq, nr, cols)
+            else:
+                _quad_f32(code, w, 0, rs, x, 0, out, 0, q, nq, nr, cols)
 
     return mv3
 
@@ -1195,8 +1200,7 @@ _MV = {c: _make_mv_legacy(c) for c in _LEGACY_CODES}
 _MV.update({c: _make_mv_float(c) for c in _FLOAT_CODES})
 _MV_K = {c: _make_mv_k(c) for c in _K_CODES}
 _MV_Q80 = {c: _make_mv_q80(c) for c in _LEGACY_CODES}
-_MV3 = {(c, False): _make_mv3(c, _quad_f32) for c in _LEGACY_CODES}
-_MV3.update({(c, True): _make_mv3(c, _quad_q80) for c in _LEGACY_CODES})
+_MV3 = {(c, q80x): _make_mv3(c, q80x) for c in _LEGACY_CODES for q80x in (False, True)}
 
 
 # ---------------------------------------------------------------------------------------------------------
