@@ -29,8 +29,14 @@ _POLL_ERR = select.POLLERR | select.POLLHUP | select.POLLNVAL
 _POLL_MAX = 3600.0  # seconds of one poll() call (a longer wait loops)
 # Seconds an exchange keeps polling before it sleeps: waking a sleeping process costs 0.1-0.4 ms on a VM whose
 # core went idle (measured: a 1 ms wait took 1.43 ms sleeping, 1.08 ms polling), while the waits between
-# nodes are mostly shorter than this; the spin yields the core whenever anything else is runnable on it.
+# nodes are mostly shorter than this. The spin yields the core whenever anything else is runnable on it; a
+# yield that took LOST_TURN_S or more gave the core to another process for its time slice (a busy program
+# beside this node: one such yield per exchange cut a 2-node decode from 33 to 10 tokens/s), so after one
+# the exchanges sleep at once for CALM_S, and their wake-ups hand the core straight back.
 SPIN_S = 0.002
+LOST_TURN_S = 0.001
+CALM_S = 1.0
+_calm = [0.0]  # time.monotonic() before which exchanges do not spin
 
 
 class PeerError(DllamaError):
@@ -228,13 +234,16 @@ def exchange(transfers: Sequence[Transfer], timeout: float, deadline: float | No
     for t in live:
         poller.register(t.link.fd, t.events)
         by_fd[t.link.fd] = t
-    spin_end = min(start + SPIN_S, start + timeout, deadline)
+    spin_end = min(start + SPIN_S, start + timeout, deadline) if start >= _calm[0] else start
     while live:
         now = time.monotonic()
         if now < spin_end:
             ready = poller.poll(0)
             if not ready:
                 os.sched_yield()
+                if time.monotonic() - now > LOST_TURN_S:  # another process took the core for its time slice:
+                    _calm[0] = now + CALM_S  # sleep instead for a while: the wake-up hands the core back
+                    spin_end = now
                 continue
         else:
             stalest = min(live, key=_last)

@@ -203,6 +203,8 @@ def test_a_waiting_exchange_polls_before_it_sleeps_and_still_times_out(monkeypat
         return Wrapped()
 
     monkeypatch.setattr("net.transport.select.poll", poll)
+    monkeypatch.setattr("net.transport._calm", [0.0])  # no earlier lost turn in this process counts
+    monkeypatch.setattr("net.transport.os.sched_yield", lambda: None)
     t0 = time.monotonic()
     with pytest.raises(PeerError, match="sent nothing for 0.2 s"):
         b.recv_exact(1, 0.2)
@@ -210,6 +212,36 @@ def test_a_waiting_exchange_polls_before_it_sleeps_and_still_times_out(monkeypat
     spins = [t for t in timeouts if t == 0]
     assert spins and timeouts[: len(spins)] == spins  # polled first, slept after
     assert any(t > 0 for t in timeouts)
+
+
+def test_a_yield_that_lost_the_core_stops_the_spinning_for_a_while(monkeypatch):
+    """When a yield inside the polling phase comes back only after another process's time slice, the
+    exchange sleeps instead, and so do the next ones for CALM_S (their wake-ups then get the core back)."""
+    import net.transport as transport
+
+    a, b = tcp_pair()
+    real_poll, zero_polls = transport.select.poll, []
+
+    def poll():
+        p = real_poll()
+
+        class Counting:
+            register, modify, unregister = p.register, p.modify, p.unregister
+
+            def poll(self, ms=None):
+                zero_polls.extend([ms] if ms == 0 else [])
+                return p.poll(ms)
+
+        return Counting()
+
+    monkeypatch.setattr("net.transport.select.poll", poll)
+    monkeypatch.setattr("net.transport._calm", [0.0])
+    monkeypatch.setattr("net.transport.os.sched_yield", lambda: time.sleep(2 * transport.LOST_TURN_S))
+    for _ in range(3):
+        with pytest.raises(PeerError, match="sent nothing"):
+            b.recv_exact(1, 0.05)
+    assert len(zero_polls) == 1  # one poll, one yield that lost the core, then no more spinning
+    assert transport._calm[0] > time.monotonic() + transport.CALM_S / 2
 
 
 def test_silent_peer_times_out_naming_it():
