@@ -4,6 +4,7 @@ any Runner. Every wait is bounded."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -195,3 +196,32 @@ def ref_forward_nodes(m, tokens: list[int], n_nodes: int, unit: int = 32) -> np.
     heads = [tuple(h * group * hd for h in _split(m.n_kv_heads, n_nodes, k)) for k in range(n_nodes)]
     ffn = [tuple(b * unit for b in _split(hidden // unit, n_nodes, k)) for k in range(n_nodes)]
     return ref_forward(m, tokens, q80=True, node_columns=(heads, ffn))
+
+
+def session_config(model, **kw) -> bytes:
+    """A valid session config for node 1 of 2 of the tiny model (JSON), with fields replaced by `kw`."""
+    from engine.slicing import node_slice
+    from net.protocol import SessionConfig
+
+    sc = SessionConfig(
+        session="fuzz",
+        node=1,
+        n_nodes=2,
+        act="f32",
+        max_seq_len=64,
+        max_batch=4,
+        timeout=3.0,
+        heartbeat=1.0,
+        weight_bytes=10**6,
+        cache_key="0" * 64,
+        peers=[("127.0.0.1", 1)],
+        model=model.config,
+        slice=node_slice(model.config, 1, 2),
+    )
+    d = json.loads(sc.to_bytes())
+    for key, value in kw.items():
+        if key.startswith("model_"):
+            d["model"][key[6:]] = value
+        else:
+            d[key] = value
+    return json.dumps(d).encode()

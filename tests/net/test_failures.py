@@ -12,14 +12,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
-from netutil import TOKENS, assert_serves, root
+from netutil import TOKENS, assert_serves, root, session_config
 from tinymodel import write_tiny_gguf
 
 from cpu_fallback.backend import CpuBackend
 from engine.errors import DllamaError
 from engine.model_file import open_model
 from engine.runner import Runner
-from engine.slicing import node_slice
 from net.protocol import (
     GREETING,
     HEADER,
@@ -27,7 +26,6 @@ from net.protocol import (
     PROTOCOL_VERSION,
     Msg,
     Role,
-    SessionConfig,
     pack_frame,
     pack_greeting,
 )
@@ -220,27 +218,12 @@ def test_worker_refuses_a_tensor_it_does_not_need(pool, model, backend):
     """The worker checks every tensor against the graph it rebuilt from the session config."""
     (w,) = pool.get(1)
     m = w.mark()
-    sc = SessionConfig(
-        session="t",
-        node=1,
-        n_nodes=2,
-        act="f32",
-        max_seq_len=64,
-        max_batch=4,
-        timeout=3.0,
-        heartbeat=1.0,
-        weight_bytes=10**6,
-        cache_key="0" * 64,
-        peers=[("127.0.0.1", 1)],
-        model=model.config,
-        slice=node_slice(model.config, 1, 2),
-    )
     header = {"name": "blk.0.attn_q.weight", "dtype": "f32", "shape": [7, 256]}
 
     def config_then_tensor(c: socket.socket) -> None:
         read_greeting(c)
         assert HEADER.unpack(c.recv(HEADER.size, socket.MSG_WAITALL))[0] == Msg.OK
-        c.sendall(pack_frame(Msg.CONFIG, sc.to_bytes()))
+        c.sendall(pack_frame(Msg.CONFIG, session_config(model)))
         assert HEADER.unpack(c.recv(HEADER.size, socket.MSG_WAITALL))[:2] == (Msg.OK, Msg.CONFIG)
         have = HEADER.unpack(c.recv(HEADER.size, socket.MSG_WAITALL))
         assert have[0] == Msg.HAVE and c.recv(have[3], socket.MSG_WAITALL) == b'{"have": []}'

@@ -26,13 +26,12 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
-from netutil import ROOT, TOKENS, WorkerProc, assert_serves, root
+from netutil import ROOT, TOKENS, WorkerProc, assert_serves, root, session_config
 
 from cpu_fallback.backend import CpuBackend
 from engine.errors import DllamaError
 from engine.model_file import open_model
-from engine.slicing import node_slice
-from net.protocol import GREETING, HEADER, MAGIC, PROTOCOL_VERSION, Msg, Role, SessionConfig
+from net.protocol import GREETING, HEADER, MAGIC, PROTOCOL_VERSION, Msg, Role
 
 SEED = 10
 TIMEOUT = 1.0  # --net-timeout of the roots here
@@ -133,32 +132,6 @@ def workers():
     yield ws
     for w in ws:
         w.close()
-
-
-def session_config(model, **kw) -> bytes:
-    """A valid session config for node 1 of 2 of the tiny model, with fields replaced by `kw`."""
-    sc = SessionConfig(
-        session="fuzz",
-        node=1,
-        n_nodes=2,
-        act="f32",
-        max_seq_len=64,
-        max_batch=4,
-        timeout=3.0,
-        heartbeat=1.0,
-        weight_bytes=10**6,
-        cache_key="0" * 64,
-        peers=[("127.0.0.1", 1)],
-        model=model.config,
-        slice=node_slice(model.config, 1, 2),
-    )
-    d = json.loads(sc.to_bytes())
-    for key, value in kw.items():
-        if key.startswith("model_"):
-            d["model"][key[6:]] = value
-        else:
-            d[key] = value
-    return json.dumps(d).encode()
 
 
 # ---- a fake worker that a real root connects to ----
