@@ -1,5 +1,5 @@
-"""A wheel (a non-editable install) carries every shader source: each .comp's #includes resolve inside the
-wheel's shaders/ folder and every shader compiles from there."""
+"""A wheel (a non-editable install) carries every package of the source tree and every shader source: each
+.comp's #includes resolve inside the wheel's shaders/ folder and every shader compiles from there."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import shaders.compile
 from shaders.compile import spirv
 
 ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("engine", "cpu_fallback", "net", "shaders")
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
 
 
@@ -30,6 +31,9 @@ def test_wheel_carries_and_compiles_every_shader(tmp_path, monkeypatch):
     with zipfile.ZipFile(wheel) as z:
         z.extractall(tmp_path / "wheel")
     carried = tmp_path / "wheel" / "shaders"
+    packages = {p.parent.relative_to(ROOT) for top in PACKAGES for p in (ROOT / top).rglob("__init__.py")}
+    missing = [str(p) for p in sorted(packages) if not (tmp_path / "wheel" / p / "__init__.py").is_file()]
+    assert not missing, f"the wheel lacks packages {missing}"  # engine/arch was once left out
 
     comps = sorted(carried.glob("*.comp"))
     assert {p.name for p in comps} == {p.name for p in (ROOT / "shaders").glob("*.comp")}
