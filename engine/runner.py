@@ -147,10 +147,10 @@ class Runner:
         """Every node's slice, once the workers have said what they are: evenly (None), in proportion to each
         node's measured speed ("auto") or to `split`, within each node's free memory; logged as a table."""
         from engine.calibrate import measure_speed
-        from net.protocol import available_memory, printable
+        from net.protocol import available_memory, printable, reported
 
-        speeds = [c.get("speed") for c in caps]
-        if split == "auto" and all(isinstance(v, float) and 0 < v < 1e6 for v in speeds):
+        memory, speeds = zip(*map(reported, caps), strict=True) if caps else ((), ())
+        if split == "auto" and None not in speeds:
             measured = [measure_speed(self.backend), *speeds]
             # shares in quarters of the fastest, so that calibration noise neither splits equal nodes unevenly
             # nor moves the cut between runs (a moved cut would miss the workers' slice caches)
@@ -162,10 +162,7 @@ class Runner:
             weights, how = list(split), "by --split"
         else:
             weights, how = [1.0] * self.n_nodes, "evenly"
-        memory = [available_memory()] + [
-            m if isinstance(m, int) and not isinstance(m, bool) and m > 0 else 0
-            for m in (c.get("memory") for c in caps)
-        ]
+        memory = [available_memory(), *memory]
         names = ["the root"] + [f"worker {k}" for k in range(1, self.n_nodes)]
         self.slices = fit_slices(self.model, weights, memory, self.max_seq_len, names)
         devices = [self.backend.description] + [str(c.get("device", "?")) for c in caps]

@@ -142,7 +142,12 @@ def slice_bytes(model: Model, sl: NodeSlice, max_seq_len: int) -> int:
         shape = sliced_shape(spec, cfg, sl)
         lead = int(np.prod(shape[:-2], dtype=np.int64)) if len(shape) > 2 else 1
         total += lead * shape[-2] * row_bytes(model.weights[name].dtype, shape[-1])
-    return total + 2 * cfg.n_layers * max_seq_len * sl.n_kv_heads * cfg.head_dim * 4
+    return total + kv_cache_bytes(cfg, sl, max_seq_len)
+
+
+def kv_cache_bytes(cfg: ModelConfig, sl: NodeSlice, max_seq_len: int) -> int:
+    """Bytes of node `sl.node`'s float32 K and V caches for `max_seq_len` positions."""
+    return 2 * cfg.n_layers * max_seq_len * sl.n_kv_heads * cfg.head_dim * 4
 
 
 def fit_slices(

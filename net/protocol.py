@@ -396,9 +396,17 @@ def capabilities(backend: Backend, speed: float | None = None) -> dict[str, Any]
     return caps if speed is None else {**caps, "speed": round(speed, 4)}
 
 
+def reported(caps: dict[str, Any]) -> tuple[int, float | None]:
+    """(free memory in bytes, 0 when unknown; measured speed in GB/s or None) from a peer's greeting, where
+    they are plausible numbers."""
+    mem, speed = caps.get("memory"), caps.get("speed")
+    mem = mem if isinstance(mem, int) and not isinstance(mem, bool) and mem > 0 else 0
+    return mem, speed if isinstance(speed, float) and 0 < speed < 1e6 else None
+
+
 def describe(caps: dict[str, Any]) -> str:
     """One line for a log: device, host, free memory (a peer's own words, made printable and short)."""
-    mem, speed = caps.get("memory"), caps.get("speed")
-    free = f", {mem / 2**30:.1f} GiB free" if isinstance(mem, int) and mem > 0 else ""
-    fast = f", {speed:.2f} GB/s measured" if isinstance(speed, float) and 0 < speed < 1e6 else ""
+    mem, speed = reported(caps)
+    free = f", {mem / 2**30:.1f} GiB free" if mem else ""
+    fast = f", {speed:.2f} GB/s measured" if speed is not None else ""
     return f"{printable(caps.get('device', '?'), 100)} on {printable(caps.get('host', '?'), 100)}{free}{fast}"

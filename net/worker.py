@@ -29,7 +29,7 @@ from engine.calibrate import measure_speed
 from engine.errors import DllamaError
 from engine.graph import Graph, build_graph
 from engine.runner import run_graph, warm_up
-from engine.slicing import node_tensors
+from engine.slicing import kv_cache_bytes, node_tensors
 from engine.weight_types import WEIGHT_TYPES, row_bytes
 from engine.weights import Weight, empty_weight
 from net.protocol import (
@@ -281,7 +281,7 @@ class _Session:
             f"⭕ Node {sc.node} of {sc.n_nodes}: {cfg.arch}, dim {cfg.dim}, {cfg.n_layers} layers, "
             f"{graph.slice.n_kv_heads} of {cfg.n_kv_heads} KV heads, {sc.act} sync"
         )
-        kv_bytes = 2 * cfg.n_layers * sc.max_seq_len * graph.slice.n_kv_heads * cfg.head_dim * 4
+        kv_bytes = kv_cache_bytes(cfg, sc.slice, sc.max_seq_len)
         act_bytes = sc.max_batch * sum(b.row_bytes for b in graph.buffers.values())
         need, free = sc.weight_bytes + kv_bytes + act_bytes, available_memory()
         if free and need > free:
