@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from engine.atomic_file import atomic_write
 from engine.errors import DllamaError
 from engine.files import open_regular
 from engine.slicing import NodeSlice
@@ -145,8 +146,9 @@ class SliceCache:
             entry.mkdir(exist_ok=True)
             for name in sorted(fresh):
                 self._write(entry, weights[name])
-        except OSError as e:
-            self.log(f"⚠️ Slice cache: cannot write {entry} ({e.strerror or e}); this slice stays uncached")
+        except (OSError, DllamaError) as e:  # atomic_write names the file and the OS error
+            why = getattr(e, "strerror", None) or e
+            self.log(f"⚠️ Slice cache: cannot write {entry} ({why}); this slice stays uncached")
             return
         self.log(f"💾 Slice cache: {need / 1e6:.1f} MB written in {time.monotonic() - t0:.1f} s")
 
@@ -155,8 +157,9 @@ class SliceCache:
         meta = {"dtype": w.dtype, "shape": list(w.shape), "sha256": _sha256(data)}
         with contextlib.suppress(FileNotFoundError):  # no digest may describe bytes being replaced
             (entry / f"{w.name}.json").unlink()
-        _replace(entry / f"{w.name}.bin", data)
-        _replace(entry / f"{w.name}.json", json.dumps(meta).encode())
+        for target, blob in ((f"{w.name}.bin", data), (f"{w.name}.json", json.dumps(meta).encode())):
+            with atomic_write(entry / target) as f:
+                f.write(blob)
 
     def _evict(self, need: int, keep: Path) -> None:
         """Delete least recently used entries other than `keep` until `need` more bytes fit the bound."""
@@ -168,18 +171,6 @@ class SliceCache:
             total -= _size(p)
             shutil.rmtree(p, ignore_errors=True)
             self.log(f"💾 Slice cache: evicted {p.name[:12]} (least recently used)")
-
-
-def _replace(target: Path, blob: bytes | memoryview) -> None:
-    """Write `blob` to a temp file beside `target`, then rename it over `target`."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 def _size(folder: Path) -> int:
