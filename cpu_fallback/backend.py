@@ -115,7 +115,9 @@ class CpuProgram(Program):
         q, pos, out = ins[0], ins[1], outs[0]
         kc, vc = self.k_cache[p["layer"]], self.v_cache[p["layer"]]
         nh, nkv, hd, scratch = p["n_heads"], p["n_kv_heads"], p["head_dim"], self.att_scratch
-        return kernels.bind_attention(q, kc, vc, pos[:, 0], nh, nkv, hd, out, scratch)
+        return kernels.bind_attention(
+            q, kc, vc, pos[:, 0], nh, nkv, hd, out, scratch, p["group"], p["q_offset"]
+        )
 
     def _silu_mul(self, op: Op, w: None, ins: list, outs: list) -> Step:
         return kernels.bind_silu_mul(*ins)

@@ -1450,10 +1450,11 @@ def _scores(q, qo, k_cache, ko, n, head_dim, scale, srow):
 
 
 @_helper
-def _attend(q, k_cache, v_cache, pos, b, h, group, head_dim, out, srow):
-    """One (row, head): softmax(q.k_t / sqrt(head_dim)) over t = 0..pos, weighted sum of v_t into out."""
+def _attend(q, k_cache, v_cache, pos, b, h, group, q_offset, head_dim, out, srow):
+    """One (row, head): softmax(q.k_t / sqrt(head_dim)) over t = 0..pos, weighted sum of v_t into out; head h
+    reads KV head (q_offset + h) // group."""
     qo = b * (q.strides[0] // 4) + h * head_dim
-    ko = (h // group) * head_dim
+    ko = ((q_offset + h) // group) * head_dim
     _scores(q, qo, k_cache, ko, pos + 1, head_dim, np.float32(1.0) / np.sqrt(np.float32(head_dim)), srow)
     total = _softmax_inplace(srow, pos + 1)
     _weighted_rows(srow, pos + 1, v_cache, ko, head_dim, np.float32(1.0) / total, out, qo)
@@ -1479,24 +1480,24 @@ def _attention_check(q, k_cache, v_cache, positions, n_heads, out, scratch):
 
 
 @_parallel_kernel
-def _attention_par(q, k_cache, v_cache, positions, n_heads, group, head_dim, out, scratch):
+def _attention_par(q, k_cache, v_cache, positions, n_heads, group, q_offset, head_dim, out, scratch):
     bad = _attention_check(q, k_cache, v_cache, positions, n_heads, out, scratch)
     if bad != -1:
         return bad
     for bh in prange(q.shape[0] * n_heads):
         b, h = bh // n_heads, bh % n_heads
-        _attend(q, k_cache, v_cache, positions[b], b, h, group, head_dim, out, scratch[bh])
+        _attend(q, k_cache, v_cache, positions[b], b, h, group, q_offset, head_dim, out, scratch[bh])
     return -1
 
 
 @_kernel
-def _attention_ser(q, k_cache, v_cache, positions, n_heads, group, head_dim, out, scratch):
+def _attention_ser(q, k_cache, v_cache, positions, n_heads, group, q_offset, head_dim, out, scratch):
     bad = _attention_check(q, k_cache, v_cache, positions, n_heads, out, scratch)
     if bad != -1:
         return bad
     for bh in range(q.shape[0] * n_heads):
         b, h = bh // n_heads, bh % n_heads
-        _attend(q, k_cache, v_cache, positions[b], b, h, group, head_dim, out, scratch[bh])
+        _attend(q, k_cache, v_cache, positions[b], b, h, group, q_offset, head_dim, out, scratch[bh])
     return -1
 
 
@@ -1846,37 +1847,55 @@ def attention(
     head_dim: int,
     out: np.ndarray,
     scratch: np.ndarray,
+    group: int | None = None,
+    q_offset: int = 0,
 ) -> None:
     """Causal multi-head attention of q (B, n_heads*head_dim) over cache rows 0..positions[b], into out.
 
-    q head h reads kv head h // (n_heads // n_kv_heads). scratch is float32 (>= B*n_heads, > max position):
-    row b*n_heads + h holds that head's scores.
+    q head h reads kv head (q_offset + h) // group (group: n_heads // n_kv_heads unless given, for a node
+    whose query heads start inside a GQA group). scratch is float32 (>= B*n_heads, > max position): row
+    b*n_heads + h holds that head's scores.
     """
-    n_b = q.shape[0]
-    if (
-        n_heads <= 0
-        or n_kv_heads <= 0
-        or n_heads % n_kv_heads
-        or q.shape[1] != n_heads * head_dim
-        or out.shape != q.shape
-        or k_cache.shape[1] != n_kv_heads * head_dim
-        or v_cache.shape != k_cache.shape
-        or positions.shape[0] != n_b
-        or scratch.shape[0] < n_b * n_heads
+    group = _attention_group(
+        q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, out, scratch, group, q_offset
+    )
+    _attend_all(q, k_cache, v_cache, positions, n_heads, group, q_offset, head_dim, out, scratch)
+
+
+def _attention_group(
+    q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, out, scratch, group, q_offset
+):
+    """attention()'s GQA group size, once its arguments are checked: shapes agree and the query heads read
+    exactly the cache's KV heads."""
+    if group is None and n_kv_heads > 0 and n_heads % n_kv_heads == 0:
+        group = n_heads // n_kv_heads
+    if not (
+        n_heads > 0
+        and n_kv_heads > 0
+        and group
+        and 0 <= q_offset < group
+        and (q_offset + n_heads - 1) // group == n_kv_heads - 1
+        and q.shape[1] == n_heads * head_dim
+        and out.shape == q.shape
+        and k_cache.shape[1] == n_kv_heads * head_dim
+        and v_cache.shape == k_cache.shape
+        and positions.shape[0] == q.shape[0]
+        and scratch.shape[0] >= q.shape[0] * n_heads
     ):
         raise DllamaError(
-            f"attention shapes disagree: q {q.shape}, heads {n_heads}/{n_kv_heads}x{head_dim}, "
-            f"cache {k_cache.shape}, out {out.shape}, scratch {scratch.shape}"
+            f"attention shapes disagree: q {q.shape}, heads {n_heads}/{n_kv_heads}x{head_dim} "
+            f"(group {group}, offset {q_offset}), cache {k_cache.shape}, out {out.shape}, "
+            f"scratch {scratch.shape}"
         )
-    _attend_all(q, k_cache, v_cache, positions, n_heads, n_heads // n_kv_heads, head_dim, out, scratch)
+    return group
 
 
-def _attend_all(q, k_cache, v_cache, positions, n_heads, group, head_dim, out, scratch) -> None:
+def _attend_all(q, k_cache, v_cache, positions, n_heads, group, q_offset, head_dim, out, scratch) -> None:
     """attention() past its shape checks: the serial or parallel kernel by the amount of work."""
     n_b = q.shape[0]
     last = int(positions[n_b - 1]) if n_b else 0  # the largest position in a prefill batch: sizes the work
     kernel = _attention_par if n_b * n_heads * (last + 1) >= _ATTENTION_PARALLEL_WORK else _attention_ser
-    bad = kernel(q, k_cache, v_cache, positions, n_heads, group, head_dim, out, scratch)
+    bad = kernel(q, k_cache, v_cache, positions, n_heads, group, q_offset, head_dim, out, scratch)
     if bad == -2:
         raise DllamaError("attention needs q, out, caches and scratch with contiguous rows")
     if bad >= 0:
@@ -1893,7 +1912,7 @@ def compile_parallel_attention() -> None:
     each other). Called once per process when a program is built."""
     q, cache = np.zeros((2, 8), np.float32), np.zeros((4, 8), np.float32)
     positions = np.zeros((2, 1), np.int32)[:, 0]
-    _attention_par(q, cache, cache, positions, 1, 1, 8, np.zeros_like(q), np.zeros((2, 4), np.float32))
+    _attention_par(q, cache, cache, positions, 1, 1, 0, 8, np.zeros_like(q), np.zeros((2, 4), np.float32))
 
 
 def kv_store(
@@ -2120,15 +2139,29 @@ def bind_attention(
     head_dim: int,
     out: np.ndarray,
     scratch: np.ndarray,
+    group: int,
+    q_offset: int,
 ) -> Step:
-    attention(q[:0], k_cache, v_cache, positions[:0], n_heads, n_kv_heads, head_dim, out[:0], scratch)
+    attention(
+        q[:0],
+        k_cache,
+        v_cache,
+        positions[:0],
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        out[:0],
+        scratch,
+        group,
+        q_offset,
+    )
     if scratch.shape[0] < q.shape[0] * n_heads:
         raise DllamaError(f"attention scratch {scratch.shape} is short of {q.shape[0]} x {n_heads} rows")
-    rows, group = _row_views(q, positions, out), n_heads // n_kv_heads
+    rows = _row_views(q, positions, out)
 
     def step(n: int) -> None:
         qv, pv, ov = rows(n)
-        _attend_all(qv, k_cache, v_cache, pv, n_heads, group, head_dim, ov, scratch)
+        _attend_all(qv, k_cache, v_cache, pv, n_heads, group, q_offset, head_dim, ov, scratch)
 
     return step
 

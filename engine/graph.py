@@ -148,7 +148,7 @@ def attention(b: Builder, layer: int, *, qkv_bias: bool = False, qk_norm: bool =
     """Pre-norm grouped-query attention over this node's heads: [q/k/v biases], [per-head q/k RMSNorm], RoPE,
     KV cache, causal attention, output projection of this node's heads."""
     cfg, sl, p = b.cfg, b.sl, f"blk.{layer}."
-    hd = cfg.head_dim
+    hd, group = cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
     b.buf("h", cfg.dim)
     b.buf("q", sl.n_heads * hd)
     b.buf("k", sl.n_kv_heads * hd)
@@ -177,6 +177,8 @@ def attention(b: Builder, layer: int, *, qkv_bias: bool = False, qk_norm: bool =
         n_heads=sl.n_heads,
         n_kv_heads=sl.n_kv_heads,
         head_dim=hd,
+        group=group,
+        q_offset=sl.q_offset(group),
     )
     b.matmul(p + "wo", p + "attn_output.weight", "att", "y")
     b.partial(p + "attn_out", "y")

@@ -171,6 +171,7 @@ class Runner:
                 "node": sl.node,
                 "device": printable(dev, 60),
                 "weight": round(w, 3),
+                "heads": list(sl.q_heads),
                 "kv_heads": list(sl.kv_heads),
                 "ffn_rows": list(sl.ffn if self.model.config.hidden_dim else sl.moe),
                 "vocab_rows": list(sl.vocab),
@@ -179,12 +180,15 @@ class Runner:
             for sl, dev, w in zip(self.slices, devices, weights, strict=True)
         ]
         log(f"🧮 Split {how}:")
-        log(f"   {'node':<5}{'device':<34}{'weight':>8}  {'KV heads':<10}{'FFN rows':<14}{'MB':>9}")
+        log(
+            f"   {'node':<5}{'device':<34}{'weight':>8}  {'heads':<8}"
+            f"{'KV heads':<10}{'FFN rows':<14}{'MB':>9}"
+        )
         for row in self.split_table:
-            kv, ffn = row["kv_heads"], row["ffn_rows"]
+            q, kv, ffn = row["heads"], row["kv_heads"], row["ffn_rows"]
             log(
-                f"   {row['node']:<5}{row['device'][:33]:<34}{row['weight']:>8.2f}  {f'{kv[0]}-{kv[1]}':<10}"
-                f"{f'{ffn[0]}-{ffn[1]}':<14}{row['bytes'] / 1e6:>9.1f}"
+                f"   {row['node']:<5}{row['device'][:33]:<34}{row['weight']:>8.2f}  {f'{q[0]}-{q[1]}':<8}"
+                f"{f'{kv[0]}-{kv[1]}':<10}{f'{ffn[0]}-{ffn[1]}':<14}{row['bytes'] / 1e6:>9.1f}"
             )
         return self.slices
 

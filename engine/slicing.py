@@ -1,13 +1,16 @@
 """Tensor-parallel slicing (spec 4.9): which rows/columns of every weight node n of N owns.
 
-Attention is cut by KV heads (each node keeps whole GQA groups), the FFN rows (dense and per expert) and the
-classifier by output rows. The split rule of every tensor comes from its architecture's table. FFN cuts
-fall on the block boundaries of the column-sliced weights (256-value super-blocks for K-quants, 32 values
-otherwise), so slices may be uneven; any node count up to n_kv_heads works.
+Attention is cut by query heads: up to n_kv_heads nodes each keep whole GQA groups; beyond that a node keeps
+any run of query heads and computes every KV head they read (a KV head shared by two nodes is computed by
+both, so no network step is added). The FFN rows (dense and per expert) and the classifier are cut by output
+rows. The split rule of every tensor comes from its architecture's table. Cuts fall on the block boundaries
+of the column-sliced weights (256-value super-blocks for K-quants, 32 values otherwise), so slices may be
+uneven; any node count up to n_heads works.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,8 +57,8 @@ class NodeSlice:
 
     node: int
     n_nodes: int
-    kv_heads: tuple[int, int]  # KV heads
-    q_heads: tuple[int, int]  # the query heads of those KV groups
+    kv_heads: tuple[int, int]  # KV heads: every one the query heads read
+    q_heads: tuple[int, int]  # query heads
     ffn: tuple[int, int]  # dense FFN rows
     moe: tuple[int, int]  # rows of every expert's FFN
     vocab: tuple[int, int]  # classifier rows
@@ -68,10 +71,22 @@ class NodeSlice:
     def n_kv_heads(self) -> int:
         return self.kv_heads[1] - self.kv_heads[0]
 
+    def q_offset(self, group: int) -> int:
+        """Local query head h reads local KV head (q_offset + h) // group (`group`: the model's GQA size)."""
+        return self.q_heads[0] - self.kv_heads[0] * group
+
 
 def _cut(total: int, unit: int, weights: Sequence[float], node: int) -> tuple[int, int]:
-    a, b = shares(total // unit, weights)[node]
-    return a * unit, b * unit
+    """Node `node`'s range of `total`, cut at multiples of `unit` (a last partial unit: the last node's)."""
+    a, b = shares(-(-total // unit), weights)[node]
+    return a * unit, min(b * unit, total)
+
+
+def _head_range(cfg: ModelConfig, head_unit: int, weights: Sequence[float], node: int) -> tuple[int, int]:
+    """Query heads of node `node`: whole GQA groups while nodes <= KV heads, else runs of `head_unit`."""
+    group = cfg.n_heads // cfg.n_kv_heads
+    unit = group if len(weights) <= cfg.n_kv_heads else head_unit
+    return _cut(cfg.n_heads, unit, weights, node)
 
 
 def _default_unit(total: int) -> int:
@@ -86,20 +101,25 @@ def node_slice(
     ffn_unit: int | None = None,
     moe_unit: int | None = None,
     weights: Sequence[float] | None = None,
+    head_unit: int = 1,
 ) -> NodeSlice:
-    """Slice of node `node`; FFN rows are cut in multiples of `ffn_unit` / `moe_unit` values (default 32), KV
-    heads, FFN rows and the vocabulary in proportion to `weights` (default: evenly). More nodes than KV heads
-    is refused (a query head needs its whole KV head)."""
-    if not 1 <= n_nodes <= cfg.n_kv_heads:
-        raise DllamaError(
-            f"{n_nodes} nodes cannot share a model with {cfg.n_kv_heads} KV heads: "
-            f"use at most {cfg.n_kv_heads} nodes"
+    """Slice of node `node`; FFN rows are cut in multiples of `ffn_unit` / `moe_unit` values (default 32),
+    query heads (beyond n_kv_heads nodes) in runs of `head_unit`, heads, FFN rows and the vocabulary in
+    proportion to `weights` (default: evenly). More nodes than query heads is refused."""
+    head_runs = -(-cfg.n_heads // head_unit)
+    if not 1 <= n_nodes <= max(cfg.n_kv_heads, head_runs):
+        limit = max(cfg.n_kv_heads, head_runs)
+        why = f"{cfg.n_heads} attention heads" + (
+            f" (cut in runs of {head_unit} to keep the output projection's blocks whole)"
+            if head_unit > 1
+            else ""
         )
+        raise DllamaError(f"{n_nodes} nodes cannot share a model with {why}: use at most {limit} nodes")
     weights = list(weights) if weights is not None else [1.0] * n_nodes
     if len(weights) != n_nodes or not all(w > 0 for w in weights):
         raise DllamaError(f"a split of {n_nodes} nodes needs {n_nodes} positive weights, not {weights}")
     group = cfg.n_heads // cfg.n_kv_heads
-    kv = shares(cfg.n_kv_heads, weights)[node]
+    q = _head_range(cfg, head_unit, weights, node)
     ffn_unit = ffn_unit or _default_unit(cfg.hidden_dim)
     moe_unit = moe_unit or _default_unit(cfg.moe_hidden_dim)
     widths = (("FFN", cfg.hidden_dim, ffn_unit), ("expert FFN", cfg.moe_hidden_dim, moe_unit))
@@ -113,8 +133,8 @@ def node_slice(
     return NodeSlice(
         node,
         n_nodes,
-        kv,
-        (kv[0] * group, kv[1] * group),
+        (q[0] // group, -(-q[1] // group)),
+        q,
         _cut(cfg.hidden_dim, ffn_unit, weights, node) if cfg.hidden_dim else (0, 0),
         _cut(cfg.moe_hidden_dim, moe_unit, weights, node) if cfg.moe_hidden_dim else (0, 0),
         shares(cfg.vocab_size, weights)[node],
@@ -122,15 +142,18 @@ def node_slice(
 
 
 def plan_slices(model: Model, n_nodes: int, weights: Sequence[float] | None = None) -> list[NodeSlice]:
-    """Every node's slice of this model (in proportion to `weights`, default evenly): FFN cuts on the largest
-    block of the weights cut by columns."""
+    """Every node's slice of this model (in proportion to `weights`, default evenly): FFN and head cuts on the
+    largest block of the weights cut by columns."""
     cfg = model.config
-    units = {"ffn": _default_unit(cfg.hidden_dim), "moe": _default_unit(cfg.moe_hidden_dim)}
+    units = {"ffn": _default_unit(cfg.hidden_dim), "moe": _default_unit(cfg.moe_hidden_dim), "q": 1}
     for name, spec in get_arch(cfg.arch).table(cfg):
         rng, _, axis = spec.split.partition(":")
         if axis == "in" and rng in units and name in model.weights:
             units[rng] = max(units[rng], weight_type(model.weights[name].dtype).block_values)
-    return [node_slice(cfg, k, n_nodes, units["ffn"], units["moe"], weights) for k in range(n_nodes)]
+    head_unit = units["q"] // math.gcd(units["q"], cfg.head_dim)
+    return [
+        node_slice(cfg, k, n_nodes, units["ffn"], units["moe"], weights, head_unit) for k in range(n_nodes)
+    ]
 
 
 def slice_bytes(model: Model, sl: NodeSlice, max_seq_len: int) -> int:

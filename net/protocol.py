@@ -278,7 +278,8 @@ def config_from_json(d: Any, peer: str) -> ModelConfig:
 
 
 def slice_from_json(d: Any, cfg: ModelConfig, peer: str) -> NodeSlice:
-    """The NodeSlice a root sent, its ranges checked to be ordered, inside the model and whole KV groups."""
+    """The NodeSlice a root sent, its ranges checked to be ordered, inside the model, and its KV heads exactly
+    those its query heads read."""
     keys = ("kv_heads", "q_heads", "ffn", "moe", "vocab")
     sizes = (cfg.n_kv_heads, cfg.n_heads, cfg.hidden_dim, cfg.moe_hidden_dim, cfg.vocab_size)
     try:
@@ -290,11 +291,11 @@ def slice_from_json(d: Any, cfg: ModelConfig, peer: str) -> NodeSlice:
     except (TypeError, KeyError, ValueError):
         raise ProtocolError(f"{peer} sent a node slice this worker cannot use") from None
     group = cfg.n_heads // cfg.n_kv_heads
-    kv0, kv1 = sl.kv_heads
+    q0, q1 = sl.q_heads
     if not (
         all(0 <= a <= b <= size for (a, b), size in zip(ranges.values(), sizes, strict=True))
-        and kv0 < kv1
-        and sl.q_heads == (kv0 * group, kv1 * group)
+        and q0 < q1
+        and sl.kv_heads == (q0 // group, -(-q1 // group))
     ):
         raise ProtocolError(
             f"{peer} sent a node slice this worker cannot use (outside its model or unordered)"
@@ -349,7 +350,7 @@ class SessionConfig:
         except (KeyError, TypeError, ValueError):
             raise ProtocolError(f"{peer} sent an incomplete session config") from None
         if not (
-            1 <= sc.node < sc.n_nodes <= sc.model.n_kv_heads
+            1 <= sc.node < sc.n_nodes <= sc.model.n_heads
             and len(sc.peers) == sc.n_nodes - 1
             and all(0 < len(h) <= 255 and h.isprintable() and 1 <= p <= 65535 for h, p in sc.peers)
             and 0 < len(sc.session) <= 64

@@ -279,6 +279,7 @@ class _Session:
         graph = build_graph(cfg, sc.slice, sc.act, sc.max_seq_len)
         self.log(
             f"⭕ Node {sc.node} of {sc.n_nodes}: {cfg.arch}, dim {cfg.dim}, {cfg.n_layers} layers, "
+            f"{graph.slice.n_heads} of {cfg.n_heads} heads, "
             f"{graph.slice.n_kv_heads} of {cfg.n_kv_heads} KV heads, {sc.act} sync"
         )
         kv_bytes = kv_cache_bytes(cfg, sc.slice, sc.max_seq_len)

@@ -1,6 +1,7 @@
 #version 450
 // Causal GQA attention: one workgroup per (batch row b, query head h). Query head h reads KV head
-// h / (NH / NKV); scores over cache rows 0..pos[b] are scaled by 1/sqrt(HD), soft-maxed (max-subtracted)
+// (QOFF + h) / GROUP (GROUP: the model's query heads per KV head; QOFF: where this node's first query head
+// sits in its first KV group); scores over cache rows 0..pos[b] are scaled by 1/sqrt(HD), soft-maxed (max-subtracted)
 // in a global scratch row, and the output is the score-weighted sum of the value rows. The cache buffers
 // hold several layers of SEQ rows: pc.aux selects the layer.
 #extension GL_GOOGLE_include_directive : require
@@ -10,6 +11,8 @@ layout(constant_id = 1) const uint NH = 1;
 layout(constant_id = 2) const uint NKV = 1;
 layout(constant_id = 3) const uint HD = 1;       // at most 256
 layout(constant_id = 4) const uint SEQ = 1;      // cache rows (max sequence length)
+layout(constant_id = 5) const uint GROUP = 1;
+layout(constant_id = 6) const uint QOFF = 0;
 const uint KVW = NKV * HD;
 
 layout(std430, binding = 0) readonly buffer Q { float q[]; };
@@ -26,7 +29,7 @@ void main() {
     uint b = wg / NH, h = wg % NH;
     if (b >= pc.n) return;
     uint t = gl_LocalInvocationID.x;
-    uint kvo = pc.aux * SEQ * KVW + (h / (NH / NKV)) * HD;
+    uint kvo = pc.aux * SEQ * KVW + ((QOFF + h) / GROUP) * HD;
     uint qo = (b * NH + h) * HD;
     uint so = (b * NH + h) * SEQ;
     uint last = uint(pos[b]);

@@ -577,7 +577,7 @@ def _attention(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
     p = op.params
     (kc, i), (vc, _) = prog.k_cache.at(p["layer"]), prog.v_cache.at(p["layer"])
     nh, wg = p["n_heads"], min(128, prog.be.tuning.reduce_wg)
-    spec = [nh, p["n_kv_heads"], p["head_dim"], prog.graph.max_seq_len]
+    spec = [nh, p["n_kv_heads"], p["head_dim"], prog.graph.max_seq_len, p["group"], p["q_offset"]]
     tensors = [prog.bufs[op.inputs[0]], prog.bufs["pos"], kc, vc, prog.bufs[op.outputs[0]], prog.scores]
     return [_Step(prog._algo(op, tensors, rows * nh, wg, spec), i)]
 

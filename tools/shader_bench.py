@@ -200,7 +200,7 @@ def attention_case(shape: Shape, pos: int, rng: np.random.Generator) -> Case:
     kc, vc = _rand(rng, (seq, kvw)), _rand(rng, (seq, kvw))
     out, scratch = np.zeros((1, nh * hd), np.float32), np.zeros((nh, seq), np.float32)
     positions = np.array([pos], np.int32)
-    att = dict(layer=0, n_heads=nh, n_kv_heads=nkv, head_dim=hd)
+    att = dict(layer=0, n_heads=nh, n_kv_heads=nkv, head_dim=hd, group=nh // nkv, q_offset=0)
     return Case(
         f"attention@{pos}",
         shape,

@@ -338,12 +338,12 @@ def test_rope_rejects_position_past_table(rng):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def attention_reference(q, kc, vc, positions, n_heads, n_kv, head_dim):
+def attention_reference(q, kc, vc, positions, n_heads, n_kv, head_dim, group=None, q_offset=0):
     out = np.zeros(q.shape)
-    group = n_heads // n_kv
+    group = group or n_heads // n_kv
     for b, pos in enumerate(positions):
         for h in range(n_heads):
-            kvh = h // group
+            kvh = (q_offset + h) // group
             qh = q[b, h * head_dim : (h + 1) * head_dim].astype(np.float64)
             k = kc[: pos + 1, kvh * head_dim : (kvh + 1) * head_dim].astype(np.float64)
             v = vc[: pos + 1, kvh * head_dim : (kvh + 1) * head_dim].astype(np.float64)
@@ -366,6 +366,36 @@ def test_attention(n_heads, n_kv, batch, start, rng):
     K.attention(q, kc, vc, positions, n_heads, n_kv, head_dim, out, scratch)
     expect = attention_reference(q, kc, vc, positions, n_heads, n_kv, head_dim)
     assert np.allclose(out, expect, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "n_heads,n_kv,group,q_offset",
+    [(4, 2, 3, 2), (1, 1, 3, 1), (2, 1, 3, 0), (7, 3, 3, 1), (3, 2, 2, 1)],
+)
+@pytest.mark.parametrize("batch,start", [(1, 41), (7, 600)])
+def test_attention_of_heads_inside_groups(n_heads, n_kv, group, q_offset, batch, start, rng):
+    """A node beyond the KV-head count holds query heads that start inside a GQA group: local head h reads
+    local KV head (q_offset + h) // group."""
+    head_dim, max_seq = 16, 700
+    q = rng.standard_normal((batch, n_heads * head_dim)).astype(np.float32)
+    kc = (rng.standard_normal((max_seq, n_kv * head_dim)) * 2).astype(np.float32)
+    vc = rng.standard_normal((max_seq, n_kv * head_dim)).astype(np.float32)
+    positions = np.arange(start, start + batch, dtype=np.int32)
+    out, scratch = np.full_like(q, np.nan), np.zeros((batch * n_heads, max_seq), np.float32)
+    K.attention(q, kc, vc, positions, n_heads, n_kv, head_dim, out, scratch, group, q_offset)
+    expect = attention_reference(q, kc, vc, positions, n_heads, n_kv, head_dim, group, q_offset)
+    assert np.allclose(out, expect, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("n_heads,n_kv,group,q_offset", [(4, 1, 3, 2), (4, 3, 3, 0), (2, 1, 3, 3)])
+def test_attention_refuses_heads_that_miss_the_cache(n_heads, n_kv, group, q_offset):
+    """Query heads that read past the cache's KV heads, leave one unread, or an offset beyond the group."""
+    q = np.zeros((1, n_heads * 16), np.float32)
+    cache, scratch = np.zeros((8, n_kv * 16), np.float32), np.zeros((n_heads, 8), np.float32)
+    with pytest.raises(DllamaError, match="attention shapes disagree"):
+        K.attention(
+            q, cache, cache, np.zeros(1, np.int32), n_heads, n_kv, 16, q.copy(), scratch, group, q_offset
+        )
 
 
 def test_kv_store(rng):
@@ -572,7 +602,7 @@ def test_bound_steps_check_positions_on_every_call():
     store = K.bind_kv_store(kc, vc, pos, x, x)
     with pytest.raises(DllamaError, match="position 4 is outside the KV cache"):
         store(2)
-    attend = K.bind_attention(x, kc, vc, pos, 2, 2, 8, np.zeros_like(x), np.zeros((4, 4), np.float32))
+    attend = K.bind_attention(x, kc, vc, pos, 2, 2, 8, np.zeros_like(x), np.zeros((4, 4), np.float32), 1, 0)
     with pytest.raises(DllamaError, match="position 4 is outside the KV cache"):
         attend(2)
     pos[1] = 1  # in range again: no error

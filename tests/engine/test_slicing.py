@@ -43,9 +43,41 @@ def test_two_nodes_on_three_kv_heads_keep_whole_gqa_groups():
     assert s0.vocab[1] == s1.vocab[0] and s1.vocab[1] == 49152
 
 
-def test_more_nodes_than_kv_heads_is_refused():
-    with pytest.raises(DllamaError, match="at most 3 nodes"):
-        node_slice(CFG, 0, 4)
+@pytest.mark.parametrize("n_nodes", [4, 5, 7, 9])
+def test_more_nodes_than_kv_heads_cut_query_heads_and_read_every_kv_head_they_need(n_nodes):
+    """Beyond 3 nodes SmolLM2's 9 query heads are cut one by one; each node's KV heads are exactly the groups
+    its query heads fall in (so a KV head may be held by two nodes), and its offset places its first head."""
+    slices = [node_slice(CFG, k, n_nodes) for k in range(n_nodes)]
+    assert [s.q_heads for s in slices] == [split(9, n_nodes, k) for k in range(n_nodes)]
+    for s in slices:
+        groups = {h // 3 for h in range(*s.q_heads)}
+        assert s.kv_heads == (min(groups), max(groups) + 1)
+        assert all(
+            (s.q_offset(3) + h) // 3 + s.kv_heads[0] == (s.q_heads[0] + h) // 3 for h in range(s.n_heads)
+        )
+    assert slices[-1].ffn[1] == 1536 and slices[-1].vocab[1] == 49152
+
+
+def test_more_nodes_than_query_heads_is_refused():
+    with pytest.raises(
+        DllamaError, match="10 nodes cannot share a model with 9 attention heads: use at most 9"
+    ):
+        node_slice(CFG, 0, 10)
+
+
+def test_head_cuts_keep_the_output_projections_blocks_whole(tmp_path):
+    """With Q4_K (256-value super-blocks) and head_dim 32, query heads beyond the KV count are cut in runs of
+    8 (so each node's columns of attn_output are whole super-blocks), and a third node is refused."""
+    path = write_tiny_gguf(
+        tmp_path / "k.gguf", wtype="q4k", dim=512, hidden_dim=512, n_heads=16, n_kv_heads=1
+    )
+    model = open_model(path)
+    assert model.weights["blk.0.attn_output.weight"].dtype == "q4k"
+    slices = plan_slices(model, 2)
+    assert [(s.q_heads, s.kv_heads) for s in slices] == [((0, 8), (0, 1)), ((8, 16), (0, 1))]
+    assert all(w.cols == 256 for w in (slice_weights(model, s)["blk.0.attn_output.weight"] for s in slices))
+    with pytest.raises(DllamaError, match="16 attention heads \\(cut in runs of 8 .*at most 2 nodes"):
+        plan_slices(model, 3)
 
 
 @pytest.mark.parametrize("weights", [[3, 1], [1, 3], [2, 1, 1], [5, 1, 1, 1], [1.5, 1.0]])

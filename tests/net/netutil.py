@@ -184,16 +184,17 @@ def _split(total: int, n_nodes: int, node: int) -> tuple[int, int]:
 def ref_forward_nodes(m, tokens: list[int], n_nodes: int, unit: int = 32) -> np.ndarray:
     """float64 logits of an n-node cluster with Q80 sync (tests/reference.py ref_forward with node_columns).
 
-    Node n owns the KV heads of an even split (the first nodes one more) with their query heads, and FFN
-    rows (of the dense FFN or of every expert) in whole `unit`-value blocks split the same way (256 where the
-    down matrix is a K-quant).
+    Up to n_kv_heads nodes, node n owns the KV heads of an even split (the first nodes one more) with their
+    query heads; beyond that, the query heads of an even split. FFN rows (of the dense FFN or of every expert)
+    are whole `unit`-value blocks split the same way (256 where the down matrix is a K-quant).
     """
     from reference import ref_forward
 
     group, hd = m.n_heads // m.n_kv_heads, m.head_dim
     down = m.weights.get("blk.0.ffn_down.weight")
     hidden = down.shape[1] if down is not None else m.weights["blk.0.ffn_down_exps.weight"].shape[2]
-    heads = [tuple(h * group * hd for h in _split(m.n_kv_heads, n_nodes, k)) for k in range(n_nodes)]
+    units, per = (m.n_kv_heads, group * hd) if n_nodes <= m.n_kv_heads else (m.n_heads, hd)
+    heads = [tuple(h * per for h in _split(units, n_nodes, k)) for k in range(n_nodes)]
     ffn = [tuple(b * unit for b in _split(hidden // unit, n_nodes, k)) for k in range(n_nodes)]
     return ref_forward(m, tokens, q80=True, node_columns=(heads, ffn))
 

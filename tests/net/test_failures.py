@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import pytest
 from netutil import TOKENS, assert_serves, root, session_config
@@ -145,12 +145,13 @@ def test_oversize_message_from_a_worker(model, backend):
     assert "sent a ERROR message of 1000000000 bytes, over its 4096-byte bound" in msg
 
 
-def test_more_nodes_than_kv_heads_fails_before_connecting(tmp_path, backend):
+def test_more_nodes_than_heads_fails_before_connecting(tmp_path, backend):
     small = open_model(write_tiny_gguf(tmp_path / "kv2.gguf", n_heads=4, n_kv_heads=2))
     connected = []
-    with fake_peer(connected.append) as a, fake_peer(connected.append) as b:
-        msg = raises_fast(lambda: root(small, backend, [a, b]), 2)
-    assert "3 nodes cannot share a model with 2 KV heads" in msg
+    with ExitStack() as stack:
+        peers = [stack.enter_context(fake_peer(connected.append)) for _ in range(4)]
+        msg = raises_fast(lambda: root(small, backend, peers), 2)
+    assert "5 nodes cannot share a model with 4 attention heads: use at most 4 nodes" in msg
     assert connected == []
 
 

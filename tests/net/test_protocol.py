@@ -343,7 +343,7 @@ def test_step_time_is_the_silence_plus_the_bytes_at_the_minimum_rate():
         dict(cache_key="G" * 64),
         dict(cache_key="0" * 65),
         dict(session=""),
-        dict(n_nodes=9, peers=[("h", 1)] * 8, slice=node_slice(CFG, 1, 8)),  # 9 nodes, 8 KV heads
+        dict(n_nodes=9, peers=[("h", 1)] * 8, slice=node_slice(CFG, 1, 8)),  # 9 nodes, 8 heads
     ],
 )
 def test_session_config_values_out_of_range(bad):

@@ -335,16 +335,24 @@ def test_rope(vk, neox):
 
 
 @pytest.mark.parametrize(
-    "heads,kv_heads,hd,seq,p0",
-    [(9, 3, 64, 64, 20), (5, 5, 32, 64, 20), (6, 2, 16, 64, 20), (3, 1, 64, 4096, 4000)],
+    "heads,kv_heads,hd,seq,p0,group,q_offset",
+    [
+        (9, 3, 64, 64, 20, 3, 0),
+        (5, 5, 32, 64, 20, 1, 0),
+        (6, 2, 16, 64, 20, 3, 0),
+        (3, 1, 64, 4096, 4000, 3, 0),
+        (4, 2, 64, 64, 20, 3, 2),  # a node's query heads 2..5 of GQA groups of 3: KV heads 0..1
+        (1, 1, 32, 64, 20, 3, 1),
+    ],
 )
-def test_kv_store_and_attention(any_vk, heads, kv_heads, hd, seq, p0):
-    """A 7-token prefill at positions p0.. of layer 1 over p0 cached rows: causal within the batch; the last
-    case fills a 4096-long context almost to the end."""
+def test_kv_store_and_attention(any_vk, heads, kv_heads, hd, seq, p0, group, q_offset):
+    """A 7-token prefill at positions p0.. of layer 1 over p0 cached rows: causal within the batch; the fourth
+    case fills a 4096-long context almost to the end, the last two hold query heads that start inside a GQA
+    group (a node beyond the KV-head count)."""
     n, layer = 7, 1
     cfg = config(dim=heads * hd, n_heads=heads, n_kv_heads=kv_heads, head_dim=hd, n_layers=2)
     kvw = kv_heads * hd
-    att = dict(layer=layer, n_heads=heads, n_kv_heads=kv_heads, head_dim=hd)
+    att = dict(layer=layer, n_heads=heads, n_kv_heads=kv_heads, head_dim=hd, group=group, q_offset=q_offset)
     ops = Ops(
         any_vk,
         [
@@ -373,14 +381,15 @@ def test_kv_store_and_attention(any_vk, heads, kv_heads, hd, seq, p0):
     np.testing.assert_array_equal(ops.cache("k", layer)[: p0 + n], kc[: p0 + n])
     np.testing.assert_array_equal(ops.cache("v", layer)[: p0 + n], vc[: p0 + n])
     want = np.zeros((n, heads * hd), np.float32)
-    kernels.attention(q, kc, vc, pos, heads, kv_heads, hd, want, np.zeros((n * heads, seq), np.float32))
+    scratch = np.zeros((n * heads, seq), np.float32)
+    kernels.attention(q, kc, vc, pos, heads, kv_heads, hd, want, scratch, group, q_offset)
     close(ops.read("att")[:n], want)
 
 
 def test_decode_attention_reads_one_token(vk):
     """A single decode step (its own grid size) at position 0 attends to itself only: output = v."""
     cfg = config(dim=64, n_heads=4, n_kv_heads=2, head_dim=16)
-    att = dict(layer=0, n_heads=4, n_kv_heads=2, head_dim=16)
+    att = dict(layer=0, n_heads=4, n_kv_heads=2, head_dim=16, group=2, q_offset=0)
     ops = Ops(
         vk,
         [
