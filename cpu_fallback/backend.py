@@ -27,8 +27,9 @@ class CpuProgram(Program):
             cols = spec.row_bytes if spec.dtype == "q80" else spec.width
             self.bufs[name] = np.zeros((max_batch, cols), dtype=dtype)
         n_kv = graph.slice.n_kv_heads * cfg.head_dim
-        self.k_cache = [np.zeros((graph.max_seq_len, n_kv), np.float32) for _ in range(cfg.n_layers)]
-        self.v_cache = [np.zeros((graph.max_seq_len, n_kv), np.float32) for _ in range(cfg.n_layers)]
+        kv_dtype = kernels.KV_DTYPES[graph.kv_type]  # an f16 cache holds the halves' bits as uint16
+        self.k_cache = [np.zeros((graph.max_seq_len, n_kv), kv_dtype) for _ in range(cfg.n_layers)]
+        self.v_cache = [np.zeros((graph.max_seq_len, n_kv), kv_dtype) for _ in range(cfg.n_layers)]
         scaling = None
         if cfg.rope_scaling is not None:
             s = cfg.rope_scaling
@@ -44,7 +45,7 @@ class CpuProgram(Program):
         )
         self.att_scratch = np.zeros((max_batch * max(graph.slice.n_heads, 1), graph.max_seq_len), np.float32)
         self.segments: list[list[Step]] = [self._bind_ops(seg.ops) for seg in graph.segments]
-        kernels.compile_parallel_attention()
+        kernels.compile_parallel_attention(graph.kv_type)
 
     def pipe(self, name: str) -> np.ndarray:
         return self.bufs[name]

@@ -191,6 +191,63 @@ def _st_f16(typingctx, arr, i, v):
     return types.none(arr, types.intp, types.float32), codegen
 
 
+def _kv_element(arr):
+    """(LLVM element type, to-float32 converter of 8 lanes, of 1) of a KV-cache array: float32, or IEEE halves
+    held as uint16 (an f16 cache); None for other arrays."""
+    if not isinstance(arr, types.Array):
+        return None
+    if arr.dtype == types.float32:
+        return _F32, _cvt_f32, lambda b, v: v
+    if arr.dtype == types.uint16:
+        return _I16, _cvt_f16, lambda b, v: b.fpext(b.bitcast(v, ir.HalfType()), _F32)
+    return None
+
+
+@intrinsic
+def _ld_kv8(typingctx, arr, i):
+    """8 values of a KV cache (float32, or halves as uint16) at array offset i as float32 lanes."""
+    kind = _kv_element(arr)
+    if kind is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(kind[0], 8))
+        return kind[1](builder, builder.load(p, align=1))
+
+    return _f32x8(arr, types.intp), codegen
+
+
+@intrinsic
+def _ld_kv1(typingctx, arr, i):
+    """One value of a KV cache at array offset i as float32."""
+    kind = _kv_element(arr)
+    if kind is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], args[1], kind[0])
+        return kind[2](builder, builder.load(p, align=1))
+
+    return types.float32(arr, types.intp), codegen
+
+
+@intrinsic
+def _st_kv1(typingctx, arr, i, v):
+    """Store one float32 into a KV cache at array offset i (as a half, rounded to nearest even, for f16)."""
+    kind = _kv_element(arr)
+    if kind is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        value = args[2]
+        if kind[0] is _I16:
+            value = builder.bitcast(builder.fptrunc(value, ir.HalfType()), _I16)
+        builder.store(value, _elem_ptr(context, builder, sig.args[0], args[0], args[1], kind[0]), align=1)
+        return context.get_dummy_value()
+
+    return types.none(arr, types.intp, types.float32), codegen
+
+
 @intrinsic
 def _pow2(typingctx, n):
     """2**n as float32 for an integer-valued float32 n in [-126, 127], built from the exponent bits."""
@@ -642,6 +699,7 @@ _T_F32, _T_F16, _T_BF16 = (weight_type(n).code for n in ("f32", "f16", "bf16"))
 _T_Q40, _T_Q41, _T_Q50, _T_Q51, _T_Q80 = (weight_type(n).code for n in ("q40", "q41", "q50", "q51", "q80"))
 _T_Q4K, _T_Q5K, _T_Q6K = (weight_type(n).code for n in ("q4k", "q5k", "q6k"))
 _FLOAT_CODES = (_T_F32, _T_F16, _T_BF16)
+KV_DTYPES = {"f32": np.dtype(np.float32), "f16": np.dtype(np.uint16)}  # KV-cache types: halves as their bits
 _LEGACY_CODES = (_T_Q40, _T_Q41, _T_Q50, _T_Q51, _T_Q80)  # 32-value blocks
 _K_CODES = (_T_Q4K, _T_Q5K, _T_Q6K)  # 256-value super-blocks
 _BLOCK_BYTES = tuple(t.block_bytes for t in sorted(WEIGHT_TYPES.values(), key=lambda t: t.code))
@@ -1260,12 +1318,14 @@ def _embedding(code, w, rstride, rows, tokens, out):
 @_kernel
 def _kv_store(k_cache, v_cache, positions, k, v):
     """Returns the index of the first position outside the cache, or -1."""
+    stride = k_cache.strides[0] // k_cache.itemsize
     for b in range(positions.shape[0]):
         p = positions[b]
         if p < 0 or p >= k_cache.shape[0]:
             return b
-        k_cache[p, :] = k[b]
-        v_cache[p, :] = v[b]
+        for j in range(k.shape[1]):
+            _st_kv1(k_cache, p * stride + j, k[b, j])
+            _st_kv1(v_cache, p * stride + j, v[b, j])
     return -1
 
 
@@ -1356,35 +1416,36 @@ def _rope(x, positions, cos, sin, head_dim, neox):
 
 @_helper
 def _dot(a, ao, b, bo, n):
-    """Dot of n floats of a from offset ao with n floats of b from offset bo, in float32."""
+    """Dot of n floats of a from offset ao with n values of the KV cache b from offset bo, in float32."""
     acc0, acc1 = _vzero(), _vzero()
     i = 0
     while i + 16 <= n:
-        acc0 = _vfma(_ld_f32x8(a, ao + i), _ld_f32x8(b, bo + i), acc0)
-        acc1 = _vfma(_ld_f32x8(a, ao + i + 8), _ld_f32x8(b, bo + i + 8), acc1)
+        acc0 = _vfma(_ld_f32x8(a, ao + i), _ld_kv8(b, bo + i), acc0)
+        acc1 = _vfma(_ld_f32x8(a, ao + i + 8), _ld_kv8(b, bo + i + 8), acc1)
         i += 16
     if i + 8 <= n:
-        acc0 = _vfma(_ld_f32x8(a, ao + i), _ld_f32x8(b, bo + i), acc0)
+        acc0 = _vfma(_ld_f32x8(a, ao + i), _ld_kv8(b, bo + i), acc0)
         i += 8
     s = _vsum(_vadd(acc0, acc1))
     for j in range(i, n):
-        s += _ld_f32(a, ao + j) * _ld_f32(b, bo + j)
+        s += _ld_f32(a, ao + j) * _ld_kv1(b, bo + j)
     return s
 
 
 @_helper
 def _weighted_rows(p, n, rows, col, width, scale, out, ocol):
-    """width floats of out from offset ocol = scale * sum_t p[t] * rows[t, col:col+width] over t < n."""
-    stride = rows.strides[0] // 4
+    """width floats of out from offset ocol = scale * sum_t p[t] * rows[t, col:col+width] over t < n (rows: a
+    float32 or f16 KV cache)."""
+    stride = rows.strides[0] // rows.itemsize
     c = 0
     while c + 32 <= width:
         a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
         for t in range(n):
             pt, o = _vsplat(p[t]), t * stride + col + c
-            a0 = _vfma(pt, _ld_f32x8(rows, o), a0)
-            a1 = _vfma(pt, _ld_f32x8(rows, o + 8), a1)
-            a2 = _vfma(pt, _ld_f32x8(rows, o + 16), a2)
-            a3 = _vfma(pt, _ld_f32x8(rows, o + 24), a3)
+            a0 = _vfma(pt, _ld_kv8(rows, o), a0)
+            a1 = _vfma(pt, _ld_kv8(rows, o + 8), a1)
+            a2 = _vfma(pt, _ld_kv8(rows, o + 16), a2)
+            a3 = _vfma(pt, _ld_kv8(rows, o + 24), a3)
         sv = _vsplat(scale)
         _st_f32x8(out, ocol + c, _vmul(a0, sv))
         _st_f32x8(out, ocol + c + 8, _vmul(a1, sv))
@@ -1394,13 +1455,13 @@ def _weighted_rows(p, n, rows, col, width, scale, out, ocol):
     while c + 8 <= width:
         a0 = _vzero()
         for t in range(n):
-            a0 = _vfma(_vsplat(p[t]), _ld_f32x8(rows, t * stride + col + c), a0)
+            a0 = _vfma(_vsplat(p[t]), _ld_kv8(rows, t * stride + col + c), a0)
         _st_f32x8(out, ocol + c, _vmul(a0, _vsplat(scale)))
         c += 8
     for j in range(c, width):
         s = np.float32(0.0)
         for t in range(n):
-            s += p[t] * rows[t, col + j]
+            s += p[t] * _ld_kv1(rows, t * stride + col + j)
         _st_f32(out, ocol + j, s * scale)
 
 
@@ -1425,7 +1486,7 @@ def _scores(q, qo, k_cache, ko, n, head_dim, scale, srow):
     Eight positions at a time when head_dim is a multiple of 8: eight vector accumulators, then one
     transposing reduction instead of eight horizontal sums.
     """
-    stride = k_cache.strides[0] // 4
+    stride = k_cache.strides[0] // k_cache.itemsize
     t = 0
     if head_dim % 8 == 0:
         sv = _vsplat(scale)
@@ -1435,14 +1496,14 @@ def _scores(q, qo, k_cache, ko, n, head_dim, scale, srow):
             a4, a5, a6, a7 = _vzero(), _vzero(), _vzero(), _vzero()
             for i in range(0, head_dim, 8):
                 qv = _ld_f32x8(q, qo + i)
-                a0 = _vfma(qv, _ld_f32x8(k_cache, o + i), a0)
-                a1 = _vfma(qv, _ld_f32x8(k_cache, o + stride + i), a1)
-                a2 = _vfma(qv, _ld_f32x8(k_cache, o + 2 * stride + i), a2)
-                a3 = _vfma(qv, _ld_f32x8(k_cache, o + 3 * stride + i), a3)
-                a4 = _vfma(qv, _ld_f32x8(k_cache, o + 4 * stride + i), a4)
-                a5 = _vfma(qv, _ld_f32x8(k_cache, o + 5 * stride + i), a5)
-                a6 = _vfma(qv, _ld_f32x8(k_cache, o + 6 * stride + i), a6)
-                a7 = _vfma(qv, _ld_f32x8(k_cache, o + 7 * stride + i), a7)
+                a0 = _vfma(qv, _ld_kv8(k_cache, o + i), a0)
+                a1 = _vfma(qv, _ld_kv8(k_cache, o + stride + i), a1)
+                a2 = _vfma(qv, _ld_kv8(k_cache, o + 2 * stride + i), a2)
+                a3 = _vfma(qv, _ld_kv8(k_cache, o + 3 * stride + i), a3)
+                a4 = _vfma(qv, _ld_kv8(k_cache, o + 4 * stride + i), a4)
+                a5 = _vfma(qv, _ld_kv8(k_cache, o + 5 * stride + i), a5)
+                a6 = _vfma(qv, _ld_kv8(k_cache, o + 6 * stride + i), a6)
+                a7 = _vfma(qv, _ld_kv8(k_cache, o + 7 * stride + i), a7)
             _st_f32x8(srow, t, _vmul(_vsum8(a0, a1, a2, a3, a4, a5, a6, a7), sv))
             t += 8
     for u in range(t, n):
@@ -1467,8 +1528,8 @@ def _attention_check(q, k_cache, v_cache, positions, n_heads, out, scratch):
     if (
         q.strides[1] != 4
         or out.strides[1] != 4
-        or k_cache.strides[1] != 4
-        or v_cache.strides[1] != 4
+        or k_cache.strides[1] != k_cache.itemsize
+        or v_cache.strides[1] != v_cache.itemsize
         or scratch.strides[1] != 4
     ):
         return -2
@@ -1853,8 +1914,9 @@ def attention(
     """Causal multi-head attention of q (B, n_heads*head_dim) over cache rows 0..positions[b], into out.
 
     q head h reads kv head (q_offset + h) // group (group: n_heads // n_kv_heads unless given, for a node
-    whose query heads start inside a GQA group). scratch is float32 (>= B*n_heads, > max position): row
-    b*n_heads + h holds that head's scores.
+    whose query heads start inside a GQA group). The caches are float32, or uint16 holding IEEE halves (an
+    f16 KV cache). scratch is float32 (>= B*n_heads, > max position): row b*n_heads + h holds that head's
+    scores.
     """
     group = _attention_group(
         q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, out, scratch, group, q_offset
@@ -1879,6 +1941,8 @@ def _attention_group(
         and out.shape == q.shape
         and k_cache.shape[1] == n_kv_heads * head_dim
         and v_cache.shape == k_cache.shape
+        and k_cache.dtype in KV_DTYPES.values()
+        and v_cache.dtype == k_cache.dtype
         and positions.shape[0] == q.shape[0]
         and scratch.shape[0] >= q.shape[0] * n_heads
     ):
@@ -1906,11 +1970,11 @@ def _attend_all(q, k_cache, v_cache, positions, n_heads, group, q_offset, head_d
 
 
 @functools.cache
-def compile_parallel_attention() -> None:
-    """Compile (or load from numba's cache) the parallel attention kernel, which only batches with enough
-    positions choose: otherwise its first use would compile inside a forward pass (where cluster peers time
-    each other). Called once per process when a program is built."""
-    q, cache = np.zeros((2, 8), np.float32), np.zeros((4, 8), np.float32)
+def compile_parallel_attention(kv_type: str = "f32") -> None:
+    """Compile (or load from numba's cache) the parallel attention kernel for a cache type, which only
+    batches with enough positions choose: otherwise its first use would compile inside a forward pass (where
+    cluster peers time each other). Called once per process and cache type when a program is built."""
+    q, cache = np.zeros((2, 8), np.float32), np.zeros((4, 8), KV_DTYPES[kv_type])
     positions = np.zeros((2, 1), np.int32)[:, 0]
     _attention_par(q, cache, cache, positions, 1, 1, 0, 8, np.zeros_like(q), np.zeros((2, 4), np.float32))
 
@@ -1918,10 +1982,13 @@ def compile_parallel_attention() -> None:
 def kv_store(
     k_cache: np.ndarray, v_cache: np.ndarray, positions: np.ndarray, k: np.ndarray, v: np.ndarray
 ) -> None:
-    """k_cache[positions[b]] = k[b] and v_cache[positions[b]] = v[b] for each batch row b."""
+    """k_cache[positions[b]] = k[b] and v_cache[positions[b]] = v[b] for each batch row b (rounded to
+    nearest-even halves for an f16 cache: uint16 arrays)."""
     if (
         k.shape != v.shape
         or k_cache.shape != v_cache.shape
+        or k_cache.dtype not in KV_DTYPES.values()
+        or v_cache.dtype != k_cache.dtype
         or k.shape[1:] != k_cache.shape[1:]
         or positions.shape[0] != k.shape[0]
     ):

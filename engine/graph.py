@@ -81,6 +81,7 @@ class Graph:
     slice: NodeSlice
     act: str  # "f32" or "q80": the number format of matmul inputs and of the network syncs
     max_seq_len: int
+    kv_type: str = "f32"  # the KV cache's number format: "f32" or "f16" (engine.slicing.KV_TYPES)
     buffers: dict[str, BufferSpec] = field(default_factory=dict)
     segments: list[Segment] = field(default_factory=list)
 
@@ -228,13 +229,15 @@ def moe_feed_forward(b: Builder, layer: int, *, normalize: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def build_graph(cfg: ModelConfig, sl: NodeSlice, act: str = "f32", max_seq_len: int = 4096) -> Graph:
+def build_graph(
+    cfg: ModelConfig, sl: NodeSlice, act: str = "f32", max_seq_len: int = 4096, kv_type: str = "f32"
+) -> Graph:
     """The forward pass of node `sl.node`: embedding, n_layers x the architecture's layer, final norm,
-    this node's rows of the classifier."""
+    this node's rows of the classifier; its KV cache holds `kv_type` values."""
     from engine.arch import get_arch
 
     layer_block = get_arch(cfg.arch).layer
-    g = Graph(cfg, sl, act, max_seq_len)
+    g = Graph(cfg, sl, act, max_seq_len, kv_type)
     b = Builder(g)
     b.buf("tok", 1, "i32")  # token ids (root)
     b.buf("pos", 1, "i32")  # positions

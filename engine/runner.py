@@ -11,7 +11,7 @@ import numpy as np
 from engine.backend import Backend, Program
 from engine.errors import DllamaError
 from engine.graph import Graph, Segment, Sync, build_graph
-from engine.slicing import NodeSlice, fit_slices, plan_slices, slice_bytes, slice_weights
+from engine.slicing import KV_TYPES, NodeSlice, fit_slices, plan_slices, slice_bytes, slice_weights
 from engine.weights import Model, Weight
 
 MAX_BATCH = 32  # prompt tokens per forward pass
@@ -101,9 +101,13 @@ class Runner:
         net_timeout: float | None = None,
         log: Callable[[str], None] = print,
         split: Sequence[float] | str | None = None,
+        kv_type: str = "f32",
     ):
         cfg = model.config
+        if kv_type not in KV_TYPES:
+            raise DllamaError(f"unknown --kv-cache-type {kv_type!r}: choose one of {', '.join(KV_TYPES)}")
         self.model, self.backend, self.act, self.max_batch = model, backend, act, max_batch
+        self.kv_type = kv_type
         self.max_seq_len = min(cfg.context_len, max_seq_len or 4096)
         self.n_nodes = 1 + len(workers)
         if split is not None and split != "auto" and len(split) != self.n_nodes:
@@ -126,9 +130,10 @@ class Runner:
                 backend,
                 net_timeout or NET_TIMEOUT,
                 log,
+                kv_type,
             )
         self.slice = self.slices[0]
-        self.graph = build_graph(cfg, self.slice, act, self.max_seq_len)
+        self.graph = build_graph(cfg, self.slice, act, self.max_seq_len, kv_type)
         try:
             weights = slice_weights(model, self.slice)
             self.program = backend.compile(self.graph, weights, max_batch)
@@ -164,7 +169,7 @@ class Runner:
             weights, how = [1.0] * self.n_nodes, "evenly"
         memory = [available_memory(), *memory]
         names = ["the root"] + [f"worker {k}" for k in range(1, self.n_nodes)]
-        self.slices = fit_slices(self.model, weights, memory, self.max_seq_len, names)
+        self.slices = fit_slices(self.model, weights, memory, self.max_seq_len, names, self.kv_type)
         devices = [self.backend.description] + [str(c.get("device", "?")) for c in caps]
         self.split_table = [
             {
@@ -175,7 +180,7 @@ class Runner:
                 "kv_heads": list(sl.kv_heads),
                 "ffn_rows": list(sl.ffn if self.model.config.hidden_dim else sl.moe),
                 "vocab_rows": list(sl.vocab),
-                "bytes": slice_bytes(self.model, sl, self.max_seq_len),
+                "bytes": slice_bytes(self.model, sl, self.max_seq_len, self.kv_type),
             }
             for sl, dev, w in zip(self.slices, devices, weights, strict=True)
         ]

@@ -23,6 +23,8 @@ from engine.errors import DllamaError
 from engine.weight_types import row_bytes, weight_type
 from engine.weights import BLOCK, Model, Weight
 
+KV_TYPES = {"f32": 4, "f16": 2}  # the KV cache's number formats, in bytes per value
+
 
 def split(total_units: int, n_nodes: int, node: int) -> tuple[int, int]:
     """Unit range [start, end) of `node` when `total_units` are shared as evenly as possible."""
@@ -156,7 +158,7 @@ def plan_slices(model: Model, n_nodes: int, weights: Sequence[float] | None = No
     ]
 
 
-def slice_bytes(model: Model, sl: NodeSlice, max_seq_len: int) -> int:
+def slice_bytes(model: Model, sl: NodeSlice, max_seq_len: int, kv_type: str = "f32") -> int:
     """Bytes node `sl.node` holds: its weight slices (the root's embedding aside) and its KV cache."""
     cfg, total = model.config, 0
     for name, spec in get_arch(cfg.arch).table(cfg):
@@ -165,23 +167,28 @@ def slice_bytes(model: Model, sl: NodeSlice, max_seq_len: int) -> int:
         shape = sliced_shape(spec, cfg, sl)
         lead = int(np.prod(shape[:-2], dtype=np.int64)) if len(shape) > 2 else 1
         total += lead * shape[-2] * row_bytes(model.weights[name].dtype, shape[-1])
-    return total + kv_cache_bytes(cfg, sl, max_seq_len)
+    return total + kv_cache_bytes(cfg, sl, max_seq_len, kv_type)
 
 
-def kv_cache_bytes(cfg: ModelConfig, sl: NodeSlice, max_seq_len: int) -> int:
-    """Bytes of node `sl.node`'s float32 K and V caches for `max_seq_len` positions."""
-    return 2 * cfg.n_layers * max_seq_len * sl.n_kv_heads * cfg.head_dim * 4
+def kv_cache_bytes(cfg: ModelConfig, sl: NodeSlice, max_seq_len: int, kv_type: str = "f32") -> int:
+    """Bytes of node `sl.node`'s K and V caches of `kv_type` values for `max_seq_len` positions."""
+    return 2 * cfg.n_layers * max_seq_len * sl.n_kv_heads * cfg.head_dim * KV_TYPES[kv_type]
 
 
 def fit_slices(
-    model: Model, speeds: Sequence[float], memory: Sequence[int], max_seq_len: int, names: Sequence[str]
+    model: Model,
+    speeds: Sequence[float],
+    memory: Sequence[int],
+    max_seq_len: int,
+    names: Sequence[str],
+    kv_type: str = "f32",
 ) -> list[NodeSlice]:
     """Slices in proportion to `speeds` that fit every node's `memory` (bytes, 0 = unknown): a node short of
     memory gets a smaller share; a model the nodes cannot hold is refused naming the node."""
     n, weights = len(speeds), [float(s) for s in speeds]
     for _ in range(64):
         slices = plan_slices(model, n, weights)
-        need = [slice_bytes(model, sl, max_seq_len) for sl in slices]
+        need = [slice_bytes(model, sl, max_seq_len, kv_type) for sl in slices]
         over = [k for k in range(n) if memory[k] and need[k] > memory[k]]
         if not over:
             return slices

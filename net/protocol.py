@@ -25,10 +25,11 @@ from engine.backend import Backend
 from engine.config import ModelConfig, RopeScaling
 from engine.errors import DllamaError
 from engine.graph import ACT_TYPES
-from engine.slicing import NodeSlice
+from engine.slicing import KV_TYPES, NodeSlice
 
 MAGIC = b"DLMA"
-PROTOCOL_VERSION = 3  # 2: the session config carries the NodeSlice, tensor headers a shape; 3: slice cache
+# 2: the session config carries the NodeSlice, tensor headers a shape; 3: slice cache; 4: the KV-cache type
+PROTOCOL_VERSION = 4
 GREETING = struct.Struct("<4sHBBI")  # magic, version, role, reserved, payload length
 HEADER = struct.Struct("<BBHI")  # type, a, b, c
 GREETING_BOUND = 4096  # bytes of a greeting's JSON payload
@@ -313,6 +314,7 @@ class SessionConfig:
     act: str
     max_seq_len: int
     max_batch: int
+    kv_type: str  # the KV cache's number format (engine.slicing.KV_TYPES)
     timeout: float  # NET_TIMEOUT of the root
     heartbeat: float  # seconds between the root's keep-alive pings on idle links
     weight_bytes: int  # bytes of tensors this worker will hold (received or from its slice cache)
@@ -339,6 +341,7 @@ class SessionConfig:
                 act=_str(d["act"]),
                 max_seq_len=_int(d["max_seq_len"]),
                 max_batch=_int(d["max_batch"]),
+                kv_type=_str(d["kv_type"]),
                 timeout=_num(d["timeout"]),
                 heartbeat=_num(d["heartbeat"]),
                 weight_bytes=_int(d["weight_bytes"]),
@@ -355,6 +358,7 @@ class SessionConfig:
             and all(0 < len(h) <= 255 and h.isprintable() and 1 <= p <= 65535 for h, p in sc.peers)
             and 0 < len(sc.session) <= 64
             and sc.act in ACT_TYPES
+            and sc.kv_type in KV_TYPES
             and 1 <= sc.max_batch <= 65535
             and 1 <= sc.max_seq_len <= sc.model.context_len
             and 0 < sc.timeout <= MAX_NET_TIMEOUT

@@ -70,6 +70,7 @@ class RootCluster:
         backend: Backend,
         timeout: float = NET_TIMEOUT,
         log: Callable[[str], None] = print,
+        kv_type: str = "f32",
     ):
         timeout = check_timeout(timeout)
         self.addresses = [parse_address(a) for a in addresses]
@@ -106,6 +107,7 @@ class RootCluster:
                     act=act,
                     max_seq_len=max_seq_len,
                     max_batch=max_batch,
+                    kv_type=kv_type,
                     timeout=timeout,
                     heartbeat=self.heartbeat,
                     weight_bytes=sum(w.nbytes for w in weights.values()),

@@ -276,13 +276,13 @@ class _Session:
         with self.server._lock:
             self.server._session = sc.session
         cfg = sc.model
-        graph = build_graph(cfg, sc.slice, sc.act, sc.max_seq_len)
+        graph = build_graph(cfg, sc.slice, sc.act, sc.max_seq_len, sc.kv_type)
         self.log(
             f"⭕ Node {sc.node} of {sc.n_nodes}: {cfg.arch}, dim {cfg.dim}, {cfg.n_layers} layers, "
             f"{graph.slice.n_heads} of {cfg.n_heads} heads, "
             f"{graph.slice.n_kv_heads} of {cfg.n_kv_heads} KV heads, {sc.act} sync"
         )
-        kv_bytes = kv_cache_bytes(cfg, sc.slice, sc.max_seq_len)
+        kv_bytes = kv_cache_bytes(cfg, sc.slice, sc.max_seq_len, sc.kv_type)
         act_bytes = sc.max_batch * sum(b.row_bytes for b in graph.buffers.values())
         need, free = sc.weight_bytes + kv_bytes + act_bytes, available_memory()
         if free and need > free:

@@ -3,7 +3,7 @@
 // (QOFF + h) / GROUP (GROUP: the model's query heads per KV head; QOFF: where this node's first query head
 // sits in its first KV group); scores over cache rows 0..pos[b] are scaled by 1/sqrt(HD), soft-maxed (max-subtracted)
 // in a global scratch row, and the output is the score-weighted sum of the value rows. The cache buffers
-// hold several layers of SEQ rows: pc.aux selects the layer.
+// hold several layers of SEQ rows: pc.aux selects the layer. KV_F16: an f16 cache, two halves per word.
 #extension GL_GOOGLE_include_directive : require
 #include "common.glsl"
 #include "reduce.glsl"
@@ -17,8 +17,17 @@ const uint KVW = NKV * HD;
 
 layout(std430, binding = 0) readonly buffer Q { float q[]; };
 layout(std430, binding = 1) readonly buffer P { int pos[]; };
+#ifdef KV_F16
+layout(std430, binding = 2) readonly buffer KC { uint kc[]; };
+layout(std430, binding = 3) readonly buffer VC { uint vc[]; };
+#define K_AT(i) unpackHalf2x16(kc[(i) >> 1])[(i) & 1u]
+#define V_AT(i) unpackHalf2x16(vc[(i) >> 1])[(i) & 1u]
+#else
 layout(std430, binding = 2) readonly buffer KC { float kc[]; };
 layout(std430, binding = 3) readonly buffer VC { float vc[]; };
+#define K_AT(i) kc[i]
+#define V_AT(i) vc[i]
+#endif
 layout(std430, binding = 4) writeonly buffer O { float o[]; };
 layout(std430, binding = 5) buffer S { float sc[]; };
 
@@ -39,7 +48,7 @@ void main() {
     float mx = -3.402823e38;
     for (uint s = t; s <= last; s += gl_WorkGroupSize.x) {
         float acc = 0.0;
-        for (uint d = 0u; d < HD; d++) acc += qh[d] * kc[s * KVW + kvo + d];
+        for (uint d = 0u; d < HD; d++) acc += qh[d] * K_AT(s * KVW + kvo + d);
         acc *= scale;
         sc[so + s] = acc;
         mx = max(mx, acc);
@@ -57,7 +66,7 @@ void main() {
     float inv = 1.0 / sum;
     for (uint d = t; d < HD; d += gl_WorkGroupSize.x) {
         float acc = 0.0;
-        for (uint s = 0u; s <= last; s++) acc += sc[so + s] * vc[s * KVW + kvo + d];
+        for (uint s = 0u; s <= last; s++) acc += sc[so + s] * V_AT(s * KVW + kvo + d);
         o[qo + d] = acc * inv;
     }
 }

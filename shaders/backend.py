@@ -24,6 +24,7 @@ from engine.config import ModelConfig
 from engine.errors import DllamaError
 from engine.files import release_file_pages
 from engine.graph import Graph, Op
+from engine.slicing import KV_TYPES
 from engine.weights import BLOCK, Weight, vector_f32
 from shaders.compile import spirv
 from shaders.devices import DeviceInfo, check_device, list_devices, pick_device
@@ -210,7 +211,7 @@ class VulkanProgram(Program):
         self.weights = {op.weight: weights[op.weight] for op in graph.ops() if op.weight}
         self.chunks, self.slots = group_weights(self.weights, be.buffer_limit)
         self.kv_width = sl.n_kv_heads * cfg.head_dim
-        layer_bytes = graph.max_seq_len * self.kv_width * 4
+        layer_bytes = graph.max_seq_len * self.kv_width * KV_TYPES[graph.kv_type]
         self.layers_per_kv = max(1, min(cfg.n_layers, be.buffer_limit // max(layer_bytes, 1)))
         self._check_memory(max_batch)
         self._precompile()
@@ -220,7 +221,7 @@ class VulkanProgram(Program):
         for name, spec in graph.buffers.items():
             self._alloc_buffer(name, spec.dtype, spec.width, spec.row_bytes)
         kv_chunks = range(_ceil(cfg.n_layers, self.layers_per_kv))
-        kv_words = self.layers_per_kv * graph.max_seq_len * self.kv_width
+        kv_words = self.layers_per_kv * graph.max_seq_len * self.kv_width * KV_TYPES[graph.kv_type] // 4
         self.k_cache = _Layers([self._storage(kv_words, "key cache") for _ in kv_chunks], self.layers_per_kv)
         self.v_cache = _Layers(
             [self._storage(kv_words, "value cache") for _ in kv_chunks], self.layers_per_kv
@@ -255,7 +256,7 @@ class VulkanProgram(Program):
         """Refuse what cannot fit, before allocating: a buffer beyond the binding range, too little device
         memory (device-only buffers; the host-visible pipes live in host memory on a discrete GPU)."""
         g, dev = self.graph, self.be.device
-        kv = self.layers_per_kv * g.max_seq_len * self.kv_width * 4
+        kv = self.layers_per_kv * g.max_seq_len * self.kv_width * KV_TYPES[g.kv_type]
         pipes = [max_batch * spec.row_bytes for name, spec in g.buffers.items() if name in PIPES]
         sizes = [max_batch * spec.row_bytes for name, spec in g.buffers.items() if name not in PIPES]
         sizes += [kv] * (2 * _ceil(g.config.n_layers, self.layers_per_kv))
@@ -450,6 +451,11 @@ def _by_pipe(f32: str, q80: str) -> Callable[[VulkanProgram, Op], ShaderKey]:
     return lambda prog, op: (q80 if prog.is_q80("zq") else f32, ())
 
 
+def _by_kv(name: str) -> Callable[[VulkanProgram, Op], ShaderKey]:
+    """The shader for the KV cache's number format."""
+    return lambda prog, op: (name, ("KV_F16",) if prog.graph.kv_type == "f16" else ())
+
+
 def _tensors(prog: VulkanProgram, names: tuple[str, ...]) -> list:
     return [prog.bufs[n] for n in names]
 
@@ -568,7 +574,8 @@ def _rope(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
 def _kv_store(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
     (kc, i), (vc, _) = prog.k_cache.at(op.params["layer"]), prog.v_cache.at(op.params["layer"])
     tensors = [prog.bufs["k"], prog.bufs["v"], prog.bufs["pos"], kc, vc]
-    groups = _ceil(rows * prog.kv_width, ELEMENTWISE_WG)
+    per_invocation = KV_TYPES["f32"] // KV_TYPES[prog.graph.kv_type]  # values: 2 halves per f16 word
+    groups = _ceil(rows * prog.kv_width // per_invocation, ELEMENTWISE_WG)
     spec = [prog.kv_width, prog.graph.max_seq_len]
     return [_Step(prog._algo(op, tensors, groups, ELEMENTWISE_WG, spec), i)]
 
@@ -617,8 +624,8 @@ OPS: dict[str, _OpImpl] = {
     "moe_matmul": _OpImpl(_moe_matmul_shader, _moe_matmul),
     "moe_sum": _OpImpl(_fixed("moe_sum"), _moe_sum),
     "rope": _OpImpl(_fixed("rope"), _rope),
-    "kv_store": _OpImpl(_fixed("kv_store"), _kv_store),
-    "attention": _OpImpl(_fixed("attention"), _attention),
+    "kv_store": _OpImpl(_by_kv("kv_store"), _kv_store),
+    "attention": _OpImpl(_by_kv("attention"), _attention),
     "silu_mul": _OpImpl(_fixed("silu_mul"), _silu_mul),
     "to_pipe": _OpImpl(_by_pipe("copy_slot", "quantize_q80"), _to_pipe),
     "merge_add": _OpImpl(_by_pipe("merge_add_f32", "merge_add_q80"), _merge_add),

@@ -1,6 +1,7 @@
 #version 450
 // Append this batch's keys and values to the layer's cache: row b goes to cache row pos[b]. The cache buffers
-// hold several layers of SEQ rows: pc.aux selects the layer.
+// hold several layers of SEQ rows: pc.aux selects the layer. KV_F16: an f16 cache, two halves per word (one
+// invocation per pair of values; KVW is even).
 #extension GL_GOOGLE_include_directive : require
 #include "common.glsl"
 layout(constant_id = 1) const uint KVW = 1;
@@ -9,6 +10,40 @@ layout(constant_id = 2) const uint SEQ = 1;
 layout(std430, binding = 0) readonly buffer K { float k[]; };
 layout(std430, binding = 1) readonly buffer V { float v[]; };
 layout(std430, binding = 2) readonly buffer P { int pos[]; };
+#ifdef KV_F16
+layout(std430, binding = 3) writeonly buffer KC { uint kc[]; };
+layout(std430, binding = 4) writeonly buffer VC { uint vc[]; };
+
+// The IEEE half bits of f rounded to nearest even, as the CPU backend and numpy round (Vulkan leaves the
+// rounding of packHalf2x16 to the implementation: lavapipe truncates).
+uint half_bits(float f) {
+    uint x = floatBitsToUint(f);
+    uint sign = (x >> 16) & 0x8000u, e = (x >> 23) & 0xffu, m = x & 0x7fffffu;
+    if (e == 0xffu) return sign | 0x7c00u | (m != 0u ? 0x200u : 0u);  // infinity, NaN
+    int he = int(e) - 112;  // the half's biased exponent
+    if (he >= 31) return sign | 0x7c00u;  // beyond the largest half: infinity
+    uint shift = 13u, bits = m;
+    if (he <= 0) {  // a subnormal half (or zero): the implicit bit joins the mantissa, shifted further
+        if (he < -10) return sign;
+        shift = uint(14 - he);
+        bits = m | 0x800000u;
+    }
+    uint h = bits >> shift, rest = bits & ((1u << shift) - 1u), half_way = 1u << (shift - 1u);
+    h |= he > 0 ? uint(he) << 10 : 0u;
+    if (rest > half_way || (rest == half_way && (h & 1u) != 0u)) h += 1u;  // a carry rounds into the exponent
+    return sign | h;
+}
+
+void main() {
+    uint g = global_index();
+    if (g >= pc.n * KVW / 2u) return;
+    uint b = g / (KVW / 2u), i = 2u * (g % (KVW / 2u));
+    uint o = ((pc.aux * SEQ + uint(pos[b])) * KVW + i) / 2u;
+    uint src = b * KVW + i;
+    kc[o] = half_bits(k[src]) | (half_bits(k[src + 1u]) << 16);
+    vc[o] = half_bits(v[src]) | (half_bits(v[src + 1u]) << 16);
+}
+#else
 layout(std430, binding = 3) writeonly buffer KC { float kc[]; };
 layout(std430, binding = 4) writeonly buffer VC { float vc[]; };
 
@@ -20,3 +55,4 @@ void main() {
     kc[o] = k[g];
     vc[o] = v[g];
 }
+#endif

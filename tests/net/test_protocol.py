@@ -90,6 +90,7 @@ def session(**kw) -> SessionConfig:
         act="q80",
         max_seq_len=128,
         max_batch=32,
+        kv_type="f16",
         timeout=3.0,
         heartbeat=1.0,
         weight_bytes=1234,
@@ -117,6 +118,7 @@ def test_session_config_round_trip():
         dict(max_seq_len=1000),
         dict(peers=[("a", 1)]),
         dict(max_batch=0),
+        dict(kv_type="q80"),
         dict(timeout=0.0),
     ],
 )

@@ -411,3 +411,66 @@ def test_decode_attention_reads_one_token(vk):
     out = ops.read("att")[0].reshape(4, 16)
     vh = v.reshape(2, 16)
     close(out, vh[[0, 0, 1, 1]], 1e-6)
+
+
+def _half_cases(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """float32 values that exercise half rounding: random, exact ties (to odd and to even), subnormal halves
+    and their ties, values that round up into the next exponent, beyond the largest half, and zeros."""
+    a = rng.standard_normal(shape).astype(np.float32) * 3
+    special = np.array(
+        [1 + 2**-11, 1 + 3 * 2**-11, 2**-20, 3 * 2**-25, 2**-26, 2 - 2**-12, 65520.0, 1e6, 0.0, 2**-15],
+        np.float32,
+    )
+    flat = a.reshape(-1)
+    flat[: special.size], flat[special.size : 2 * special.size] = special, -special
+    return a
+
+
+@pytest.mark.parametrize("group,q_offset,heads,kv_heads", [(2, 0, 4, 2), (3, 2, 4, 2)])
+def test_f16_kv_cache_rounds_like_numpy_and_attends_like_the_cpu(any_vk, group, q_offset, heads, kv_heads):
+    """--kv-cache-type f16: kv_store writes the round-to-nearest-even halves numpy writes (bit for bit, ties,
+    subnormals and overflow included), and attention over them gives the CPU kernel's output on the same
+    half caches."""
+    n, hd, seq = 5, 32, 64
+    kvw = kv_heads * hd
+    cfg = config(dim=heads * hd, n_heads=heads, n_kv_heads=kv_heads, head_dim=hd, n_layers=1)
+    att = dict(layer=0, n_heads=heads, n_kv_heads=kv_heads, head_dim=hd, group=group, q_offset=q_offset)
+    ops = Ops(
+        any_vk,
+        [
+            Op("kv_store", "kv", ("k", "v", "pos"), (), None, {"layer": 0}),
+            Op("attention", "att", ("q", "pos"), ("att",), None, att),
+        ],
+        {
+            "q": BufferSpec(heads * hd),
+            "k": BufferSpec(kvw),
+            "v": BufferSpec(kvw),
+            "att": BufferSpec(heads * hd),
+        },
+        cfg=cfg,
+        max_seq=seq,
+        kv_type="f16",
+    )
+    pos = np.arange(n, dtype=np.int32)  # every attended row written: storage memory starts undefined
+    rng = np.random.default_rng(31)
+    for name, a in (
+        ("k", _half_cases(rng, (n, kvw))),
+        ("v", _half_cases(rng, (n, kvw))),
+        ("pos", pos[:, None]),
+    ):
+        ops.write(name, a)
+    ops.run(n)
+    for which in ("k", "v"):
+        with np.errstate(over="ignore"):  # 65520 and 1e6 become infinities, as they must
+            want = ops.read(which)[:n].astype(np.float16).view(np.uint16)
+        np.testing.assert_array_equal(ops.cache(which, 0)[:n], want)
+    q, k, v = rand((n, heads * hd), seed=32), rand((n, kvw), seed=33), rand((n, kvw), seed=34)
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        ops.write(name, a)
+    ops.run(n)
+    kc, vc = k.astype(np.float16).view(np.uint16), v.astype(np.float16).view(np.uint16)
+    want = np.zeros((n, heads * hd), np.float32)
+    kernels.attention(
+        q, kc, vc, pos, heads, kv_heads, hd, want, np.zeros((n * heads, n), np.float32), group, q_offset
+    )
+    close(ops.read("att")[:n], want)

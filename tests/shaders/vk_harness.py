@@ -46,6 +46,7 @@ class Ops:
         act: str = "f32",
         max_batch: int = 8,
         max_seq: int = 64,
+        kv_type: str = "f32",
     ):
         cfg = cfg or config()
         bufs = {
@@ -54,7 +55,9 @@ class Ops:
             "zq": BufferSpec(cfg.dim * n_nodes, act),
         }
         bufs.update(buffers)
-        self.graph = Graph(cfg, node_slice(cfg, 0, n_nodes), act, max_seq, bufs, [Segment(list(ops))])
+        self.graph = Graph(
+            cfg, node_slice(cfg, 0, n_nodes), act, max_seq, kv_type, bufs, [Segment(list(ops))]
+        )
         self.be, self.max_batch = be, max_batch
         self.prog = VulkanProgram(be, self.graph, dict(weights or {}), max_batch)
 
@@ -107,12 +110,13 @@ class Ops:
         return raw.view(dtype)[: self.max_batch * spec.width].reshape(self.max_batch, spec.width)
 
     def cache(self, which: str, layer: int) -> np.ndarray:
-        """Key or value cache rows of `layer`: (max_seq, kv_width) float32."""
+        """Key or value cache rows of `layer`: (max_seq, kv_width) float32, or uint16 half bits (f16)."""
         layers = self.prog.k_cache if which == "k" else self.prog.v_cache
         tensor, index = layers.at(layer)
         seq, kvw = self.graph.max_seq_len, self.prog.kv_width
-        full = self.read_tensor(tensor, layers.per_chunk * seq * kvw)
-        return full.reshape(layers.per_chunk, seq, kvw)[index]
+        f16 = self.graph.kv_type == "f16"
+        full = self.read_tensor(tensor, layers.per_chunk * seq * kvw // (2 if f16 else 1))
+        return (full.view(np.uint16) if f16 else full).reshape(layers.per_chunk, seq, kvw)[index]
 
     def write_cache(self, which: str, layer: int, rows: np.ndarray) -> None:
         """Overwrite the first len(rows) rows of a layer's key or value cache."""
