@@ -12,7 +12,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +26,16 @@ from starlette.exceptions import HTTPException
 
 from engine.errors import DllamaError
 from engine.server.errors import ApiError, error_body
-from engine.server.scheduler import Event, Failed, Finished, Job, ModelInfo, Piece, Scheduler
+from engine.server.scheduler import (
+    Event,
+    Failed,
+    Finished,
+    Job,
+    ModelInfo,
+    Piece,
+    Scheduler,
+    TokenLogprob,
+)
 from engine.server.schemas import ChatRequest, CompletionRequest, SamplingRequest, parse_body
 from engine.tokenizer import Tokenizer
 
@@ -175,7 +184,15 @@ async def _run(
     chat: bool,
 ) -> Response:
     """Queue the generation and answer with its result (JSON) or its events (SSE)."""
-    info = _info(scheduler)
+    info, tok = _info(scheduler), _ready_tokenizer(scheduler)
+    bias = req.bias
+    bad = next((t for t in bias if t >= tok.vocab_size), None)
+    if bad is not None:
+        raise ApiError(
+            400,
+            f"logit_bias: token id {bad} is not in the vocabulary (0..{tok.vocab_size - 1})",
+            "logit_bias",
+        )
     if not ids:
         raise ApiError(400, "the prompt is empty", "messages" if chat else "prompt")
     if len(ids) >= info.context_length:
@@ -197,7 +214,12 @@ async def _run(
 
     seed = req.seed if req.seed is not None else defaults.seed
     shape = _Shape(
-        ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), int(time.time()), info.name, chat
+        ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
+        int(time.time()),
+        info.name,
+        chat,
+        tok,
+        req.logprob_count is not None,
     )
     job = Job(
         id=shape.id,
@@ -209,6 +231,11 @@ async def _run(
         stops=req.stop or [],
         reply_start=chat,
         emit=emit,
+        presence=req.presence_penalty or 0.0,
+        frequency=req.frequency_penalty or 0.0,
+        repetition=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
+        bias=bias,
+        logprobs=req.logprob_count,
     )
     scheduler.submit(job)
     if req.stream:
@@ -224,22 +251,54 @@ class _Shape:
     created: int
     model: str
     chat: bool
+    tokenizer: Tokenizer
+    with_logprobs: bool
+    offset: int = 0  # completions: where the next token's text starts in the generated text
 
     def head(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def choice(self, text: str | None, finish: str | None, chunk: bool) -> dict[str, Any]:
+    def choice(
+        self, text: str | None, finish: str | None, chunk: bool, entries: Sequence[TokenLogprob] = ()
+    ) -> dict[str, Any]:
+        logprobs = self.logprobs(list(entries)) if self.with_logprobs and entries else None
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         if not chunk:
             message = {"role": "assistant", "content": text}
-            return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
         return {
             "index": 0,
             "delta": {} if text is None else {"content": text},
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": finish,
+        }
+
+    def logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        """Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: the legacy lists, whose
+        top_logprobs hold the chosen token as well, as OpenAI's do."""
+        tok = self.tokenizer
+
+        def one(token: int, logprob: float) -> dict[str, Any]:
+            return {"token": tok.token_text(token), "logprob": logprob, "bytes": list(tok.token_bytes(token))}
+
+        if self.chat:
+            content = [
+                {**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries
+            ]
+            return {"content": content, "refusal": None}
+        texts = [tok.token_text(e.token) for e in entries]
+        offsets = []
+        for text in texts:
+            offsets.append(self.offset)
+            self.offset += len(text)
+        tops = [{tok.token_text(t): lp for t, lp in [*e.top, (e.token, e.logprob)]} for e in entries]
+        return {
+            "tokens": texts,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": tops,
+            "text_offset": offsets,
         }
 
 
@@ -262,6 +321,7 @@ async def _collect(request: Request, events: asyncio.Queue[Event], job: Job, sha
     """A non-streaming answer; the job is cancelled if the client disconnects while it waits."""
     gone = asyncio.ensure_future(_wait_disconnect(request))
     pieces: list[str] = []
+    entries: list[TokenLogprob] = []
     try:
         while True:
             nxt = asyncio.ensure_future(events.get())
@@ -272,9 +332,10 @@ async def _collect(request: Request, events: asyncio.Queue[Event], job: Job, sha
             ev = nxt.result()
             if isinstance(ev, Piece):
                 pieces.append(ev.text)
+                entries += ev.logprobs
             elif isinstance(ev, Finished):
                 body = shape.head(chunk=False)
-                body["choices"] = [shape.choice("".join(pieces), ev.reason, chunk=False)]
+                body["choices"] = [shape.choice("".join(pieces), ev.reason, False, entries + ev.logprobs)]
                 body["usage"] = _usage(ev)
                 return JSONResponse(body)
             else:
@@ -305,9 +366,9 @@ async def _stream(
         while True:
             ev = await events.get()
             if isinstance(ev, Piece):
-                yield chunk([shape.choice(ev.text, None, chunk=True)])
+                yield chunk([shape.choice(ev.text, None, True, ev.logprobs)])
             elif isinstance(ev, Finished):
-                yield chunk([shape.choice(None, ev.reason, chunk=True)])
+                yield chunk([shape.choice(None, ev.reason, True, ev.logprobs)])
                 if include_usage:
                     yield chunk([], _usage(ev))
                 yield "[DONE]"
