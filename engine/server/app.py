@@ -40,6 +40,7 @@ from engine.server.schemas import ChatRequest, CompletionRequest, SamplingReques
 from engine.tokenizer import Tokenizer
 
 MAX_BODY = 8 << 20  # bytes; a larger request body is answered with 413
+BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive; a slower one is answered with 408
 SEED_MASK = (1 << 64) - 1
 
 
@@ -52,8 +53,9 @@ class Defaults:
     seed: int | None
 
 
-def create_app(scheduler: Scheduler, defaults: Defaults) -> FastAPI:
-    """The ASGI app; starting it starts the scheduler's thread, stopping it stops the scheduler."""
+def create_app(scheduler: Scheduler, defaults: Defaults, body_timeout: float = BODY_TIMEOUT) -> FastAPI:
+    """The ASGI app; starting it starts the scheduler's thread, stopping it stops the scheduler. A request
+    body that takes longer than `body_timeout` seconds to arrive is answered with 408."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -110,14 +112,14 @@ def create_app(scheduler: Scheduler, defaults: Defaults) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = parse_body(ChatRequest, await _read_body(request))
+        req = parse_body(ChatRequest, await _read_body(request, body_timeout))
         messages = [m.as_template_input() for m in req.messages]
         ids = await run_in_threadpool(_encode_chat, scheduler, messages)
         return await _run(request, scheduler, defaults, req, ids, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = parse_body(CompletionRequest, await _read_body(request))
+        req = parse_body(CompletionRequest, await _read_body(request, body_timeout))
         ids = await run_in_threadpool(_encode_text, scheduler, req.prompt)
         return await _run(request, scheduler, defaults, req, ids, chat=False)
 
@@ -141,17 +143,23 @@ def _model_card(info: ModelInfo, created: int) -> dict[str, Any]:
     }
 
 
-async def _read_body(request: Request) -> bytes:
-    """The request body, refused with 413 past MAX_BODY bytes."""
+async def _read_body(request: Request, timeout: float) -> bytes:
+    """The request body, refused with 413 past MAX_BODY bytes and with 408 if it takes over `timeout` s."""
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > MAX_BODY:
         raise ApiError(413, f"the request body has {size} bytes, more than the {MAX_BODY} allowed")
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > MAX_BODY:
-            raise ApiError(413, f"the request body is larger than the {MAX_BODY} bytes allowed")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > MAX_BODY:
+                    raise ApiError(413, f"the request body is larger than the {MAX_BODY} bytes allowed")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(
+            408, f"the request body did not arrive within {timeout:g} s (--request-timeout)", code="timeout"
+        ) from None
     return b"".join(chunks)
 
 
