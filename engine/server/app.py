@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 
 from engine.errors import DllamaError
 from engine.server.errors import ApiError, error_body
+from engine.server.metrics import CONTENT_TYPE, CountRequests, RequestCounter, render
 from engine.server.scheduler import (
     Event,
     Failed,
@@ -67,6 +68,8 @@ def create_app(scheduler: Scheduler, defaults: Defaults, body_timeout: float = B
 
     app = FastAPI(title="dllama-api", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    requests = RequestCounter()
+    app.add_middleware(CountRequests, counter=requests)
     started = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -96,6 +99,10 @@ def create_app(scheduler: Scheduler, defaults: Defaults, body_timeout: float = B
             info = scheduler.info
             return JSONResponse({"status": "ok", "model": info.name, "nodes": info.n_nodes, **load})
         return JSONResponse({"status": scheduler.state, "message": scheduler.detail, **load}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(render(requests, scheduler), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -96,6 +96,15 @@ class Job:
 
 
 @dataclass
+class EngineStats:
+    """Totals since start-up, for /metrics."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    last_rate: float = 0.0  # decode tokens/s (wall clock after the first token) of the last generation
+
+
+@dataclass
 class ModelInfo:
     """What /v1/models and /health report about the loaded model."""
 
@@ -129,6 +138,7 @@ class Scheduler:
         self._jobs: deque[Job] = deque()
         self._current: Job | None = None
         self._cached: list[int] = []  # tokens in the KV cache, positions 0..len-1
+        self._stats = EngineStats()
         self._cv = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dllama-engine", daemon=True)
@@ -141,6 +151,11 @@ class Scheduler:
         """(running, waiting) jobs, for /health."""
         with self._cv:
             return int(self._current is not None), len(self._jobs)
+
+    def stats(self) -> EngineStats:
+        """A copy of the token totals, for /metrics."""
+        with self._cv:
+            return EngineStats(**vars(self._stats))
 
     def submit(self, job: Job) -> None:
         """Queue a job, or raise ApiError: 503 while not ready, 429 when `queue_size` jobs already wait
@@ -335,6 +350,10 @@ class Scheduler:
             events.close()
         # the last sampled token is never fed, so the cache holds the prompt and all but the last one
         self._cached = ids[:fed] + m.generated[:-1]
+        with self._cv:
+            self._stats.prompt_tokens += len(ids)
+            self._stats.generated_tokens += len(m.generated)
+            self._stats.last_rate = m.decode_rate()
         outcome = reason if reason is not None else "cancelled (the client went away)"
         self._log(
             f"📝 {job.id}: {len(ids)} prompt tokens ({start} cached) + {len(m.generated)} generated, "
