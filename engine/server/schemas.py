@@ -9,6 +9,7 @@ accepted and not used.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -41,7 +42,7 @@ def _neutral_only(v: Any, field: str, neutral: dict[str, tuple[tuple[Any, ...], 
     allowed, why = neutral[field]
     if any(v == a and type(v) is type(a) for a in allowed):
         return v
-    raise _fail("unsupported", f"{why} (accepted only as {' or '.join(_short(a) for a in allowed)})")
+    raise _fail("unsupported", f"{why} (accepted only as {' or '.join(json.dumps(a) for a in allowed)})")
 
 
 _MESSAGE_NEUTRAL = {  # fields of a message the OpenAI client sends back from a response it received
