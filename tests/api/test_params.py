@@ -201,3 +201,34 @@ def test_refusals_reach_the_client(client, fields, param, fragment):
         client.chat.completions.create(model="m", messages=QUESTION, max_tokens=1, extra_body=fields)
     assert e.value.body["param"] == param
     assert fragment in e.value.body["message"]
+
+
+def test_every_generated_token_has_its_logprob_eos_and_stop_included(client, reference):
+    tok = reference.tokenizer
+    eos = {tok.token_text(t) for t in tok.eos_ids}
+    for stream in (False, True):
+        for stop in (None, " is"):
+            r = client.chat.completions.create(
+                model="m", messages=QUESTION, temperature=0, max_tokens=24, logprobs=True, stop=stop,
+                stream=stream, stream_options={"include_usage": True} if stream else None,
+            )  # fmt: skip
+            if stream:
+                chunks = list(r)
+                usage, finish = (
+                    chunks[-1].usage,
+                    [c for c in chunks if c.choices][-1].choices[0].finish_reason,
+                )
+                content = [
+                    e
+                    for c in chunks
+                    if c.choices and c.choices[0].logprobs
+                    for e in c.choices[0].logprobs.content
+                ]
+            else:
+                usage, finish, content = r.usage, r.choices[0].finish_reason, r.choices[0].logprobs.content
+            assert finish == "stop"
+            assert len(content) == usage.completion_tokens
+            if stop is None:
+                assert content[-1].token in eos  # the reply ended with EOS, which has its log-probability too
+            else:
+                assert content[-1].token == " is"  # the token that completed the stop string
