@@ -732,6 +732,22 @@ def api(
             help="requests that may wait for the engine (>= 0); more get HTTP 429",
         ),
     ] = 64,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            "--request-timeout",
+            callback=_in_range(lambda t: t > 0, "give a number of seconds above 0"),
+            help="seconds a client has for a request's headers, and again for its body; slower: closed / 408",
+        ),
+    ] = 30.0,
+    keep_alive: Annotated[
+        float,
+        typer.Option(
+            "--keep-alive",
+            callback=_in_range(lambda t: t > 0, "give a number of seconds above 0"),
+            help="seconds an idle keep-alive connection stays open after a response",
+        ),
+    ] = 5.0,
     chat_template: Template = None,
     model: Model = None,
     tokenizer: TokenizerOpt = None,
@@ -776,6 +792,8 @@ def api(
             host=host,
             port=port,
             queue_size=queue_size,
+            request_timeout=request_timeout,
+            keep_alive=keep_alive,
         )
     )
 

@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from engine.runner import ForwardStats, Runner
 from engine.sampler import Sampler
 from engine.tokenizer import Tokenizer
@@ -25,6 +27,7 @@ class Event:
     token: int | None = None
     text: str = ""
     n_tokens: int = 0  # prompt tokens in a prefill batch
+    logits: np.ndarray | None = None  # the model's raw logits the token was drawn from
 
 
 @dataclass
@@ -94,13 +97,13 @@ def generate(
             m.stop_reason = "eos"
             text = stream.flush()
             _clock(m, t0, step)
-            yield Event("token", st, token, text)
+            yield Event("token", st, token, text, logits=logits)
             return
         full = pos >= runner.max_seq_len
         is_final = full or step == max_new_tokens - 1
         text = stream.push(token) + (stream.flush() if is_final else "")
         _clock(m, t0, step)
-        yield Event("token", st, token, text)
+        yield Event("token", st, token, text, logits=logits)
         if is_final:
             m.stop_reason = "context" if full else "length"
             return

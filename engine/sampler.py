@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit
 
 from engine.errors import DllamaError
+from engine.logits import LogitsProcessor
 
 TOL = 1e-9  # a decision closer than this (relative) to its boundary is left to the full computation
 _Z_FLOOR = -44.0  # terms below exp(-44) count as exp(-44): under 1e-14 of the sum at 152k ids
@@ -73,11 +74,20 @@ def _first_above(terms: np.ndarray, target: float, margin: float) -> int:
 class Sampler:
     """Draws token ids from logits; only the first `vocab_size` logits (the tokenizer's) are candidates.
 
-    top-p 0 or 1 (or beyond) samples the whole distribution, as distributed-llama does.
+    top-p 0 or 1 (or beyond) samples the whole distribution, as distributed-llama does. A `processor`
+    (penalties, logit bias) changes the logits before each draw and is told each drawn token.
     """
 
-    def __init__(self, vocab_size: int, temperature: float = 0.8, topp: float = 0.9, seed: int | None = None):
+    def __init__(
+        self,
+        vocab_size: int,
+        temperature: float = 0.8,
+        topp: float = 0.9,
+        seed: int | None = None,
+        processor: LogitsProcessor | None = None,
+    ):
         self.vocab_size, self.temperature, self.topp = vocab_size, temperature, topp
+        self.processor = processor if processor is not None and processor.active else None
         self.rng = np.random.default_rng(seed)
         self._terms = np.zeros(1, np.float64)
         one = np.zeros(1, np.float32)  # load the compiled kernels now, not inside the first timed draw
@@ -90,7 +100,14 @@ class Sampler:
 
     def sample(self, logits: np.ndarray) -> int:
         """One id; argmax (first maximum) when temperature is 0; a NaN or +inf logit is refused."""
-        logits = logits[: self.vocab_size]
+        if self.processor is None:
+            return self._draw(logits[: self.vocab_size])
+        token = self._draw(self.processor(logits))
+        self.processor.accept(token)
+        return token
+
+    def _draw(self, logits: np.ndarray) -> int:
+        """The draw from logits already cut to the vocabulary."""
         top = logits.max()  # NaN propagates through max
         if not np.isfinite(top):
             raise DllamaError(

@@ -12,7 +12,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -26,11 +26,22 @@ from starlette.exceptions import HTTPException
 
 from engine.errors import DllamaError
 from engine.server.errors import ApiError, error_body
-from engine.server.scheduler import Event, Failed, Finished, Job, ModelInfo, Piece, Scheduler
+from engine.server.metrics import CONTENT_TYPE, CountRequests, RequestCounter, render
+from engine.server.scheduler import (
+    Event,
+    Failed,
+    Finished,
+    Job,
+    ModelInfo,
+    Piece,
+    Scheduler,
+    TokenLogprob,
+)
 from engine.server.schemas import ChatRequest, CompletionRequest, SamplingRequest, parse_body
 from engine.tokenizer import Tokenizer
 
 MAX_BODY = 8 << 20  # bytes; a larger request body is answered with 413
+BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive; a slower one is answered with 408
 SEED_MASK = (1 << 64) - 1
 
 
@@ -43,8 +54,9 @@ class Defaults:
     seed: int | None
 
 
-def create_app(scheduler: Scheduler, defaults: Defaults) -> FastAPI:
-    """The ASGI app; starting it starts the scheduler's thread, stopping it stops the scheduler."""
+def create_app(scheduler: Scheduler, defaults: Defaults, body_timeout: float = BODY_TIMEOUT) -> FastAPI:
+    """The ASGI app; starting it starts the scheduler's thread, stopping it stops the scheduler. A request
+    body that takes longer than `body_timeout` seconds to arrive is answered with 408."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -56,6 +68,8 @@ def create_app(scheduler: Scheduler, defaults: Defaults) -> FastAPI:
 
     app = FastAPI(title="dllama-api", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    requests = RequestCounter()
+    app.add_middleware(CountRequests, counter=requests)
     started = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -86,6 +100,10 @@ def create_app(scheduler: Scheduler, defaults: Defaults) -> FastAPI:
             return JSONResponse({"status": "ok", "model": info.name, "nodes": info.n_nodes, **load})
         return JSONResponse({"status": scheduler.state, "message": scheduler.detail, **load}, status_code=503)
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(render(requests, scheduler), media_type=CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(_info(scheduler), started)]}
@@ -101,14 +119,14 @@ def create_app(scheduler: Scheduler, defaults: Defaults) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = parse_body(ChatRequest, await _read_body(request))
+        req = parse_body(ChatRequest, await _read_body(request, body_timeout))
         messages = [m.as_template_input() for m in req.messages]
         ids = await run_in_threadpool(_encode_chat, scheduler, messages)
         return await _run(request, scheduler, defaults, req, ids, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = parse_body(CompletionRequest, await _read_body(request))
+        req = parse_body(CompletionRequest, await _read_body(request, body_timeout))
         ids = await run_in_threadpool(_encode_text, scheduler, req.prompt)
         return await _run(request, scheduler, defaults, req, ids, chat=False)
 
@@ -132,17 +150,23 @@ def _model_card(info: ModelInfo, created: int) -> dict[str, Any]:
     }
 
 
-async def _read_body(request: Request) -> bytes:
-    """The request body, refused with 413 past MAX_BODY bytes."""
+async def _read_body(request: Request, timeout: float) -> bytes:
+    """The request body, refused with 413 past MAX_BODY bytes and with 408 if it takes over `timeout` s."""
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > MAX_BODY:
         raise ApiError(413, f"the request body has {size} bytes, more than the {MAX_BODY} allowed")
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > MAX_BODY:
-            raise ApiError(413, f"the request body is larger than the {MAX_BODY} bytes allowed")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > MAX_BODY:
+                    raise ApiError(413, f"the request body is larger than the {MAX_BODY} bytes allowed")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(
+            408, f"the request body did not arrive within {timeout:g} s (--request-timeout)", code="timeout"
+        ) from None
     return b"".join(chunks)
 
 
@@ -175,7 +199,15 @@ async def _run(
     chat: bool,
 ) -> Response:
     """Queue the generation and answer with its result (JSON) or its events (SSE)."""
-    info = _info(scheduler)
+    info, tok = _info(scheduler), _ready_tokenizer(scheduler)
+    bias = req.bias
+    bad = next((t for t in bias if t >= tok.vocab_size), None)
+    if bad is not None:
+        raise ApiError(
+            400,
+            f"logit_bias: token id {bad} is not in the vocabulary (0..{tok.vocab_size - 1})",
+            "logit_bias",
+        )
     if not ids:
         raise ApiError(400, "the prompt is empty", "messages" if chat else "prompt")
     if len(ids) >= info.context_length:
@@ -197,7 +229,12 @@ async def _run(
 
     seed = req.seed if req.seed is not None else defaults.seed
     shape = _Shape(
-        ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), int(time.time()), info.name, chat
+        ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
+        int(time.time()),
+        info.name,
+        chat,
+        tok,
+        req.logprob_count is not None,
     )
     job = Job(
         id=shape.id,
@@ -209,6 +246,11 @@ async def _run(
         stops=req.stop or [],
         reply_start=chat,
         emit=emit,
+        presence=req.presence_penalty or 0.0,
+        frequency=req.frequency_penalty or 0.0,
+        repetition=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
+        bias=bias,
+        logprobs=req.logprob_count,
     )
     scheduler.submit(job)
     if req.stream:
@@ -224,22 +266,54 @@ class _Shape:
     created: int
     model: str
     chat: bool
+    tokenizer: Tokenizer
+    with_logprobs: bool
+    offset: int = 0  # completions: where the next token's text starts in the generated text
 
     def head(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def choice(self, text: str | None, finish: str | None, chunk: bool) -> dict[str, Any]:
+    def choice(
+        self, text: str | None, finish: str | None, chunk: bool, entries: Sequence[TokenLogprob] = ()
+    ) -> dict[str, Any]:
+        logprobs = self.logprobs(list(entries)) if self.with_logprobs and entries else None
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         if not chunk:
             message = {"role": "assistant", "content": text}
-            return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
         return {
             "index": 0,
             "delta": {} if text is None else {"content": text},
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": finish,
+        }
+
+    def logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        """Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: the legacy lists, whose
+        top_logprobs hold the chosen token as well, as OpenAI's do."""
+        tok = self.tokenizer
+
+        def one(token: int, logprob: float) -> dict[str, Any]:
+            return {"token": tok.token_text(token), "logprob": logprob, "bytes": list(tok.token_bytes(token))}
+
+        if self.chat:
+            content = [
+                {**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries
+            ]
+            return {"content": content, "refusal": None}
+        texts = [tok.token_text(e.token) for e in entries]
+        offsets = []
+        for text in texts:
+            offsets.append(self.offset)
+            self.offset += len(text)
+        tops = [{tok.token_text(t): lp for t, lp in [*e.top, (e.token, e.logprob)]} for e in entries]
+        return {
+            "tokens": texts,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": tops,
+            "text_offset": offsets,
         }
 
 
@@ -262,6 +336,7 @@ async def _collect(request: Request, events: asyncio.Queue[Event], job: Job, sha
     """A non-streaming answer; the job is cancelled if the client disconnects while it waits."""
     gone = asyncio.ensure_future(_wait_disconnect(request))
     pieces: list[str] = []
+    entries: list[TokenLogprob] = []
     try:
         while True:
             nxt = asyncio.ensure_future(events.get())
@@ -272,9 +347,10 @@ async def _collect(request: Request, events: asyncio.Queue[Event], job: Job, sha
             ev = nxt.result()
             if isinstance(ev, Piece):
                 pieces.append(ev.text)
+                entries += ev.logprobs
             elif isinstance(ev, Finished):
                 body = shape.head(chunk=False)
-                body["choices"] = [shape.choice("".join(pieces), ev.reason, chunk=False)]
+                body["choices"] = [shape.choice("".join(pieces), ev.reason, False, entries + ev.logprobs)]
                 body["usage"] = _usage(ev)
                 return JSONResponse(body)
             else:
@@ -305,9 +381,9 @@ async def _stream(
         while True:
             ev = await events.get()
             if isinstance(ev, Piece):
-                yield chunk([shape.choice(ev.text, None, chunk=True)])
+                yield chunk([shape.choice(ev.text, None, True, ev.logprobs)])
             elif isinstance(ev, Finished):
-                yield chunk([shape.choice(None, ev.reason, chunk=True)])
+                yield chunk([shape.choice(None, ev.reason, True, ev.logprobs)])
                 if include_usage:
                     yield chunk([], _usage(ev))
                 yield "[DONE]"

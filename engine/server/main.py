@@ -18,11 +18,13 @@ from sse_starlette.sse import AppStatus
 from engine.chat_template import BUILTIN_TEMPLATES
 from engine.errors import DllamaError
 from engine.loader import Loaded, load
-from engine.server.app import Defaults, create_app
+from engine.server.app import BODY_TIMEOUT, Defaults, create_app
+from engine.server.limits import bounded_protocol
 from engine.server.scheduler import Scheduler
 
 GRACE_S = 30.0  # seconds in-flight requests get to finish after SIGTERM before they are cancelled
 DEFAULT_QUEUE = 64
+KEEP_ALIVE_S = 5.0  # uvicorn's default
 
 
 @dataclass
@@ -46,6 +48,8 @@ class ServerOptions:
     host: str
     port: int
     queue_size: int = DEFAULT_QUEUE
+    request_timeout: float = BODY_TIMEOUT  # seconds for a request's headers, and again for its body
+    keep_alive: float = KEEP_ALIVE_S  # seconds an idle keep-alive connection is kept
 
 
 def _say(line: str) -> None:
@@ -77,6 +81,9 @@ def serve(opts: ServerOptions) -> None:
         )
     if opts.queue_size < 0:
         raise DllamaError(f"--queue-size must be at least 0 (got {opts.queue_size})")
+    for flag, seconds in (("--request-timeout", opts.request_timeout), ("--keep-alive", opts.keep_alive)):
+        if not seconds > 0:
+            raise DllamaError(f"{flag} must be above 0 seconds (got {seconds})")
     sock = bind(opts.host, opts.port)
     port = sock.getsockname()[1]
     fatal: list[str] = []
@@ -95,9 +102,15 @@ def serve(opts: ServerOptions) -> None:
         template_name=opts.chat_template,
         log=_say,
     )
-    app = create_app(scheduler, Defaults(opts.temperature, opts.top_p, opts.seed))
+    app = create_app(scheduler, Defaults(opts.temperature, opts.top_p, opts.seed), opts.request_timeout)
     config = uvicorn.Config(
-        app, log_level="info", timeout_graceful_shutdown=int(GRACE_S), server_header=False, lifespan="on"
+        app,
+        http=bounded_protocol(opts.request_timeout),
+        timeout_keep_alive=opts.keep_alive,  # typed int by uvicorn; a float works (it goes to call_later)
+        log_level="info",
+        timeout_graceful_shutdown=int(GRACE_S),
+        server_header=False,
+        lifespan="on",
     )
     server = uvicorn.Server(config)
     shown = f"[{opts.host}]" if ":" in opts.host else opts.host

@@ -22,6 +22,7 @@ from engine.chat_template import ChatTemplate
 from engine.errors import DllamaError
 from engine.generate import Metrics, generate
 from engine.loader import Loaded
+from engine.logits import LogitsProcessor, log_softmax_at
 from engine.runner import Runner
 from engine.sampler import Sampler
 from engine.server.errors import ApiError
@@ -32,20 +33,33 @@ IDLE_CHECK_S = 1.0  # how often an idle engine looks for a cluster node that wen
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model's raw logits, with the most likely alternatives."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-probability), most likely first
+
+
+@dataclass
 class Piece:
-    """Generated text, safe to send (stop strings already removed)."""
+    """Generated text, safe to send (stop strings already removed), and the log-probabilities (if asked
+    for) of the tokens generated since the previous piece."""
 
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
 class Finished:
-    """The end of a generation: OpenAI's finish_reason and the usage counts."""
+    """The end of a generation: OpenAI's finish_reason, the usage counts, and the log-probabilities of the
+    tokens no piece carried (a stop string's, EOS)."""
 
     reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -73,7 +87,21 @@ class Job:
     stops: list[str]
     reply_start: bool  # chat: the text starts the reply (a SentencePiece dummy space is dropped)
     emit: Callable[[Event], None]
+    presence: float = 0.0
+    frequency: float = 0.0
+    repetition: float = 1.0
+    bias: dict[int, float] = field(default_factory=dict)  # token ids already checked against the vocabulary
+    logprobs: int | None = None  # alternatives per token's log-probability; None: no log-probabilities
     cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class EngineStats:
+    """Totals since start-up, for /metrics."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    last_rate: float = 0.0  # decode tokens/s (wall clock after the first token) of the last generation
 
 
 @dataclass
@@ -110,6 +138,7 @@ class Scheduler:
         self._jobs: deque[Job] = deque()
         self._current: Job | None = None
         self._cached: list[int] = []  # tokens in the KV cache, positions 0..len-1
+        self._stats = EngineStats()
         self._cv = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dllama-engine", daemon=True)
@@ -122,6 +151,11 @@ class Scheduler:
         """(running, waiting) jobs, for /health."""
         with self._cv:
             return int(self._current is not None), len(self._jobs)
+
+    def stats(self) -> EngineStats:
+        """A copy of the token totals, for /metrics."""
+        with self._cv:
+            return EngineStats(**vars(self._stats))
 
     def submit(self, job: Job) -> None:
         """Queue a job, or raise ApiError: 503 while not ready, 429 when `queue_size` jobs already wait
@@ -270,7 +304,11 @@ class Scheduler:
         ids = job.prompt
         start = min(common_prefix(ids, self._cached), len(ids) - 1)
         self._cached = ids[:start]  # what stays valid whatever happens below
-        sampler = Sampler(tok.vocab_size, job.temperature, job.top_p, job.seed)
+        processor = LogitsProcessor(
+            tok.vocab_size, job.presence, job.frequency, job.repetition, job.bias, prompt=ids
+        )
+        sampler = Sampler(tok.vocab_size, job.temperature, job.top_p, job.seed, processor)
+        pending: list[TokenLogprob] = []
         budget = job.max_tokens if job.max_tokens is not None else runner.max_seq_len
         m, fed, stopper, reason = Metrics(), start, StopFilter(job.stops), None
         t0 = time.perf_counter()
@@ -282,9 +320,14 @@ class Scheduler:
                 if ev.kind == "prefill":
                     fed += ev.n_tokens
                 else:
+                    if job.logprobs is not None:
+                        assert ev.logits is not None and ev.token is not None
+                        lp, top = log_softmax_at(ev.logits, tok.vocab_size, ev.token, job.logprobs)
+                        pending.append(TokenLogprob(ev.token, lp, top))
                     text, hit = stopper.push(ev.text)
                     if text:
-                        job.emit(Piece(text))
+                        job.emit(Piece(text, pending))
+                        pending = []
                     if hit:
                         reason = "stop"
                         break
@@ -294,7 +337,8 @@ class Scheduler:
                 reason = "stop" if m.stop_reason == "eos" else "length"
                 tail = stopper.flush()
                 if tail:
-                    job.emit(Piece(tail))
+                    job.emit(Piece(tail, pending))
+                    pending = []
         except DllamaError as e:
             self._failed(job, runner, str(e))
             return
@@ -306,13 +350,17 @@ class Scheduler:
             events.close()
         # the last sampled token is never fed, so the cache holds the prompt and all but the last one
         self._cached = ids[:fed] + m.generated[:-1]
+        with self._cv:
+            self._stats.prompt_tokens += len(ids)
+            self._stats.generated_tokens += len(m.generated)
+            self._stats.last_rate = m.decode_rate()
         outcome = reason if reason is not None else "cancelled (the client went away)"
         self._log(
             f"📝 {job.id}: {len(ids)} prompt tokens ({start} cached) + {len(m.generated)} generated, "
             f"{outcome}, {time.perf_counter() - t0:.2f} s"
         )
         if reason is not None:
-            job.emit(Finished(reason, len(ids), len(m.generated), start))
+            job.emit(Finished(reason, len(ids), len(m.generated), start, pending))
 
     def _failed(self, job: Job, runner: Runner, message: str) -> None:
         self._cached = []

@@ -1,15 +1,25 @@
-"""Request bodies of the OpenAI endpoints: strict pydantic models, and their errors as one line each."""
+"""Request bodies of the OpenAI endpoints: strict pydantic models, and their errors as one line each.
+
+Every field is either honoured or refused: an OpenAI field dllama-api does not implement is accepted only at
+its neutral value (e.g. `tools: []`, `response_format: {"type": "text"}`) and otherwise answered with a 400
+naming it; a field OpenAI does not define is refused as unknown (vLLM ignores unknown fields with a logged
+warning instead; here a silently ignored field counts as a defect). `user`, an end-user identifier, is
+accepted and not used.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+import json
+import re
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from engine.server.errors import ApiError
 
 MAX_STOPS = 16
+MAX_TOP_LOGPROBS = 20  # as vLLM's default limit (OpenAI's own: 20 for chat, 5 for completions)
 RequestT = TypeVar("RequestT", bound="SamplingRequest")
 
 
@@ -18,13 +28,32 @@ def _fail(kind: str, message: str) -> PydanticCustomError:
 
 
 class _Strict(BaseModel):
-    """No silent coercion ("5" is not 5), no NaN or infinities; fields a client may add are ignored."""
+    """No silent coercion ("5" is not 5), no NaN or infinities, no unknown fields."""
 
-    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+def _neutral_only(v: Any, field: str, neutral: dict[str, tuple[tuple[Any, ...], str]]) -> Any:
+    """`v` when it is one of the field's neutral values (the feature not asked for), else a refusal."""
+    allowed, why = neutral[field]
+    if any(v == a and type(v) is type(a) for a in allowed):
+        return v
+    raise _fail("unsupported", f"{why} (accepted only as {' or '.join(json.dumps(a) for a in allowed)})")
+
+
+_MESSAGE_NEUTRAL = {  # fields of a message the OpenAI client sends back from a response it received
+    "name": ((None,), "participant names are not supported"),
+    "refusal": ((None,), "refusals are not supported"),
+    "tool_calls": ((None, []), "tool calls are not supported"),
+    "tool_call_id": ((None,), "tool calls are not supported"),
+    "function_call": ((None,), "function calls are not supported"),
+    "audio": ((None,), "audio is not supported"),
+    "annotations": ((None, []), "annotations are not supported"),
+}
 
 
 class ChatMessage(_Strict):
@@ -32,6 +61,18 @@ class ChatMessage(_Strict):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str
+    name: Any = None
+    refusal: Any = None
+    tool_calls: Any = None
+    tool_call_id: Any = None
+    function_call: Any = None
+    audio: Any = None
+    annotations: Any = None
+
+    @field_validator(*_MESSAGE_NEUTRAL, mode="before")
+    @classmethod
+    def _neutral(cls, v: Any, info: ValidationInfo) -> Any:
+        return _neutral_only(v, info.field_name, _MESSAGE_NEUTRAL)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -67,6 +108,19 @@ class SamplingRequest(_Strict):
     seed: int | None = None
     stop: list[str] | None = None
     n: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    user: str | None = None  # an end-user identifier (OpenAI uses it against abuse): accepted, not used
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        bad = next((k for k in v or {} if not re.fullmatch(r"[0-9]{1,9}", k)), None)
+        if bad is not None:
+            raise _fail("logit_bias_key", f"keys must be token ids as decimal strings (got {bad!r})")
+        return v
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -90,6 +144,16 @@ class SamplingRequest(_Strict):
             raise _fail("n_unsupported", f"only n=1 is supported (got {v})")
         return v
 
+    def check(self) -> None:
+        """Rules across fields, as ApiError 400 naming the field."""
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "stream_options: only allowed when stream is true", param="stream_options")
+
+    @property
+    def bias(self) -> dict[int, float]:
+        """logit_bias with integer token ids."""
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
+
     @property
     def token_limit(self) -> int | None:
         """max_completion_tokens (the newer name) or max_tokens; None: until EOS or the context is full."""
@@ -99,10 +163,56 @@ class SamplingRequest(_Strict):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def logprob_count(self) -> int | None:
+        """How many alternatives each token's log-probability comes with; None: no log-probabilities."""
+        return None
+
+
+_CHAT_NEUTRAL = {
+    "response_format": (
+        (None, {"type": "text"}),
+        "JSON mode and JSON schemas are not supported",
+    ),
+    "tools": ((None, []), "tool calling is not supported"),
+    "tool_choice": ((None, "none"), "tool calling is not supported"),
+    "parallel_tool_calls": ((None,), "tool calling is not supported"),
+    "functions": ((None, []), "function calling is not supported"),
+    "function_call": ((None, "none"), "function calling is not supported"),
+    "modalities": ((None, ["text"]), "only text output is supported"),
+    "audio": ((None,), "audio output is not supported"),
+    "prediction": ((None,), "predicted outputs are not supported"),
+    "store": ((None, False), "stored completions are not supported"),
+    "metadata": ((None,), "metadata is only for stored completions, which are not supported"),
+    "service_tier": ((None,), "service tiers are not supported"),
+    "reasoning_effort": ((None,), "reasoning effort is not supported"),
+    "web_search_options": ((None,), "web search is not supported"),
+}
+
 
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage]
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+
+    @field_validator(*_CHAT_NEUTRAL, mode="before")
+    @classmethod
+    def _neutral(cls, v: Any, info: ValidationInfo) -> Any:
+        return _neutral_only(v, info.field_name, _CHAT_NEUTRAL)
 
     @field_validator("messages")
     @classmethod
@@ -111,19 +221,30 @@ class ChatRequest(SamplingRequest):
             raise _fail("messages_empty", "must hold at least one message")
         return v
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: bool | None) -> bool | None:
-        if v:
-            raise _fail("logprobs_unsupported", "logprobs are not supported")
-        return v
+    def check(self) -> None:
+        super().check()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs: only allowed when logprobs is true", param="top_logprobs")
+
+    @property
+    def logprob_count(self) -> int | None:
+        """How many alternatives each token's log-probability comes with; None: no log-probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+_COMPLETION_NEUTRAL = {
+    "echo": ((None, False), "echoing the prompt is not supported"),
+    "suffix": ((None, ""), "suffixes (insertion) are not supported"),
+    "best_of": ((None, 1), "best_of is not supported"),
+}
 
 
 class CompletionRequest(SamplingRequest):
     prompt: str
-    echo: bool | None = None
-    logprobs: int | None = None
-    suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: Any = None
+    suffix: Any = None
+    best_of: Any = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -134,12 +255,15 @@ class CompletionRequest(SamplingRequest):
             raise _fail("prompt_list", "give one prompt: a string or a list of one string")
         return v
 
-    @field_validator("echo", "logprobs", "suffix")
+    @field_validator(*_COMPLETION_NEUTRAL, mode="before")
     @classmethod
-    def _unsupported(cls, v: Any, info: Any) -> Any:
-        if v:
-            raise _fail("unsupported", f"{info.field_name} is not supported")
-        return v
+    def _neutral(cls, v: Any, info: ValidationInfo) -> Any:
+        return _neutral_only(v, info.field_name, _COMPLETION_NEUTRAL)
+
+    @property
+    def logprob_count(self) -> int | None:
+        """How many alternatives each token's log-probability comes with; None: no log-probabilities."""
+        return self.logprobs
 
 
 def _param(loc: tuple[Any, ...]) -> str:
@@ -154,7 +278,7 @@ def parse_body(model: type[RequestT], body: bytes) -> RequestT:
     if not body.strip():
         raise ApiError(400, "the request body is empty: send a JSON object")
     try:
-        return model.model_validate_json(body)
+        req = model.model_validate_json(body)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         if err["type"] == "json_invalid":
@@ -162,9 +286,14 @@ def parse_body(model: type[RequestT], body: bytes) -> RequestT:
         if not err["loc"]:
             raise ApiError(400, "the request body must be a JSON object") from None
         param = _param(err["loc"])
+        if err["type"] == "extra_forbidden":
+            message = f"{param}: unknown field: dllama-api does not support it (remove it from the request)"
+            raise ApiError(400, message, param=param) from None
         plain = err["type"] == "missing" or err["type"].startswith("dllama_")
         got = "" if plain else f" (got {_short(err.get('input'))})"
         raise ApiError(400, f"{param}: {err['msg']}{got}", param=param) from None
+    req.check()
+    return req
 
 
 def _short(value: Any) -> str:

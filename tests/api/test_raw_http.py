@@ -57,11 +57,37 @@ MALFORMED = [
     (CHAT, _chat(n=3), 400, "n", "n=1"),
     (CHAT, _chat(seed=1.5), 400, "seed", "integer"),
     (CHAT, _chat(stream_options={"include_usage": "yes"}), 400, "stream_options.include_usage", "boolean"),
-    (CHAT, _chat(logprobs=True), 400, "logprobs", "not supported"),
+    (CHAT, _chat(logprobs="yes"), 400, "logprobs", "boolean"),
+    (CHAT, _chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", "less than or equal to 20"),
+    (CHAT, _chat(top_logprobs=0), 400, "top_logprobs", "logprobs is true"),
+    (CHAT, _chat(stream_options={"include_usage": True}), 400, "stream_options", "stream is true"),
+    (CHAT, _chat(stream=True, stream_options={"extra": 1}), 400, "stream_options.extra", "unknown field"),
+    (CHAT, _chat(presence_penalty=2.5), 400, "presence_penalty", "less than or equal to 2"),
+    (CHAT, _chat(frequency_penalty=-3), 400, "frequency_penalty", "greater than or equal to -2"),
+    (CHAT, _chat(repetition_penalty=0), 400, "repetition_penalty", "greater than 0"),
+    (CHAT, _chat(logit_bias={"12": 101}), 400, "logit_bias.12", "less than or equal to 100"),
+    (CHAT, _chat(logit_bias={"dog": 1}), 400, "logit_bias", "token ids"),
+    (CHAT, _chat(logit_bias={"-1": 1}), 400, "logit_bias", "token ids"),
+    (CHAT, _chat(logit_bias={"49152": 1}), 400, "logit_bias", "not in the vocabulary"),
+    (CHAT, _chat(logit_bias=[1]), 400, "logit_bias", "object"),
+    (CHAT, _chat(response_format={"type": "json_object"}), 400, "response_format", "JSON mode"),
+    (CHAT, _chat(tools=[{"type": "function"}]), 400, "tools", "tool calling"),
+    (CHAT, _chat(tool_choice="auto"), 400, "tool_choice", "tool calling"),
+    (CHAT, _chat(functions=[{"name": "f"}]), 400, "functions", "function calling"),
+    (CHAT, _chat(modalities=["audio"]), 400, "modalities", "text"),
+    (CHAT, _chat(store=True), 400, "store", "stored"),
+    (CHAT, _chat(top_k=5), 400, "top_k", "unknown field"),
+    (CHAT, _chat(messages=[{**USER, "name": "bob"}]), 400, "messages[0].name", "names"),
+    (CHAT, _chat(messages=[{**USER, "mood": "x"}]), 400, "messages[0].mood", "unknown field"),
     ("/v1/completions", b'{"prompt": 5}', 400, "prompt", "string"),
     ("/v1/completions", b'{"prompt": ["a", "b"]}', 400, "prompt", "one prompt"),
     ("/v1/completions", b'{"max_tokens": 5}', 400, "prompt", "required"),
     ("/v1/completions", b'{"prompt": "a", "echo": true}', 400, "echo", "not supported"),
+    ("/v1/completions", b'{"prompt": "a", "suffix": "b"}', 400, "suffix", "not supported"),
+    ("/v1/completions", b'{"prompt": "a", "best_of": 2}', 400, "best_of", "not supported"),
+    ("/v1/completions", b'{"prompt": "a", "logprobs": true}', 400, "logprobs", "integer"),
+    ("/v1/completions", b'{"prompt": "a", "logprobs": 21}', 400, "logprobs", "less than or equal to 20"),
+    ("/v1/completions", b'{"prompt": "a", "tools": []}', 400, "tools", "unknown field"),
     ("/v1/completions", b'{"prompt": ""}', 400, "prompt", "empty"),
     (
         CHAT,
@@ -94,6 +120,25 @@ def test_malformed_request(api, path, body, status, param, fragment):
     assert err["param"] == param
     assert fragment in err["message"], err["message"]
     _valid_request_works(api.port)
+
+
+NEUTRAL = [
+    (CHAT, {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "user": "u-1"}),
+    (CHAT, {"functions": [], "modalities": ["text"], "store": False, "logprobs": False, "n": 1}),
+    (
+        CHAT,
+        {"messages": [USER, {"role": "assistant", "content": "Hello", "refusal": None, "tool_calls": []}]},
+    ),
+    ("/v1/completions", {"prompt": "a", "echo": False, "suffix": "", "best_of": 1, "user": "u-1"}),
+]
+
+
+@pytest.mark.parametrize(("path", "fields"), NEUTRAL, ids=range(len(NEUTRAL)))
+def test_neutral_values_of_unsupported_fields_are_accepted(api, path, fields):
+    base = {"messages": [USER]} if path == CHAT else {}
+    body = json.dumps({**base, "max_tokens": 1, **fields}).encode()
+    status, _, raw = raw_http(api.port, post_request(path, body))
+    assert status == 200, raw
 
 
 def test_prompt_too_long_names_both_lengths(api, reference):
