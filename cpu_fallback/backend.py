@@ -30,6 +30,7 @@ class CpuProgram(Program):
         kv_dtype = kernels.KV_DTYPES[graph.kv_type]  # an f16 cache holds the halves' bits as uint16
         self.k_cache = [np.zeros((graph.max_seq_len, n_kv), kv_dtype) for _ in range(cfg.n_layers)]
         self.v_cache = [np.zeros((graph.max_seq_len, n_kv), kv_dtype) for _ in range(cfg.n_layers)]
+        self.kv_cache_bytes = sum(a.nbytes for a in self.k_cache + self.v_cache)
         scaling = None
         if cfg.rope_scaling is not None:
             s = cfg.rope_scaling

@@ -13,6 +13,8 @@ from engine.weights import Weight
 class Program(ABC):
     """A graph made runnable on one backend: buffers allocated, weights resident, KV cache in place."""
 
+    kv_cache_bytes: int  # what the K and V caches of every layer take in the backend's memory
+
     @abstractmethod
     def pipe(self, name: str) -> np.ndarray:
         """Host view (max_batch rows) of a buffer the runner or network uses: tok, pos, x, zq, logits."""

@@ -130,6 +130,9 @@ TokenizerOpt = Annotated[
     ),
 ]
 BufType = Annotated[str, typer.Option("--buffer-float-type", help="activation/sync numbers: f32 or q80")]
+KvType = Annotated[
+    str, typer.Option("--kv-cache-type", help="KV-cache numbers: f32 or f16 (half the memory and reads)")
+]
 Threads = Annotated[
     int | None,
     typer.Option(
@@ -291,7 +294,17 @@ def _expand_workers(argv: list[str]) -> list[str]:
 
 
 def _load(
-    ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len, workers, net_timeout, split
+    ctx,
+    model,
+    tokenizer,
+    backend,
+    buffer_float_type,
+    nthreads,
+    max_seq_len,
+    workers,
+    net_timeout,
+    split,
+    kv_cache_type="f32",
 ):
     from engine.loader import load
 
@@ -308,6 +321,7 @@ def _load(
         net_timeout,
         gpu_index=ctx.obj.get("gpu_index"),
         split=split,
+        kv_type=kv_cache_type,
     )
     ctx.call_on_close(loaded.runner.close)  # workers are released however the command ends
     cfg, r = loaded.model.config, loaded.runner
@@ -316,7 +330,8 @@ def _load(
         f"{cfg.n_heads} heads / {cfg.n_kv_heads} KV heads, vocab {cfg.vocab_size}, context {cfg.context_len}"
     )
     print(
-        f"🧠 Backend {r.backend.description}; buffers {buffer_float_type}; max seq len {r.max_seq_len}; "
+        f"🧠 Backend {r.backend.description}; buffers {buffer_float_type}; KV cache {r.kv_type}; "
+        f"max seq len {r.max_seq_len}; "
         f"weights read per token {r.weight_bytes_per_token / 1e6:.1f} MB"
     )
     return loaded
@@ -368,6 +383,7 @@ def inference(
     model: Model = None,
     tokenizer: TokenizerOpt = None,
     buffer_float_type: BufType = "f32",
+    kv_cache_type: KvType = "f32",
     nthreads: Threads = None,
     max_seq_len: SeqLen = None,
     temperature: Temp = 0.8,
@@ -388,7 +404,17 @@ def inference(
     from engine.sampler import Sampler
 
     loaded = _load(
-        ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len, workers, net_timeout, split
+        ctx,
+        model,
+        tokenizer,
+        backend,
+        buffer_float_type,
+        nthreads,
+        max_seq_len,
+        workers,
+        net_timeout,
+        split,
+        kv_cache_type,
     )
     tok, runner = loaded.tokenizer, loaded.runner
     ids = tok.encode(prompt)
@@ -448,6 +474,7 @@ def inference(
                 "stop_reason": m.stop_reason,
                 "backend": runner.backend.description,
                 "buffer_float_type": buffer_float_type,
+                "kv_cache_type": kv_cache_type,
                 "prefill_tokens": m.prefill.n_tokens,
                 "prefill_tokens_per_s": m.prefill_rate(),
                 "prefill_forward_tokens_per_s": Metrics.rate(m.prefill),
@@ -493,6 +520,7 @@ def perplexity(
     model: Model = None,
     tokenizer: TokenizerOpt = None,
     buffer_float_type: BufType = "f32",
+    kv_cache_type: KvType = "f32",
     nthreads: Threads = None,
     max_seq_len: SeqLen = None,
     backend: BackendOpt = None,
@@ -507,7 +535,17 @@ def perplexity(
         raise DllamaError("give exactly one of --file FILE or --prompt TEXT")
     text = _read_text(file) if file is not None else prompt
     loaded = _load(
-        ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len, workers, net_timeout, split
+        ctx,
+        model,
+        tokenizer,
+        backend,
+        buffer_float_type,
+        nthreads,
+        max_seq_len,
+        workers,
+        net_timeout,
+        split,
+        kv_cache_type,
     )
     ids = loaded.tokenizer.encode(text)
     if len(ids) < 2:
@@ -571,6 +609,7 @@ def chat(
     model: Model = None,
     tokenizer: TokenizerOpt = None,
     buffer_float_type: BufType = "f32",
+    kv_cache_type: KvType = "f32",
     nthreads: Threads = None,
     max_seq_len: SeqLen = None,
     temperature: Temp = 0.8,
@@ -586,7 +625,17 @@ def chat(
     from engine.chat import run_chat
 
     loaded = _load(
-        ctx, model, tokenizer, backend, buffer_float_type, nthreads, max_seq_len, workers, net_timeout, split
+        ctx,
+        model,
+        tokenizer,
+        backend,
+        buffer_float_type,
+        nthreads,
+        max_seq_len,
+        workers,
+        net_timeout,
+        split,
+        kv_cache_type,
     )
     run_chat(
         loaded,
@@ -752,6 +801,7 @@ def api(
     model: Model = None,
     tokenizer: TokenizerOpt = None,
     buffer_float_type: BufType = "f32",
+    kv_cache_type: KvType = "f32",
     nthreads: Threads = None,
     max_seq_len: SeqLen = None,
     temperature: Temp = 0.8,
@@ -780,6 +830,7 @@ def api(
             backend=_backend(ctx, backend),
             gpu_index=ctx.obj.get("gpu_index"),
             act=buffer_float_type,
+            kv_type=kv_cache_type,
             n_threads=nthreads,
             max_seq_len=max_seq_len,
             workers=workers or [],

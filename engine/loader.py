@@ -14,6 +14,7 @@ from engine.errors import DllamaError
 from engine.graph import ACT_TYPES
 from engine.model_file import open_model
 from engine.runner import Runner
+from engine.slicing import KV_TYPES
 from engine.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
 from engine.weights import Model
 
@@ -113,12 +114,15 @@ def load(
     net_timeout: float | None = None,
     gpu_index: int | None = None,
     split: Sequence[float] | str | None = None,
+    kv_type: str = "f32",
 ) -> Loaded:
     """Open the model (a file or a catalogue name; the embedded SmolLM2 when none is given) and its
     tokenizer, and compile the graph; with `workers` (HOST:PORT) this node becomes the root of a cluster and
     streams them their slices, split by `split` (default "auto": by every node's measured speed)."""
     if act not in ACT_TYPES:
         raise DllamaError(f"unknown --buffer-float-type {act!r}: choose one of {', '.join(ACT_TYPES)}")
+    if kv_type not in KV_TYPES:
+        raise DllamaError(f"unknown --kv-cache-type {kv_type!r}: choose one of {', '.join(KV_TYPES)}")
     if max_seq_len is not None and max_seq_len < 1:
         raise DllamaError(f"--max-seq-len must be at least 1 (got {max_seq_len})")
     be = make_backend(backend, n_threads, gpu_index)
@@ -138,5 +142,7 @@ def load(
         raise DllamaError(f"{path} carries no tokenizer: pass --tokenizer FILE (.t or .gguf)")
     check_vocab_sizes(tokenizer.vocab_size, model.config.vocab_size, tokenizer_path or path.name, path.name)
     split = split if split is not None or not workers else "auto"
-    runner = Runner(model, be, act, max_seq_len, workers=workers, net_timeout=net_timeout, split=split)
+    runner = Runner(
+        model, be, act, max_seq_len, workers=workers, net_timeout=net_timeout, split=split, kv_type=kv_type
+    )
     return Loaded(model, tokenizer, runner)

@@ -226,6 +226,7 @@ class VulkanProgram(Program):
         self.v_cache = _Layers(
             [self._storage(kv_words, "value cache") for _ in kv_chunks], self.layers_per_kv
         )
+        self.kv_cache_bytes = 2 * len(kv_chunks) * kv_words * 4
         self.scores = self._storage(max_batch * max(sl.n_heads, 1) * graph.max_seq_len, "attention scores")
 
         factors = weights.get("rope_freqs.weight")

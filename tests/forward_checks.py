@@ -54,6 +54,21 @@ def check_q80_activations(tmp_path: Path, backend: Backend, wtype: str) -> None:
     assert err < np.abs(plain - expected).max() / 4
 
 
+def check_f16_kv_cache(tmp_path: Path, backend: Backend) -> None:
+    """kv_type "f16": the reference with its keys and values rounded to halves, far closer than the f32
+    reference; half the KV-cache bytes."""
+    model, ref = tiny_model(tmp_path, "f32", "gqa4x2")
+    expected = ref_forward(ref, TOKENS, kv_f16=True)
+    plain = ref_forward(ref, TOKENS)
+    r = Runner(model, backend, max_seq_len=64, max_batch=4, kv_type="f16")
+    got = r.forward(TOKENS, 0, "all")
+    err = np.abs(got - expected).max()
+    assert err <= 1e-4 * np.abs(expected).max()
+    assert err < np.abs(plain - expected).max() / 10
+    f32 = Runner(model, backend, max_seq_len=64, max_batch=4)
+    assert r.graph.kv_type == "f16" and r.program.kv_cache_bytes * 2 == f32.program.kv_cache_bytes
+
+
 def check_prefill_equals_decode(tmp_path: Path, backend: Backend) -> None:
     """One batched prefill, token-by-token decoding and a last-row-only prefill give the same logits."""
     model, _ = tiny_model(tmp_path, "q41", "gqa4x2")

@@ -196,6 +196,7 @@ def ref_forward(
     tokens: list[int],
     q80: bool = False,
     node_columns: tuple[list[tuple[int, int]], list[tuple[int, int]]] | None = None,
+    kv_f16: bool = False,
 ) -> np.ndarray:
     """Causal forward over the whole sequence: float64 logits [T, vocab]; q80 mimics one dllama node with
     Q80 activations (every matmul input rounded through Q80, the residual stream and its updates in f32).
@@ -204,6 +205,8 @@ def ref_forward(
     (spec 4.6): every node's partial sum of a residual update goes through a Q80 round trip before the nodes
     add them up in node order. For experts the FFN columns are those of every expert's down matrix: a node's
     partial is the routing-weighted sum over the chosen experts of their column slices.
+
+    kv_f16 mimics an f16 KV cache: keys (after RoPE) and values rounded to IEEE halves.
     """
     w, n_tok, hd = m.weights, len(tokens), m.head_dim
     qz = q80_roundtrip if q80 else (lambda a: a)
@@ -232,6 +235,8 @@ def ref_forward(
             q = _rmsnorm(q, w[p + "attn_q_norm.weight"], m.norm_eps)
             k = _rmsnorm(k, w[p + "attn_k_norm.weight"], m.norm_eps)
         q, k = _rope(q, cos, sin, m.rope_neox), _rope(k, cos, sin, m.rope_neox)
+        if kv_f16:
+            k, v = k.astype(np.float16).astype(np.float64), v.astype(np.float16).astype(np.float64)
         k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # q head h reads kv head h // group
         scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
         att = np.exp(scores - scores.max(axis=-1, keepdims=True))

@@ -36,6 +36,7 @@ class ServerOptions:
     backend: str
     gpu_index: int | None
     act: str
+    kv_type: str
     n_threads: int | None
     max_seq_len: int | None
     workers: Sequence[str]
@@ -156,6 +157,7 @@ def _loader(opts: ServerOptions) -> Callable[[], Loaded]:
             opts.net_timeout,
             gpu_index=opts.gpu_index,
             split=opts.split,
+            kv_type=opts.kv_type,
         )
         runner = loaded.runner
         if runner.n_nodes == 1:  # compile the kernels now, not in the first request (a cluster already did)
@@ -164,7 +166,7 @@ def _loader(opts: ServerOptions) -> Callable[[], Loaded]:
         cfg = loaded.model.config
         _say(
             f"💡 Model {cfg.arch}, dim {cfg.dim}, {cfg.n_layers} layers, vocab {cfg.vocab_size}; "
-            f"backend {runner.backend.description}; buffers {opts.act}"
+            f"backend {runner.backend.description}; buffers {opts.act}; KV cache {opts.kv_type}"
         )
         return loaded
 

@@ -11,6 +11,7 @@ from forward_checks import (
     assert_matches,
     check_architecture,
     check_architecture_q80,
+    check_f16_kv_cache,
     check_llama31_rope_scaling,
     check_m_file,
     check_prefill_equals_decode,
@@ -127,3 +128,7 @@ def test_m_files_of_every_architecture(tmp_path, backend, arch, wtype):
 
 def test_bf16_and_f16_vectors_are_decoded(tmp_path, backend):
     check_vector_types(tmp_path, backend)
+
+
+def test_f16_kv_cache_matches_the_reference_with_half_keys_and_values(tmp_path, backend):
+    check_f16_kv_cache(tmp_path, backend)

@@ -136,3 +136,26 @@ def test_weight_streaming_reports_progress_and_capabilities(pool, tiny8_paths, b
     total = float(next(m for m in steps if m).group(2))
     assert len(sent) > 10 and sent == sorted(sent) and sent[-1] == total
     assert re.search(rf"worker 1 \({w.address}\): {total} MB of weights sent in [\d.]+ s", "\n".join(lines))
+
+
+def test_the_kv_cache_type_reaches_the_workers(pool, tiny8_paths, backend):
+    """--kv-cache-type f16 on a 3-node cluster: the logits of one f16 node (the workers round their keys and
+    values to halves too), not those of f32 caches, and each node's KV bytes halve in the split table."""
+    model = open_model(tiny8_paths["q40"])
+    want = Runner(model, backend, "f32", max_seq_len=64, max_batch=4, kv_type="f16").forward(TOKENS, 0, "all")
+    f32 = Runner(model, backend, "f32", max_seq_len=64, max_batch=4).forward(TOKENS, 0, "all")
+    workers = [w.address for w in pool.get(2)]
+    tables = {}
+    for kv in ("f16", "f32"):
+        r = Runner(
+            model, backend, "f32", 64, 4, workers=workers, split=[1, 1, 1], log=lambda line: None, kv_type=kv
+        )
+        try:
+            got = r.forward(TOKENS, 0, "all")
+        finally:
+            r.close()
+        tables[kv] = [row["bytes"] for row in r.split_table]
+        if kv == "f16":
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max() < np.abs(got - f32).max()
+    kv_f32 = 2 * 2 * 64 * (8 // 3 + 1) * 32 * 4  # node 0: layers x positions x its 3 KV heads x head_dim
+    assert tables["f32"][0] - tables["f16"][0] == kv_f32 // 2

@@ -10,6 +10,7 @@ from forward_checks import (
     assert_matches,
     check_architecture,
     check_architecture_q80,
+    check_f16_kv_cache,
     check_llama31_rope_scaling,
     check_m_file,
     check_prefill_equals_decode,
@@ -150,3 +151,7 @@ def test_m_files_of_qwen3_and_qwen3moe(tmp_path, vk, arch, wtype):
 
 def test_bf16_and_f16_vectors_are_decoded(tmp_path, vk):
     check_vector_types(tmp_path, vk)
+
+
+def test_f16_kv_cache_matches_the_reference_with_half_keys_and_values(tmp_path, vk):
+    check_f16_kv_cache(tmp_path, vk)
