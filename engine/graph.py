@@ -81,9 +81,9 @@ class Graph:
     slice: NodeSlice
     act: str  # "f32" or "q80": the number format of matmul inputs and of the network syncs
     max_seq_len: int
-    kv_type: str = "f32"  # the KV cache's number format: "f32" or "f16" (engine.slicing.KV_TYPES)
     buffers: dict[str, BufferSpec] = field(default_factory=dict)
     segments: list[Segment] = field(default_factory=list)
+    kv_type: str = "f32"  # the KV cache's number format: "f32" or "f16" (engine.slicing.KV_TYPES)
 
     def ops(self) -> list[Op]:
         """All ops in execution order."""
@@ -237,7 +237,7 @@ def build_graph(
     from engine.arch import get_arch
 
     layer_block = get_arch(cfg.arch).layer
-    g = Graph(cfg, sl, act, max_seq_len, kv_type)
+    g = Graph(cfg, sl, act, max_seq_len, kv_type=kv_type)
     b = Builder(g)
     b.buf("tok", 1, "i32")  # token ids (root)
     b.buf("pos", 1, "i32")  # positions

@@ -56,7 +56,7 @@ class Ops:
         }
         bufs.update(buffers)
         self.graph = Graph(
-            cfg, node_slice(cfg, 0, n_nodes), act, max_seq, kv_type, bufs, [Segment(list(ops))]
+            cfg, node_slice(cfg, 0, n_nodes), act, max_seq, bufs, [Segment(list(ops))], kv_type=kv_type
         )
         self.be, self.max_batch = be, max_batch
         self.prog = VulkanProgram(be, self.graph, dict(weights or {}), max_batch)

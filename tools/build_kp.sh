@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Build the patched Kompute (kp) wheel for one Python: tools/build_kp.sh PYTHON WHEEL_DIR (idempotent; the
+# wheel is cached in WHEEL_DIR, one per Python tag). PYTHON needs setuptools<70, wheel and cmake installed.
+# kp 0.9.0's setup.py drops -DPYTHON_EXECUTABLE (a missing comma glues it to the previous argument), so CMake
+# may pick whatever python3.x it finds on PATH; the build restores the comma first.
+# tools/kp-0.9.0-dllama.patch makes dependent dispatches safe on real GPUs (one global shader/transfer-write ->
+# compute barrier before every dispatch instead of kp's per-tensor transfer-only barrier), adds a
+# shader-write -> host-read barrier for host tensors to OpTensorSyncLocal, and creates Vulkan 1.2 instances
+# (the shaders are SPIR-V 1.5). Validation layers are left to VK_INSTANCE_LAYERS instead of always loaded.
+# The wheel's version carries a hash of the patch and the build flags, so changing either rebuilds it.
+set -euo pipefail
+PY=${1:?usage: tools/build_kp.sh PYTHON WHEEL_DIR}
+WHEELS=${2:?usage: tools/build_kp.sh PYTHON WHEEL_DIR}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+KP_FLAGS="KOMPUTE_OPT_INSTALL=OFF KOMPUTE_OPT_USE_BUILT_IN_VULKAN_HEADER=OFF KOMPUTE_OPT_USE_BUILT_IN_FMT=OFF
+KOMPUTE_OPT_USE_BUILT_IN_PYBIND11=OFF KOMPUTE_OPT_DISABLE_VULKAN_VERSION_CHECK=ON KOMPUTE_OPT_DISABLE_VK_DEBUG_LAYERS=ON"
+KP_PATCH="$ROOT/tools/kp-0.9.0-dllama.patch"
+KP_VERSION="0.9.0+dllama.$( (cat "$KP_PATCH"; echo "$KP_FLAGS") | sha256sum | cut -c1-12)"
+TAG=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+PIP="$PY -m pip"
+if ! ls "$WHEELS"/kp-"$KP_VERSION"-"$TAG"-*.whl >/dev/null 2>&1; then
+  echo "dllama set-up: building Kompute (kp $KP_VERSION, $TAG), about 2-4 minutes, cached in $WHEELS" >&2
+  src=$(mktemp -d)
+  trap 'rm -rf "$src"' EXIT
+  mkdir -p "$WHEELS"
+  $PIP download -q --disable-pip-version-check --no-deps --no-binary :all: kp==0.9.0 -d "$src"
+  tar -xzf "$src"/kp-0.9.0.tar.gz -C "$src"
+  sed -i "s/'-DKOMPUTE_OPT_DISABLE_VULKAN_VERSION_CHECK=ON'\$/'-DKOMPUTE_OPT_DISABLE_VULKAN_VERSION_CHECK=ON',/" \
+    "$src/kp-0.9.0/setup.py"
+  sed -i "s/version='0.9.0'/version='$KP_VERSION'/" "$src/kp-0.9.0/setup.py"
+  patch -p1 --forward --quiet -d "$src/kp-0.9.0" < "$KP_PATCH"
+  rm -f "$WHEELS"/kp-*-"$TAG"-*.whl
+  env $KP_FLAGS KOMPUTE_PYTHON_NUM_PARALLEL_THREADS="$(nproc)" \
+    $PIP wheel -q --disable-pip-version-check --no-build-isolation --no-deps "$src/kp-0.9.0" -w "$WHEELS"
+fi
+echo "$KP_VERSION"
