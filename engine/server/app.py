@@ -14,7 +14,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -99,6 +99,24 @@ def create_app(scheduler: Scheduler, defaults: Defaults, body_timeout: float = B
             info = scheduler.info
             return JSONResponse({"status": "ok", "model": info.name, "nodes": info.n_nodes, **load})
         return JSONResponse({"status": scheduler.state, "message": scheduler.detail, **load}, status_code=503)
+
+    @app.get("/v1/cluster")
+    async def cluster() -> JSONResponse:
+        running, waiting = scheduler.load_counts()
+        stats = scheduler.stats()
+        body: dict[str, Any] = {
+            "status": "ok" if scheduler.state == "ready" else scheduler.state,
+            "message": scheduler.detail,
+            "slots": {"total": 1, "used": running, "waiting": waiting},
+            "generated_tokens": stats.generated_tokens,
+            "last_tokens_per_second": stats.last_rate,
+        }
+        info = scheduler.info
+        if scheduler.state == "ready" and info is not None:
+            nodes = [asdict(n) for n in info.nodes]
+            body |= {"model": info.name, "context_length": info.context_length, "nodes": nodes}
+            return JSONResponse(body)
+        return JSONResponse(body, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
