@@ -17,6 +17,7 @@ from engine.server.scheduler import Scheduler
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ENDPOINTS = (
+    "/",
     "/health",
     "/metrics",
     "/v1/cluster",
