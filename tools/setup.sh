@@ -32,6 +32,19 @@ if [ -n "$missing" ]; then
   fi
 fi
 
+# ---- Chromium for the web chat's browser test (tests/api/test_webchat.py skips, saying so, without it) -----
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "dllama set-up: installing Debian's chromium (the web chat's browser test)"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } ||
+      echo "dllama set-up: chromium could not be installed; the web chat's browser test will skip" >&2
+  else
+    echo "dllama set-up: no chromium, so the web chat's browser test will skip;" \
+      "install it with: sudo apt-get install chromium" >&2
+  fi
+fi
+
 # ---- Python and the project venv ---------------------------------------------------------------------
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then

@@ -14,12 +14,13 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -43,6 +44,7 @@ from engine.tokenizer import Tokenizer
 MAX_BODY = 8 << 20  # bytes; a larger request body is answered with 413
 BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive; a slower one is answered with 408
 SEED_MASK = (1 << 64) - 1
+CHAT_PAGE = Path(__file__).with_name("static") / "chat.html"  # the web chat at /, self-contained
 
 
 @dataclass
@@ -99,6 +101,28 @@ def create_app(scheduler: Scheduler, defaults: Defaults, body_timeout: float = B
             info = scheduler.info
             return JSONResponse({"status": "ok", "model": info.name, "nodes": info.n_nodes, **load})
         return JSONResponse({"status": scheduler.state, "message": scheduler.detail, **load}, status_code=503)
+
+    @app.get("/")
+    async def chat_page() -> FileResponse:
+        return FileResponse(CHAT_PAGE, media_type="text/html; charset=utf-8")
+
+    @app.get("/v1/cluster")
+    async def cluster() -> JSONResponse:
+        running, waiting = scheduler.load_counts()
+        stats = scheduler.stats()
+        body: dict[str, Any] = {
+            "status": "ok" if scheduler.state == "ready" else scheduler.state,
+            "message": scheduler.detail,
+            "slots": {"total": 1, "used": running, "waiting": waiting},
+            "generated_tokens": stats.generated_tokens,
+            "last_tokens_per_second": stats.last_rate,
+        }
+        info = scheduler.info
+        if scheduler.state == "ready" and info is not None:
+            nodes = [asdict(n) for n in info.nodes]
+            body |= {"model": info.name, "context_length": info.context_length, "nodes": nodes}
+            return JSONResponse(body)
+        return JSONResponse(body, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -16,7 +16,15 @@ from typing import Any
 from engine.server.scheduler import Scheduler
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+ENDPOINTS = (
+    "/",
+    "/health",
+    "/metrics",
+    "/v1/cluster",
+    "/v1/models",
+    "/v1/chat/completions",
+    "/v1/completions",
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -105,12 +105,23 @@ class EngineStats:
 
 
 @dataclass
+class NodeInfo:
+    """One node of the running model, for /v1/cluster."""
+
+    node: int
+    role: str  # "root" | "worker"
+    backend: str  # e.g. "cpu", "vulkan"
+    device: str  # the backend's description, e.g. "CPU (numba, 2 threads)"
+
+
+@dataclass
 class ModelInfo:
-    """What /v1/models and /health report about the loaded model."""
+    """What /v1/models, /health and /v1/cluster report about the loaded model."""
 
     name: str
     context_length: int
     n_nodes: int
+    nodes: list[NodeInfo] = field(default_factory=list)
 
 
 class Scheduler:
@@ -253,7 +264,7 @@ class Scheduler:
         runner = loaded.runner
         with self._cv:
             self.loaded, self._cached = loaded, []
-            self.info = ModelInfo(_model_name(loaded), runner.max_seq_len, runner.n_nodes)
+            self.info = ModelInfo(_model_name(loaded), runner.max_seq_len, runner.n_nodes, _nodes(runner))
             self.state, self.detail = "ready", "ready"
         self._log(f"✅ Ready: {self.info.name}, context {runner.max_seq_len}, {runner.n_nodes} node(s)")
 
@@ -374,3 +385,14 @@ class Scheduler:
 
 def _model_name(loaded: Loaded) -> str:
     return Path(loaded.model.path).name
+
+
+def _nodes(runner: Runner) -> list[NodeInfo]:
+    """The root, then each worker as it described itself when the cluster was built."""
+    root = NodeInfo(0, "root", runner.backend.name, runner.backend.description)
+    caps = runner.cluster.worker_caps if runner.cluster is not None else []
+    workers = [
+        NodeInfo(k, "worker", str(c.get("backend", "?")), str(c.get("device", "?")))
+        for k, c in enumerate(caps, 1)
+    ]
+    return [root, *workers]

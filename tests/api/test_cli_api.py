@@ -93,6 +93,9 @@ def test_health_is_503_while_loading_and_sigterm_still_stops_it(tmp_path):
             r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})
             assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
             assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 503
+            status = httpx.get(server.url + "/v1/cluster", timeout=10)
+            assert status.status_code == 503 and status.json()["status"] == "loading"
+            assert "nodes" not in status.json() and status.json()["slots"]["used"] == 0
             server.signal(signal.SIGTERM)
             conn.close()  # the load fails at once instead of waiting out --net-timeout
             assert server.proc.wait(30) == 0  # a graceful stop in the middle of loading

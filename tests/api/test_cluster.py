@@ -28,6 +28,12 @@ def test_cluster_fails_with_503_and_recovers(tmp_path):
         assert health["nodes"] == 2
         models = httpx.get(server.url + "/v1/models", timeout=10).json()
         assert models["data"][0]["n_nodes"] == 2
+        nodes = httpx.get(server.url + "/v1/cluster", timeout=10).json()["nodes"]
+        assert [(n["node"], n["role"], n["backend"]) for n in nodes] == [
+            (0, "root", "cpu"),
+            (1, "worker", "cpu"),
+        ]
+        assert all(n["device"].startswith("CPU (numba") for n in nodes)
         r = server.post("/v1/chat/completions", {"messages": QUESTION, "temperature": 0, "max_tokens": 12})
         assert r.status_code == 200, r.text
         assert "Paris" in r.json()["choices"][0]["message"]["content"]

@@ -1,5 +1,6 @@
-"""A wheel (a non-editable install) carries every package of the source tree and every shader source: each
-.comp's #includes resolve inside the wheel's shaders/ folder and every shader compiles from there."""
+"""A wheel (a non-editable install) carries every package of the source tree, the API server's web chat page
+and every shader source: each .comp's #includes resolve inside the wheel's shaders/ folder and every shader
+compiles from there."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def test_wheel_carries_and_compiles_every_shader(tmp_path, monkeypatch):
     packages = {p.parent.relative_to(ROOT) for top in PACKAGES for p in (ROOT / top).rglob("__init__.py")}
     missing = [str(p) for p in sorted(packages) if not (tmp_path / "wheel" / p / "__init__.py").is_file()]
     assert not missing, f"the wheel lacks packages {missing}"  # engine/arch was once left out
+    page = Path("engine/server/static/chat.html")  # the API server's web chat at /
+    assert (tmp_path / "wheel" / page).read_bytes() == (ROOT / page).read_bytes()
 
     comps = sorted(carried.glob("*.comp"))
     assert {p.name for p in comps} == {p.name for p in (ROOT / "shaders").glob("*.comp")}
