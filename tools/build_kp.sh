@@ -7,7 +7,10 @@
 # compute barrier before every dispatch instead of kp's per-tensor transfer-only barrier), adds a
 # shader-write -> host-read barrier for host tensors to OpTensorSyncLocal, and creates Vulkan 1.2 instances
 # (the shaders are SPIR-V 1.5). Validation layers are left to VK_INSTANCE_LAYERS instead of always loaded.
-# The wheel's version carries a hash of the patch and the build flags, so changing either rebuilds it.
+# pybind11 comes from PyPI, pinned: before 2.12 it reads numpy's dtype struct directly, and under numpy 2 kp's
+# Tensor.data() then returns arrays whose stride is 0 (every element aliasing the first).
+# The wheel's version carries a hash of the patch, the build flags and pybind11's version, so changing any
+# of them rebuilds it.
 set -euo pipefail
 PY=${1:?usage: tools/build_kp.sh PYTHON WHEEL_DIR}
 WHEELS=${2:?usage: tools/build_kp.sh PYTHON WHEEL_DIR}
@@ -15,7 +18,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 KP_FLAGS="KOMPUTE_OPT_INSTALL=OFF KOMPUTE_OPT_USE_BUILT_IN_VULKAN_HEADER=OFF KOMPUTE_OPT_USE_BUILT_IN_FMT=OFF
 KOMPUTE_OPT_USE_BUILT_IN_PYBIND11=OFF KOMPUTE_OPT_DISABLE_VULKAN_VERSION_CHECK=ON KOMPUTE_OPT_DISABLE_VK_DEBUG_LAYERS=ON"
 KP_PATCH="$ROOT/tools/kp-0.9.0-dllama.patch"
-KP_VERSION="0.9.0+dllama.$( (cat "$KP_PATCH"; echo "$KP_FLAGS") | sha256sum | cut -c1-12)"
+PYBIND11="pybind11==2.13.6"
+KP_VERSION="0.9.0+dllama.$( (cat "$KP_PATCH"; echo "$KP_FLAGS $PYBIND11") | sha256sum | cut -c1-12)"
 TAG=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 PIP="$PY -m pip"
 if ! ls "$WHEELS"/kp-"$KP_VERSION"-"$TAG"-*.whl >/dev/null 2>&1; then
@@ -30,6 +34,9 @@ if ! ls "$WHEELS"/kp-"$KP_VERSION"-"$TAG"-*.whl >/dev/null 2>&1; then
   sed -i "s/version='0.9.0'/version='$KP_VERSION'/" "$src/kp-0.9.0/setup.py"
   patch -p1 --forward --quiet -d "$src/kp-0.9.0" < "$KP_PATCH"
   rm -f "$WHEELS"/kp-*-"$TAG"-*.whl
+  $PIP install -q --disable-pip-version-check "$PYBIND11"
+  CMAKE_PREFIX_PATH=$("$PY" -c 'import pathlib, pybind11; print(pathlib.Path(pybind11.get_cmake_dir()).parents[2])')
+  export CMAKE_PREFIX_PATH
   env $KP_FLAGS KOMPUTE_PYTHON_NUM_PARALLEL_THREADS="$(nproc)" \
     $PIP wheel -q --disable-pip-version-check --no-build-isolation --no-deps "$src/kp-0.9.0" -w "$WHEELS"
 fi

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: tools/gpu_check.sh OUT_DIR [--budget SECONDS] [--steps N]}
 shift
-if [ -d .gl ] && ! ldconfig -p | grep -q libvulkan.so.1; then
+if [ -d .gl ] && ! { ldconfig -p | grep -q libvulkan.so.1 && ldconfig -p | grep -q libfmt.so.9; }; then
   for f in .gl/*.deb; do dpkg -x "$f" /; done
   ldconfig
 fi

