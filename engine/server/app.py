@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from engine.errors import DllamaError
+from engine.grammar import check_grammar, json_grammar
 from engine.server.errors import ApiError, error_body
 from engine.server.metrics import CONTENT_TYPE, CountRequests, RequestCounter, render
 from engine.server.scheduler import (
@@ -122,7 +123,9 @@ def create_app(scheduler: Scheduler, defaults: Defaults, body_timeout: float = B
         req = parse_body(ChatRequest, await _read_body(request, body_timeout))
         messages = [m.as_template_input() for m in req.messages]
         ids = await run_in_threadpool(_encode_chat, scheduler, messages)
-        return await _run(request, scheduler, defaults, req, ids, chat=True)
+        is_json, schema = req.json_constraint
+        grammar = await run_in_threadpool(_json_grammar, scheduler, schema) if is_json else None
+        return await _run(request, scheduler, defaults, req, ids, chat=True, grammar=grammar)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -190,6 +193,16 @@ def _encode_text(scheduler: Scheduler, prompt: str) -> list[int]:
     return _ready_tokenizer(scheduler).encode(prompt)
 
 
+def _json_grammar(scheduler: Scheduler, schema: dict[str, Any] | None) -> str:
+    """The checked grammar of JSON mode (schema None) or of a JSON schema; a 400 if it cannot be used."""
+    try:
+        grammar = json_grammar(schema)
+        check_grammar(grammar, _ready_tokenizer(scheduler))
+    except DllamaError as e:
+        raise ApiError(400, f"response_format: {e}", "response_format") from None
+    return grammar
+
+
 async def _run(
     request: Request,
     scheduler: Scheduler,
@@ -197,6 +210,7 @@ async def _run(
     req: SamplingRequest,
     ids: list[int],
     chat: bool,
+    grammar: str | None = None,
 ) -> Response:
     """Queue the generation and answer with its result (JSON) or its events (SSE)."""
     info, tok = _info(scheduler), _ready_tokenizer(scheduler)
@@ -251,6 +265,7 @@ async def _run(
         repetition=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
         bias=bias,
         logprobs=req.logprob_count,
+        grammar=grammar,
     )
     scheduler.submit(job)
     if req.stream:

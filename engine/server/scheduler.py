@@ -21,6 +21,7 @@ from engine.chat import common_prefix
 from engine.chat_template import ChatTemplate
 from engine.errors import DllamaError
 from engine.generate import Metrics, generate
+from engine.grammar import GrammarMask
 from engine.loader import Loaded
 from engine.logits import LogitsProcessor, log_softmax_at
 from engine.runner import Runner
@@ -92,6 +93,7 @@ class Job:
     repetition: float = 1.0
     bias: dict[int, float] = field(default_factory=dict)  # token ids already checked against the vocabulary
     logprobs: int | None = None  # alternatives per token's log-probability; None: no log-probabilities
+    grammar: str | None = None  # an llguidance grammar (already checked) the output must follow
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -307,7 +309,8 @@ class Scheduler:
         processor = LogitsProcessor(
             tok.vocab_size, job.presence, job.frequency, job.repetition, job.bias, prompt=ids
         )
-        sampler = Sampler(tok.vocab_size, job.temperature, job.top_p, job.seed, processor)
+        grammar = GrammarMask(job.grammar, tok) if job.grammar is not None else None
+        sampler = Sampler(tok.vocab_size, job.temperature, job.top_p, job.seed, processor, grammar)
         pending: list[TokenLogprob] = []
         budget = job.max_tokens if job.max_tokens is not None else runner.max_seq_len
         m, fed, stopper, reason = Metrics(), start, StopFilter(job.stops), None

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI endpoints: strict pydantic models, and their errors as one line each.
 
 Every field is either honoured or refused: an OpenAI field dllama-api does not implement is accepted only at
-its neutral value (e.g. `tools: []`, `response_format: {"type": "text"}`) and otherwise answered with a 400
+its neutral value (e.g. `tools: []`, `store: false`) and otherwise answered with a 400
 naming it; a field OpenAI does not define is refused as unknown (vLLM ignores unknown fields with a logged
 warning instead; here a silently ignored field counts as a defect). `user`, an end-user identifier, is
 accepted and not used.
@@ -170,10 +170,6 @@ class SamplingRequest(_Strict):
 
 
 _CHAT_NEUTRAL = {
-    "response_format": (
-        (None, {"type": "text"}),
-        "JSON mode and JSON schemas are not supported",
-    ),
     "tools": ((None, []), "tool calling is not supported"),
     "tool_choice": ((None, "none"), "tool calling is not supported"),
     "parallel_tool_calls": ((None,), "tool calling is not supported"),
@@ -190,11 +186,40 @@ _CHAT_NEUTRAL = {
 }
 
 
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Strict):
+    """JSON mode: the reply is one JSON object."""
+
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(_Strict):
+    """OpenAI's `json_schema` object; `strict` is accepted either way: the schema is always enforced."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(_Strict):
+    """The reply is JSON text valid against a schema."""
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage]
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: Any = None
+    response_format: ResponseFormat | None = None
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: Any = None
@@ -230,6 +255,14 @@ class ChatRequest(SamplingRequest):
     def logprob_count(self) -> int | None:
         """How many alternatives each token's log-probability comes with; None: no log-probabilities."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def json_constraint(self) -> tuple[bool, dict[str, Any] | None]:
+        """(whether the reply must be JSON, the schema it must match: None for any JSON object)."""
+        fmt = self.response_format
+        if isinstance(fmt, JsonSchemaFormat):
+            return True, fmt.json_schema.json_schema
+        return isinstance(fmt, JsonObjectFormat), None
 
 
 _COMPLETION_NEUTRAL = {
