@@ -14,7 +14,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,6 +29,7 @@ from engine.grammar import check_grammar, json_grammar
 from engine.server.errors import ApiError, error_body
 from engine.server.metrics import CONTENT_TYPE, CountRequests, RequestCounter, render
 from engine.server.scheduler import (
+    SEED_MASK,
     Event,
     Failed,
     Finished,
@@ -43,7 +44,6 @@ from engine.tokenizer import Tokenizer
 
 MAX_BODY = 8 << 20  # bytes; a larger request body is answered with 413
 BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive; a slower one is answered with 408
-SEED_MASK = (1 << 64) - 1
 
 
 @dataclass
@@ -266,6 +266,7 @@ async def _run(
         bias=bias,
         logprobs=req.logprob_count,
         grammar=grammar,
+        n=req.n or 1,
     )
     scheduler.submit(job)
     if req.stream:
@@ -283,29 +284,34 @@ class _Shape:
     chat: bool
     tokenizer: Tokenizer
     with_logprobs: bool
-    offset: int = 0  # completions: where the next token's text starts in the generated text
+    offsets: dict[int, int] = field(default_factory=dict)  # completions: choice -> next token's text offset
 
     def head(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def choice(
-        self, text: str | None, finish: str | None, chunk: bool, entries: Sequence[TokenLogprob] = ()
+        self,
+        index: int,
+        text: str | None,
+        finish: str | None,
+        chunk: bool,
+        entries: Sequence[TokenLogprob] = (),
     ) -> dict[str, Any]:
-        logprobs = self.logprobs(list(entries)) if self.with_logprobs and entries else None
+        logprobs = self.logprobs(index, list(entries)) if self.with_logprobs and entries else None
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+            return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         if not chunk:
             message = {"role": "assistant", "content": text}
-            return {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
         return {
-            "index": 0,
+            "index": index,
             "delta": {} if text is None else {"content": text},
             "logprobs": logprobs,
             "finish_reason": finish,
         }
 
-    def logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+    def logprobs(self, index: int, entries: list[TokenLogprob]) -> dict[str, Any]:
         """Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: the legacy lists, whose
         top_logprobs hold the chosen token as well, as OpenAI's do."""
         tok = self.tokenizer
@@ -319,10 +325,11 @@ class _Shape:
             ]
             return {"content": content, "refusal": None}
         texts = [tok.token_text(e.token) for e in entries]
-        offsets = []
+        offsets, at = [], self.offsets.get(index, 0)
         for text in texts:
-            offsets.append(self.offset)
-            self.offset += len(text)
+            offsets.append(at)
+            at += len(text)
+        self.offsets[index] = at
         tops = [{tok.token_text(t): lp for t, lp in [*e.top, (e.token, e.logprob)]} for e in entries]
         return {
             "tokens": texts,
@@ -332,12 +339,15 @@ class _Shape:
         }
 
 
-def _usage(f: Finished) -> dict[str, Any]:
+def _usage(done: dict[int, Finished]) -> dict[str, Any]:
+    """The prompt counted once (the first choice's cache hit), the completion tokens of all choices."""
+    first = done[0]
+    completion = sum(f.completion_tokens for f in done.values())
     return {
-        "prompt_tokens": f.prompt_tokens,
-        "completion_tokens": f.completion_tokens,
-        "total_tokens": f.prompt_tokens + f.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": f.cached_tokens},
+        "prompt_tokens": first.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": first.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": first.cached_tokens},
     }
 
 
@@ -350,8 +360,9 @@ async def _wait_disconnect(request: Request) -> None:
 async def _collect(request: Request, events: asyncio.Queue[Event], job: Job, shape: _Shape) -> Response:
     """A non-streaming answer; the job is cancelled if the client disconnects while it waits."""
     gone = asyncio.ensure_future(_wait_disconnect(request))
-    pieces: list[str] = []
-    entries: list[TokenLogprob] = []
+    pieces: dict[int, list[str]] = {i: [] for i in range(job.n)}
+    entries: dict[int, list[TokenLogprob]] = {i: [] for i in range(job.n)}
+    done: dict[int, Finished] = {}
     try:
         while True:
             nxt = asyncio.ensure_future(events.get())
@@ -361,12 +372,19 @@ async def _collect(request: Request, events: asyncio.Queue[Event], job: Job, sha
                 return Response(status_code=499)  # nobody will read it
             ev = nxt.result()
             if isinstance(ev, Piece):
-                pieces.append(ev.text)
-                entries += ev.logprobs
+                pieces[ev.index].append(ev.text)
+                entries[ev.index] += ev.logprobs
             elif isinstance(ev, Finished):
+                done[ev.index] = ev
+                entries[ev.index] += ev.logprobs
+                if len(done) < job.n:
+                    continue
                 body = shape.head(chunk=False)
-                body["choices"] = [shape.choice("".join(pieces), ev.reason, False, entries + ev.logprobs)]
-                body["usage"] = _usage(ev)
+                body["choices"] = [
+                    shape.choice(i, "".join(pieces[i]), done[i].reason, False, entries[i])
+                    for i in range(job.n)
+                ]
+                body["usage"] = _usage(done)
                 return JSONResponse(body)
             else:
                 raise ApiError(ev.status, ev.message, code=ev.code)
@@ -378,8 +396,9 @@ async def _collect(request: Request, events: asyncio.Queue[Event], job: Job, sha
 async def _stream(
     events: asyncio.Queue[Event], job: Job, shape: _Shape, include_usage: bool
 ) -> AsyncIterator[str]:
-    """SSE data lines: an opening chunk (chat: the assistant role), one chunk per piece, the finish chunk,
-    optionally the usage chunk, then [DONE]; a failure ends the stream with an error object instead."""
+    """SSE data lines: per choice an opening chunk (chat: the assistant role), one chunk per piece and its
+    finish chunk; then optionally the usage chunk, then [DONE]; a failure ends the stream with an error
+    object instead."""
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
         body = shape.head(chunk=True)
@@ -388,19 +407,28 @@ async def _stream(
             body["usage"] = usage
         return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
+    def opening(index: int) -> str:
+        first = shape.choice(index, "", None, chunk=True)
+        first["delta"] = {"role": "assistant", "content": ""}
+        return chunk([first])
+
+    done: dict[int, Finished] = {}
     try:
         if shape.chat:
-            first = shape.choice("", None, chunk=True)
-            first["delta"] = {"role": "assistant", "content": ""}
-            yield chunk([first])
+            yield opening(0)
         while True:
             ev = await events.get()
             if isinstance(ev, Piece):
-                yield chunk([shape.choice(ev.text, None, True, ev.logprobs)])
+                yield chunk([shape.choice(ev.index, ev.text, None, True, ev.logprobs)])
             elif isinstance(ev, Finished):
-                yield chunk([shape.choice(None, ev.reason, True, ev.logprobs)])
+                yield chunk([shape.choice(ev.index, None, ev.reason, True, ev.logprobs)])
+                done[ev.index] = ev
+                if len(done) < job.n:
+                    if shape.chat:
+                        yield opening(len(done))
+                    continue
                 if include_usage:
-                    yield chunk([], _usage(ev))
+                    yield chunk([], _usage(done))
                 yield "[DONE]"
                 return
             else:

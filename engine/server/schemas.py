@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 from engine.server.errors import ApiError
 
 MAX_STOPS = 16
+MAX_CHOICES = 8
 MAX_TOP_LOGPROBS = 20  # as vLLM's default limit (OpenAI's own: 20 for chat, 5 for completions)
 RequestT = TypeVar("RequestT", bound="SamplingRequest")
 
@@ -107,7 +108,7 @@ class SamplingRequest(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
     stop: list[str] | None = None
-    n: int | None = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
@@ -135,13 +136,6 @@ class SamplingRequest(_Strict):
             raise _fail("stop_count", f"at most {MAX_STOPS} stop strings (got {len(v)})")
         if any(s == "" for s in v):
             raise _fail("stop_empty", "stop strings must not be empty")
-        return v
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise _fail("n_unsupported", f"only n=1 is supported (got {v})")
         return v
 
     def check(self) -> None:
