@@ -12,7 +12,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +40,7 @@ from engine.server.scheduler import (
     TokenLogprob,
 )
 from engine.server.schemas import ChatRequest, CompletionRequest, SamplingRequest, parse_body
+from engine.server.tools import call_grammar, parse_calls
 from engine.tokenizer import Tokenizer
 
 MAX_BODY = 8 << 20  # bytes; a larger request body is answered with 413
@@ -122,10 +123,15 @@ def create_app(scheduler: Scheduler, defaults: Defaults, body_timeout: float = B
     async def chat_completions(request: Request) -> Response:
         req = parse_body(ChatRequest, await _read_body(request, body_timeout))
         messages = [m.as_template_input() for m in req.messages]
-        ids = await run_in_threadpool(_encode_chat, scheduler, messages)
+        tools = _offered_tools(scheduler, req)
+        ids = await run_in_threadpool(_encode_chat, scheduler, messages, tools)
         is_json, schema = req.json_constraint
         grammar = await run_in_threadpool(_json_grammar, scheduler, schema) if is_json else None
-        return await _run(request, scheduler, defaults, req, ids, chat=True, grammar=grammar)
+        if req.forced_tools:
+            grammar = await run_in_threadpool(_call_grammar, scheduler, req)
+        return await _run(
+            request, scheduler, defaults, req, ids, chat=True, grammar=grammar, tools=tools is not None
+        )
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -180,11 +186,29 @@ def _ready_tokenizer(scheduler: Scheduler) -> Tokenizer:
     return loaded.tokenizer
 
 
-def _encode_chat(scheduler: Scheduler, messages: list[dict[str, str]]) -> list[int]:
+def _offered_tools(scheduler: Scheduler, req: ChatRequest) -> list[dict[str, Any]] | None:
+    """The tools to show the template (None with tool_choice "none" or no tools); a 400 when the model's
+    template cannot take them."""
+    if req.tool_mode == "none":
+        return None
+    _ready_tokenizer(scheduler)
+    assert scheduler.template is not None
+    if not scheduler.template.tool_calls:
+        message = (
+            f"tools: the model's chat template ({scheduler.template.name}) has no tool-call support "
+            "(it takes no tools, or not in the <tool_call> format)"
+        )
+        raise ApiError(400, message, "tools")
+    return [t.model_dump(exclude_none=True) for t in req.tools or []]
+
+
+def _encode_chat(
+    scheduler: Scheduler, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+) -> list[int]:
     tok = _ready_tokenizer(scheduler)
     assert scheduler.template is not None
     try:
-        return scheduler.template.encode(tok, messages)
+        return scheduler.template.encode(tok, messages, tools=tools)
     except DllamaError as e:  # the model's template refused the conversation (e.g. roles out of order)
         raise ApiError(400, str(e), "messages") from None
 
@@ -203,6 +227,17 @@ def _json_grammar(scheduler: Scheduler, schema: dict[str, Any] | None) -> str:
     return grammar
 
 
+def _call_grammar(scheduler: Scheduler, req: ChatRequest) -> str:
+    """The checked grammar of one call to a forced tool; a 400 if a parameter schema cannot be used."""
+    tok = _ready_tokenizer(scheduler)
+    grammar = call_grammar(req.forced_tools, tok)
+    try:
+        check_grammar(grammar, tok)
+    except DllamaError as e:
+        raise ApiError(400, f"tools: a function's parameters are {e}", "tools") from None
+    return grammar
+
+
 async def _run(
     request: Request,
     scheduler: Scheduler,
@@ -211,6 +246,7 @@ async def _run(
     ids: list[int],
     chat: bool,
     grammar: str | None = None,
+    tools: bool = False,
 ) -> Response:
     """Queue the generation and answer with its result (JSON) or its events (SSE)."""
     info, tok = _info(scheduler), _ready_tokenizer(scheduler)
@@ -249,6 +285,7 @@ async def _run(
         chat,
         tok,
         req.logprob_count is not None,
+        tools,
     )
     job = Job(
         id=shape.id,
@@ -284,6 +321,7 @@ class _Shape:
     chat: bool
     tokenizer: Tokenizer
     with_logprobs: bool
+    tools: bool  # tools were offered: replies are read for tool calls (and streamed whole at the end)
     offsets: dict[int, int] = field(default_factory=dict)  # completions: choice -> next token's text offset
 
     def head(self, chunk: bool) -> dict[str, Any]:
@@ -302,7 +340,11 @@ class _Shape:
         if not self.chat:
             return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         if not chunk:
-            message = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if self.tools:
+                message["content"], calls = parse_calls(text or "")
+                if calls:
+                    message["tool_calls"], finish = calls, "tool_calls"
             return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
         return {
             "index": index,
@@ -398,7 +440,8 @@ async def _stream(
 ) -> AsyncIterator[str]:
     """SSE data lines: per choice an opening chunk (chat: the assistant role), one chunk per piece and its
     finish chunk; then optionally the usage chunk, then [DONE]; a failure ends the stream with an error
-    object instead."""
+    object instead. With tools offered a choice's reply is held back and sent whole when it ends: its text,
+    then its tool calls."""
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
         body = shape.head(chunk=True)
@@ -412,16 +455,38 @@ async def _stream(
         first["delta"] = {"role": "assistant", "content": ""}
         return chunk([first])
 
+    def whole(index: int, ev: Finished) -> Iterator[str]:
+        content, calls = parse_calls("".join(held))
+        entries = [*held_logprobs, *ev.logprobs]
+        if content:
+            yield chunk([shape.choice(index, content, None, True, entries)])
+            entries = []
+        if calls:
+            delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
+            yield chunk([{**shape.choice(index, None, None, True, entries), "delta": delta}])
+            entries = []
+        yield chunk([shape.choice(index, None, "tool_calls" if calls else ev.reason, True, entries)])
+
     done: dict[int, Finished] = {}
+    held: list[str] = []
+    held_logprobs: list[TokenLogprob] = []
     try:
         if shape.chat:
             yield opening(0)
         while True:
             ev = await events.get()
-            if isinstance(ev, Piece):
+            if isinstance(ev, Piece) and shape.tools:
+                held.append(ev.text)
+                held_logprobs.extend(ev.logprobs)
+            elif isinstance(ev, Piece):
                 yield chunk([shape.choice(ev.index, ev.text, None, True, ev.logprobs)])
             elif isinstance(ev, Finished):
-                yield chunk([shape.choice(ev.index, None, ev.reason, True, ev.logprobs)])
+                if shape.tools:
+                    for line in whole(ev.index, ev):
+                        yield line
+                    held, held_logprobs = [], []
+                else:
+                    yield chunk([shape.choice(ev.index, None, ev.reason, True, ev.logprobs)])
                 done[ev.index] = ev
                 if len(done) < job.n:
                     if shape.chat:

@@ -10,6 +10,8 @@ from apiserver import post_request, raw_http
 
 CHAT = "/v1/chat/completions"
 USER = {"role": "user", "content": "Hi"}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 
 
 def _chat(**fields) -> bytes:
@@ -93,8 +95,40 @@ MALFORMED = [
         "response_format",
         "not a usable JSON schema",
     ),
-    (CHAT, _chat(tools=[{"type": "function"}]), 400, "tools", "tool calling"),
-    (CHAT, _chat(tool_choice="auto"), 400, "tool_choice", "tool calling"),
+    (CHAT, _chat(tools=[{"type": "function"}]), 400, "tools[0].function", "required"),
+    (CHAT, _chat(tools=[TOOL]), 400, "tools", "no tool-call support"),
+    (CHAT, _chat(tool_choice="required"), 400, "tool_choice", "needs tools"),
+    (
+        CHAT,
+        _chat(tools=[TOOL], tool_choice="none", parallel_tool_calls=False),
+        400,
+        "parallel_tool_calls",
+        "only",
+    ),
+    (
+        CHAT,
+        _chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "g"}}),
+        400,
+        "tool_choice",
+        "no tool is named 'g'",
+    ),
+    (CHAT, _chat(messages=[{**USER, "tool_calls": [CALL]}]), 400, "messages[0].tool_calls", "only assistant"),
+    (CHAT, _chat(messages=[{"role": "tool", "content": "1"}]), 400, "messages[0].tool_call_id", "required"),
+    (
+        CHAT,
+        _chat(
+            messages=[
+                USER,
+                {
+                    "role": "assistant",
+                    "tool_calls": [{**CALL, "function": {"name": "f", "arguments": "[1]"}}],
+                },
+            ]
+        ),
+        400,
+        "messages[1].tool_calls[0].function.arguments",
+        "JSON object",
+    ),
     (CHAT, _chat(functions=[{"name": "f"}]), 400, "functions", "function calling"),
     (CHAT, _chat(modalities=["audio"]), 400, "modalities", "text"),
     (CHAT, _chat(store=True), 400, "store", "stored"),
@@ -146,6 +180,7 @@ def test_malformed_request(api, path, body, status, param, fragment):
 
 NEUTRAL = [
     (CHAT, {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "user": "u-1"}),
+    (CHAT, {"tools": [TOOL], "tool_choice": "none", "parallel_tool_calls": True}),
     (CHAT, {"functions": [], "modalities": ["text"], "store": False, "logprobs": False, "n": 1}),
     (
         CHAT,
