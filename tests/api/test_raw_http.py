@@ -100,6 +100,13 @@ MALFORMED = [
     (CHAT, _chat(tool_choice="required"), 400, "tool_choice", "needs tools"),
     (
         CHAT,
+        _chat(tools=[TOOL], response_format={"type": "json_object"}),
+        400,
+        "response_format",
+        "not together",
+    ),
+    (
+        CHAT,
         _chat(tools=[TOOL], tool_choice="none", parallel_tool_calls=False),
         400,
         "parallel_tool_calls",
