@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from engine.errors import DllamaError
@@ -117,9 +118,12 @@ class ChatTemplate:
         self.eos_token = eos_token
         try:
             self._template = env.from_string(source)
+            uses = jinja2.meta.find_undeclared_variables(env.parse(source))
         except jinja2.TemplateSyntaxError as e:
             msg = f"chat template ({name}): syntax error on line {e.lineno}: {e.message}"
             raise DllamaError(msg) from None
+        # Hermes-style tool calls (Qwen2.5): `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`
+        self.tool_calls = "tools" in uses and "<tool_call>" in source and "</tool_call>" in source
 
     @classmethod
     def builtin(cls, name: str, *, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
@@ -139,22 +143,30 @@ class ChatTemplate:
         chosen = name if name is not None else guess_template_name(tokenizer.special_tokens)
         return cls.builtin(chosen, bos_token=bos, eos_token=eos)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages` (dicts with role and content); opens the assistant turn if asked."""
+    def render(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
+        """The prompt text for `messages` (dicts with role and content); opens the assistant turn if asked;
+        `tools` (OpenAI's tool objects) go to templates that take them."""
         try:
             return self._template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                tools=tools,
             )
         except Exception as e:  # any failure inside a template is the template's (or the messages') problem
             raise DllamaError(f"chat template ({self.name}) failed: {type(e).__name__}: {e}") from None
 
     def encode(
-        self, tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True
+        self,
+        tokenizer: Tokenizer,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> list[int]:
         """Render and encode; BOS per the model's flag unless the rendered text already starts with it."""
-        text = self.render(messages, add_generation_prompt)
+        text = self.render(messages, add_generation_prompt, tools)
         starts_with_bos = bool(self.bos_token) and text.startswith(self.bos_token)
         return tokenizer.encode(text, bos=tokenizer.add_bos and not starts_with_bos)

@@ -12,12 +12,16 @@ id at the boundary).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numba import njit
 
 from engine.errors import DllamaError
 from engine.logits import LogitsProcessor
+
+if TYPE_CHECKING:
+    from engine.grammar import GrammarMask
 
 TOL = 1e-9  # a decision closer than this (relative) to its boundary is left to the full computation
 _Z_FLOOR = -44.0  # terms below exp(-44) count as exp(-44): under 1e-14 of the sum at 152k ids
@@ -75,7 +79,8 @@ class Sampler:
     """Draws token ids from logits; only the first `vocab_size` logits (the tokenizer's) are candidates.
 
     top-p 0 or 1 (or beyond) samples the whole distribution, as distributed-llama does. A `processor`
-    (penalties, logit bias) changes the logits before each draw and is told each drawn token.
+    (penalties, logit bias) changes the logits before each draw and is told each drawn token; so does a
+    `grammar` (constrained decoding), applied after it.
     """
 
     def __init__(
@@ -85,9 +90,11 @@ class Sampler:
         topp: float = 0.9,
         seed: int | None = None,
         processor: LogitsProcessor | None = None,
+        grammar: GrammarMask | None = None,
     ):
         self.vocab_size, self.temperature, self.topp = vocab_size, temperature, topp
         self.processor = processor if processor is not None and processor.active else None
+        self.grammar = grammar
         self.rng = np.random.default_rng(seed)
         self._terms = np.zeros(1, np.float64)
         one = np.zeros(1, np.float32)  # load the compiled kernels now, not inside the first timed draw
@@ -100,10 +107,17 @@ class Sampler:
 
     def sample(self, logits: np.ndarray) -> int:
         """One id; argmax (first maximum) when temperature is 0; a NaN or +inf logit is refused."""
-        if self.processor is None:
+        if self.processor is None and self.grammar is None:
             return self._draw(logits[: self.vocab_size])
-        token = self._draw(self.processor(logits))
-        self.processor.accept(token)
+        if self.processor is not None:
+            logits = self.processor(logits)
+        if self.grammar is not None:
+            logits = self.grammar(logits)
+        token = self._draw(logits[: self.vocab_size])
+        if self.processor is not None:
+            self.processor.accept(token)
+        if self.grammar is not None:
+            self.grammar.accept(token)
         return token
 
     def _draw(self, logits: np.ndarray) -> int:

@@ -12,9 +12,9 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from engine.errors import DllamaError
+from engine.grammar import check_grammar, json_grammar
 from engine.server.errors import ApiError, error_body
 from engine.server.metrics import CONTENT_TYPE, CountRequests, RequestCounter, render
 from engine.server.scheduler import (
+    SEED_MASK,
     Event,
     Failed,
     Finished,
@@ -39,11 +41,11 @@ from engine.server.scheduler import (
     TokenLogprob,
 )
 from engine.server.schemas import ChatRequest, CompletionRequest, SamplingRequest, parse_body
+from engine.server.tools import call_grammar, parse_calls
 from engine.tokenizer import Tokenizer
 
 MAX_BODY = 8 << 20  # bytes; a larger request body is answered with 413
 BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive; a slower one is answered with 408
-SEED_MASK = (1 << 64) - 1
 CHAT_PAGE = Path(__file__).with_name("static") / "chat.html"  # the web chat at /, self-contained
 
 
@@ -145,8 +147,15 @@ def create_app(scheduler: Scheduler, defaults: Defaults, body_timeout: float = B
     async def chat_completions(request: Request) -> Response:
         req = parse_body(ChatRequest, await _read_body(request, body_timeout))
         messages = [m.as_template_input() for m in req.messages]
-        ids = await run_in_threadpool(_encode_chat, scheduler, messages)
-        return await _run(request, scheduler, defaults, req, ids, chat=True)
+        tools = _offered_tools(scheduler, req)
+        ids = await run_in_threadpool(_encode_chat, scheduler, messages, tools)
+        is_json, schema = req.json_constraint
+        grammar = await run_in_threadpool(_json_grammar, scheduler, schema) if is_json else None
+        if req.forced_tools:
+            grammar = await run_in_threadpool(_call_grammar, scheduler, req)
+        return await _run(
+            request, scheduler, defaults, req, ids, chat=True, grammar=grammar, tools=tools is not None
+        )
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -201,17 +210,56 @@ def _ready_tokenizer(scheduler: Scheduler) -> Tokenizer:
     return loaded.tokenizer
 
 
-def _encode_chat(scheduler: Scheduler, messages: list[dict[str, str]]) -> list[int]:
+def _offered_tools(scheduler: Scheduler, req: ChatRequest) -> list[dict[str, Any]] | None:
+    """The tools to show the template (None with tool_choice "none" or no tools); a 400 when the model's
+    template cannot take them."""
+    if req.tool_mode == "none":
+        return None
+    _ready_tokenizer(scheduler)
+    assert scheduler.template is not None
+    if not scheduler.template.tool_calls:
+        message = (
+            f"tools: the model's chat template ({scheduler.template.name}) has no tool-call support "
+            "(it takes no tools, or not in the <tool_call> format)"
+        )
+        raise ApiError(400, message, "tools")
+    return [t.model_dump(exclude_none=True) for t in req.tools or []]
+
+
+def _encode_chat(
+    scheduler: Scheduler, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+) -> list[int]:
     tok = _ready_tokenizer(scheduler)
     assert scheduler.template is not None
     try:
-        return scheduler.template.encode(tok, messages)
+        return scheduler.template.encode(tok, messages, tools=tools)
     except DllamaError as e:  # the model's template refused the conversation (e.g. roles out of order)
         raise ApiError(400, str(e), "messages") from None
 
 
 def _encode_text(scheduler: Scheduler, prompt: str) -> list[int]:
     return _ready_tokenizer(scheduler).encode(prompt)
+
+
+def _json_grammar(scheduler: Scheduler, schema: dict[str, Any] | None) -> str:
+    """The checked grammar of JSON mode (schema None) or of a JSON schema; a 400 if it cannot be used."""
+    try:
+        grammar = json_grammar(schema)
+        check_grammar(grammar, _ready_tokenizer(scheduler))
+    except DllamaError as e:
+        raise ApiError(400, f"response_format: {e}", "response_format") from None
+    return grammar
+
+
+def _call_grammar(scheduler: Scheduler, req: ChatRequest) -> str:
+    """The checked grammar of one call to a forced tool; a 400 if a parameter schema cannot be used."""
+    tok = _ready_tokenizer(scheduler)
+    grammar = call_grammar(req.forced_tools, tok)
+    try:
+        check_grammar(grammar, tok)
+    except DllamaError as e:
+        raise ApiError(400, f"tools: a function's parameters are {e}", "tools") from None
+    return grammar
 
 
 async def _run(
@@ -221,6 +269,8 @@ async def _run(
     req: SamplingRequest,
     ids: list[int],
     chat: bool,
+    grammar: str | None = None,
+    tools: bool = False,
 ) -> Response:
     """Queue the generation and answer with its result (JSON) or its events (SSE)."""
     info, tok = _info(scheduler), _ready_tokenizer(scheduler)
@@ -259,6 +309,7 @@ async def _run(
         chat,
         tok,
         req.logprob_count is not None,
+        tools,
     )
     job = Job(
         id=shape.id,
@@ -275,6 +326,8 @@ async def _run(
         repetition=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
         bias=bias,
         logprobs=req.logprob_count,
+        grammar=grammar,
+        n=req.n or 1,
     )
     scheduler.submit(job)
     if req.stream:
@@ -292,29 +345,39 @@ class _Shape:
     chat: bool
     tokenizer: Tokenizer
     with_logprobs: bool
-    offset: int = 0  # completions: where the next token's text starts in the generated text
+    tools: bool  # tools were offered: replies are read for tool calls (and streamed whole at the end)
+    offsets: dict[int, int] = field(default_factory=dict)  # completions: choice -> next token's text offset
 
     def head(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def choice(
-        self, text: str | None, finish: str | None, chunk: bool, entries: Sequence[TokenLogprob] = ()
+        self,
+        index: int,
+        text: str | None,
+        finish: str | None,
+        chunk: bool,
+        entries: Sequence[TokenLogprob] = (),
     ) -> dict[str, Any]:
-        logprobs = self.logprobs(list(entries)) if self.with_logprobs and entries else None
+        logprobs = self.logprobs(index, list(entries)) if self.with_logprobs and entries else None
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+            return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         if not chunk:
-            message = {"role": "assistant", "content": text}
-            return {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if self.tools:
+                message["content"], calls = parse_calls(text or "")
+                if calls:
+                    message["tool_calls"], finish = calls, "tool_calls"
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
         return {
-            "index": 0,
+            "index": index,
             "delta": {} if text is None else {"content": text},
             "logprobs": logprobs,
             "finish_reason": finish,
         }
 
-    def logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+    def logprobs(self, index: int, entries: list[TokenLogprob]) -> dict[str, Any]:
         """Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: the legacy lists, whose
         top_logprobs hold the chosen token as well, as OpenAI's do."""
         tok = self.tokenizer
@@ -328,10 +391,11 @@ class _Shape:
             ]
             return {"content": content, "refusal": None}
         texts = [tok.token_text(e.token) for e in entries]
-        offsets = []
+        offsets, at = [], self.offsets.get(index, 0)
         for text in texts:
-            offsets.append(self.offset)
-            self.offset += len(text)
+            offsets.append(at)
+            at += len(text)
+        self.offsets[index] = at
         tops = [{tok.token_text(t): lp for t, lp in [*e.top, (e.token, e.logprob)]} for e in entries]
         return {
             "tokens": texts,
@@ -341,12 +405,15 @@ class _Shape:
         }
 
 
-def _usage(f: Finished) -> dict[str, Any]:
+def _usage(done: dict[int, Finished]) -> dict[str, Any]:
+    """The prompt counted once (the first choice's cache hit), the completion tokens of all choices."""
+    first = done[0]
+    completion = sum(f.completion_tokens for f in done.values())
     return {
-        "prompt_tokens": f.prompt_tokens,
-        "completion_tokens": f.completion_tokens,
-        "total_tokens": f.prompt_tokens + f.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": f.cached_tokens},
+        "prompt_tokens": first.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": first.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": first.cached_tokens},
     }
 
 
@@ -359,8 +426,9 @@ async def _wait_disconnect(request: Request) -> None:
 async def _collect(request: Request, events: asyncio.Queue[Event], job: Job, shape: _Shape) -> Response:
     """A non-streaming answer; the job is cancelled if the client disconnects while it waits."""
     gone = asyncio.ensure_future(_wait_disconnect(request))
-    pieces: list[str] = []
-    entries: list[TokenLogprob] = []
+    pieces: dict[int, list[str]] = {i: [] for i in range(job.n)}
+    entries: dict[int, list[TokenLogprob]] = {i: [] for i in range(job.n)}
+    done: dict[int, Finished] = {}
     try:
         while True:
             nxt = asyncio.ensure_future(events.get())
@@ -370,12 +438,19 @@ async def _collect(request: Request, events: asyncio.Queue[Event], job: Job, sha
                 return Response(status_code=499)  # nobody will read it
             ev = nxt.result()
             if isinstance(ev, Piece):
-                pieces.append(ev.text)
-                entries += ev.logprobs
+                pieces[ev.index].append(ev.text)
+                entries[ev.index] += ev.logprobs
             elif isinstance(ev, Finished):
+                done[ev.index] = ev
+                entries[ev.index] += ev.logprobs
+                if len(done) < job.n:
+                    continue
                 body = shape.head(chunk=False)
-                body["choices"] = [shape.choice("".join(pieces), ev.reason, False, entries + ev.logprobs)]
-                body["usage"] = _usage(ev)
+                body["choices"] = [
+                    shape.choice(i, "".join(pieces[i]), done[i].reason, False, entries[i])
+                    for i in range(job.n)
+                ]
+                body["usage"] = _usage(done)
                 return JSONResponse(body)
             else:
                 raise ApiError(ev.status, ev.message, code=ev.code)
@@ -387,8 +462,10 @@ async def _collect(request: Request, events: asyncio.Queue[Event], job: Job, sha
 async def _stream(
     events: asyncio.Queue[Event], job: Job, shape: _Shape, include_usage: bool
 ) -> AsyncIterator[str]:
-    """SSE data lines: an opening chunk (chat: the assistant role), one chunk per piece, the finish chunk,
-    optionally the usage chunk, then [DONE]; a failure ends the stream with an error object instead."""
+    """SSE data lines: per choice an opening chunk (chat: the assistant role), one chunk per piece and its
+    finish chunk; then optionally the usage chunk, then [DONE]; a failure ends the stream with an error
+    object instead. With tools offered a choice's reply is held back and sent whole when it ends: its text,
+    then its tool calls."""
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
         body = shape.head(chunk=True)
@@ -397,19 +474,50 @@ async def _stream(
             body["usage"] = usage
         return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
+    def opening(index: int) -> str:
+        first = shape.choice(index, "", None, chunk=True)
+        first["delta"] = {"role": "assistant", "content": ""}
+        return chunk([first])
+
+    def whole(index: int, ev: Finished) -> Iterator[str]:
+        content, calls = parse_calls("".join(held))
+        entries = [*held_logprobs, *ev.logprobs]
+        if content:
+            yield chunk([shape.choice(index, content, None, True, entries)])
+            entries = []
+        if calls:
+            delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
+            yield chunk([{**shape.choice(index, None, None, True, entries), "delta": delta}])
+            entries = []
+        yield chunk([shape.choice(index, None, "tool_calls" if calls else ev.reason, True, entries)])
+
+    done: dict[int, Finished] = {}
+    held: list[str] = []
+    held_logprobs: list[TokenLogprob] = []
     try:
         if shape.chat:
-            first = shape.choice("", None, chunk=True)
-            first["delta"] = {"role": "assistant", "content": ""}
-            yield chunk([first])
+            yield opening(0)
         while True:
             ev = await events.get()
-            if isinstance(ev, Piece):
-                yield chunk([shape.choice(ev.text, None, True, ev.logprobs)])
+            if isinstance(ev, Piece) and shape.tools:
+                held.append(ev.text)
+                held_logprobs.extend(ev.logprobs)
+            elif isinstance(ev, Piece):
+                yield chunk([shape.choice(ev.index, ev.text, None, True, ev.logprobs)])
             elif isinstance(ev, Finished):
-                yield chunk([shape.choice(None, ev.reason, True, ev.logprobs)])
+                if shape.tools:
+                    for line in whole(ev.index, ev):
+                        yield line
+                    held, held_logprobs = [], []
+                else:
+                    yield chunk([shape.choice(ev.index, None, ev.reason, True, ev.logprobs)])
+                done[ev.index] = ev
+                if len(done) < job.n:
+                    if shape.chat:
+                        yield opening(len(done))
+                    continue
                 if include_usage:
-                    yield chunk([], _usage(ev))
+                    yield chunk([], _usage(done))
                 yield "[DONE]"
                 return
             else:

@@ -21,6 +21,7 @@ from engine.chat import common_prefix
 from engine.chat_template import ChatTemplate
 from engine.errors import DllamaError
 from engine.generate import Metrics, generate
+from engine.grammar import GrammarMask
 from engine.loader import Loaded
 from engine.logits import LogitsProcessor, log_softmax_at
 from engine.runner import Runner
@@ -28,6 +29,7 @@ from engine.sampler import Sampler
 from engine.server.errors import ApiError
 from engine.server.stops import StopFilter
 
+SEED_MASK = (1 << 64) - 1
 RETRY_S = 3.0  # seconds between attempts to (re)build a cluster, as the original's API server
 IDLE_CHECK_S = 1.0  # how often an idle engine looks for a cluster node that went away
 
@@ -48,11 +50,12 @@ class Piece:
 
     text: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    index: int = 0  # the choice it belongs to
 
 
 @dataclass
 class Finished:
-    """The end of a generation: OpenAI's finish_reason, the usage counts, and the log-probabilities of the
+    """The end of one choice: OpenAI's finish_reason, the usage counts, and the log-probabilities of the
     tokens no piece carried (a stop string's, EOS)."""
 
     reason: str  # "stop" | "length"
@@ -60,6 +63,7 @@ class Finished:
     completion_tokens: int
     cached_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    index: int = 0
 
 
 @dataclass
@@ -76,7 +80,8 @@ Event = Piece | Finished | Failed
 
 @dataclass
 class Job:
-    """One request's generation: prompt tokens, sampling, limits, and where its events go (thread-safe)."""
+    """One request's generation: prompt tokens, sampling, limits, and where its events go (thread-safe).
+    Its `n` choices run one after the other; choice i draws with seed + i."""
 
     id: str
     prompt: list[int]
@@ -92,6 +97,8 @@ class Job:
     repetition: float = 1.0
     bias: dict[int, float] = field(default_factory=dict)  # token ids already checked against the vocabulary
     logprobs: int | None = None  # alternatives per token's log-probability; None: no log-probabilities
+    grammar: str | None = None  # an llguidance grammar (already checked) the output must follow
+    n: int = 1
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -303,13 +310,15 @@ class Scheduler:
 
     def _serve(self, job: Job) -> None:
         try:
-            if not job.cancel.is_set():
-                self._generate(job)
+            for index in range(job.n):
+                if job.cancel.is_set() or not self._generate(job, index):
+                    break
         finally:
             with self._cv:
                 self._current = None
 
-    def _generate(self, job: Job) -> None:
+    def _generate(self, job: Job, index: int) -> bool:
+        """Generate choice `index`; False when it failed or was cancelled (the later choices do not run)."""
         assert self.loaded is not None
         runner, tok = self.loaded.runner, self.loaded.tokenizer
         ids = job.prompt
@@ -318,7 +327,9 @@ class Scheduler:
         processor = LogitsProcessor(
             tok.vocab_size, job.presence, job.frequency, job.repetition, job.bias, prompt=ids
         )
-        sampler = Sampler(tok.vocab_size, job.temperature, job.top_p, job.seed, processor)
+        grammar = GrammarMask(job.grammar, tok) if job.grammar is not None else None
+        seed = (job.seed + index) & SEED_MASK if job.seed is not None else None
+        sampler = Sampler(tok.vocab_size, job.temperature, job.top_p, seed, processor, grammar)
         pending: list[TokenLogprob] = []
         budget = job.max_tokens if job.max_tokens is not None else runner.max_seq_len
         m, fed, stopper, reason = Metrics(), start, StopFilter(job.stops), None
@@ -337,7 +348,7 @@ class Scheduler:
                         pending.append(TokenLogprob(ev.token, lp, top))
                     text, hit = stopper.push(ev.text)
                     if text:
-                        job.emit(Piece(text, pending))
+                        job.emit(Piece(text, pending, index))
                         pending = []
                     if hit:
                         reason = "stop"
@@ -348,30 +359,33 @@ class Scheduler:
                 reason = "stop" if m.stop_reason == "eos" else "length"
                 tail = stopper.flush()
                 if tail:
-                    job.emit(Piece(tail, pending))
+                    job.emit(Piece(tail, pending, index))
                     pending = []
         except DllamaError as e:
             self._failed(job, runner, str(e))
-            return
+            return False
         except Exception as e:  # a bug must fail this request, not the server
             traceback.print_exc()
             self._failed(job, runner, f"internal error: {type(e).__name__}: {e}")
-            return
+            return False
         finally:
             events.close()
         # the last sampled token is never fed, so the cache holds the prompt and all but the last one
         self._cached = ids[:fed] + m.generated[:-1]
         with self._cv:
-            self._stats.prompt_tokens += len(ids)
+            self._stats.prompt_tokens += len(ids) if index == 0 else 0  # once per request, as in usage
             self._stats.generated_tokens += len(m.generated)
             self._stats.last_rate = m.decode_rate()
         outcome = reason if reason is not None else "cancelled (the client went away)"
+        choice = f" choice {index}" if job.n > 1 else ""
         self._log(
-            f"📝 {job.id}: {len(ids)} prompt tokens ({start} cached) + {len(m.generated)} generated, "
+            f"📝 {job.id}{choice}: {len(ids)} prompt tokens ({start} cached) + {len(m.generated)} generated, "
             f"{outcome}, {time.perf_counter() - t0:.2f} s"
         )
-        if reason is not None:
-            job.emit(Finished(reason, len(ids), len(m.generated), start, pending))
+        if reason is None:
+            return False
+        job.emit(Finished(reason, len(ids), len(m.generated), start, pending, index))
+        return True
 
     def _failed(self, job: Job, runner: Runner, message: str) -> None:
         self._cached = []

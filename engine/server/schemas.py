@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI endpoints: strict pydantic models, and their errors as one line each.
 
 Every field is either honoured or refused: an OpenAI field dllama-api does not implement is accepted only at
-its neutral value (e.g. `tools: []`, `response_format: {"type": "text"}`) and otherwise answered with a 400
+its neutral value (e.g. `tools: []`, `store: false`) and otherwise answered with a 400
 naming it; a field OpenAI does not define is refused as unknown (vLLM ignores unknown fields with a logged
 warning instead; here a silently ignored field counts as a defect). `user`, an end-user identifier, is
 accepted and not used.
@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 from engine.server.errors import ApiError
 
 MAX_STOPS = 16
+MAX_CHOICES = 8
 MAX_TOP_LOGPROBS = 20  # as vLLM's default limit (OpenAI's own: 20 for chat, 5 for completions)
 RequestT = TypeVar("RequestT", bound="SamplingRequest")
 
@@ -48,23 +49,35 @@ def _neutral_only(v: Any, field: str, neutral: dict[str, tuple[tuple[Any, ...], 
 _MESSAGE_NEUTRAL = {  # fields of a message the OpenAI client sends back from a response it received
     "name": ((None,), "participant names are not supported"),
     "refusal": ((None,), "refusals are not supported"),
-    "tool_calls": ((None, []), "tool calls are not supported"),
-    "tool_call_id": ((None,), "tool calls are not supported"),
-    "function_call": ((None,), "function calls are not supported"),
+    "function_call": ((None,), "function calls are not supported (use tool calls)"),
     "audio": ((None,), "audio is not supported"),
     "annotations": ((None, []), "annotations are not supported"),
 }
 
 
-class ChatMessage(_Strict):
-    """One turn; content is a string or a list of text parts (joined with newlines, as vLLM does)."""
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str
+
+class ToolCall(_Strict):
+    """A call an assistant message made (as the response gave it)."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ChatMessage(_Strict):
+    """One turn; content is a string or a list of text parts (joined with newlines, as vLLM does); an
+    assistant turn with tool calls may have none."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | None = None
     name: Any = None
     refusal: Any = None
-    tool_calls: Any = None
-    tool_call_id: Any = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
     function_call: Any = None
     audio: Any = None
     annotations: Any = None
@@ -77,7 +90,7 @@ class ChatMessage(_Strict):
     @field_validator("content", mode="before")
     @classmethod
     def _text_parts(cls, v: Any) -> Any:
-        if isinstance(v, str):
+        if isinstance(v, str) or v is None:
             return v
         if not isinstance(v, list):
             raise _fail("content_type", "must be a string or a list of text parts")
@@ -90,9 +103,48 @@ class ChatMessage(_Strict):
             texts.append(part["text"])
         return "\n".join(texts)
 
-    def as_template_input(self) -> dict[str, str]:
-        """The dict a chat template expects; OpenAI's "developer" role is a system message."""
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+    def check(self, where: str) -> None:
+        """Rules across a message's fields, as ApiError 400 naming the field."""
+        if self.content is None and not self.tool_calls:
+            raise ApiError(
+                400, f"{where}.content: required (null only beside tool_calls)", param=where + ".content"
+            )
+        if self.tool_calls and self.role != "assistant":
+            raise ApiError(
+                400, f"{where}.tool_calls: only assistant messages make tool calls", where + ".tool_calls"
+            )
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ApiError(
+                400,
+                f"{where}.tool_call_id: required in tool messages, and only there",
+                where + ".tool_call_id",
+            )
+        for i, call in enumerate(self.tool_calls or []):
+            try:
+                args = json.loads(call.function.arguments)
+            except json.JSONDecodeError:
+                args = None
+            if not isinstance(args, dict):
+                param = f"{where}.tool_calls[{i}].function.arguments"
+                raise ApiError(400, f"{param}: must be a JSON object as text", param)
+
+    def as_template_input(self) -> dict[str, Any]:
+        """The dict a chat template expects (HF's convention: tool-call arguments as objects); OpenAI's
+        "developer" role is a system message."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role}
+        out["content"] = self.content or ""
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)},
+                }
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class SamplingRequest(_Strict):
@@ -107,7 +159,7 @@ class SamplingRequest(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
     stop: list[str] | None = None
-    n: int | None = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
@@ -137,13 +189,6 @@ class SamplingRequest(_Strict):
             raise _fail("stop_empty", "stop strings must not be empty")
         return v
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise _fail("n_unsupported", f"only n=1 is supported (got {v})")
-        return v
-
     def check(self) -> None:
         """Rules across fields, as ApiError 400 naming the field."""
         if self.stream_options is not None and not self.stream:
@@ -170,13 +215,7 @@ class SamplingRequest(_Strict):
 
 
 _CHAT_NEUTRAL = {
-    "response_format": (
-        (None, {"type": "text"}),
-        "JSON mode and JSON schemas are not supported",
-    ),
-    "tools": ((None, []), "tool calling is not supported"),
-    "tool_choice": ((None, "none"), "tool calling is not supported"),
-    "parallel_tool_calls": ((None,), "tool calling is not supported"),
+    "parallel_tool_calls": ((None, True), "only parallel tool calls are supported"),
     "functions": ((None, []), "function calling is not supported"),
     "function_call": ((None, "none"), "function calling is not supported"),
     "modalities": ((None, ["text"]), "only text output is supported"),
@@ -190,13 +229,63 @@ _CHAT_NEUTRAL = {
 }
 
 
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Strict):
+    """JSON mode: the reply is one JSON object."""
+
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(_Strict):
+    """OpenAI's `json_schema` object; `strict` is accepted either way: the schema is always enforced."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(_Strict):
+    """The reply is JSON text valid against a schema."""
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no parameters
+    strict: bool | None = None  # accepted either way: a forced call's arguments always follow the schema
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage]
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: Any = None
-    tools: Any = None
-    tool_choice: Any = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: Any = None
     functions: Any = None
     function_call: Any = None
@@ -225,11 +314,52 @@ class ChatRequest(SamplingRequest):
         super().check()
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs: only allowed when logprobs is true", param="top_logprobs")
+        for i, m in enumerate(self.messages):
+            m.check(f"messages[{i}]")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not self.tools:
+            raise ApiError(400, "tool_choice: a required or named tool needs tools", param="tool_choice")
+        names = [t.function.name for t in self.tools or []]
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            message = f"tool_choice: no tool is named {choice.function.name!r} (tools: {', '.join(names)})"
+            raise ApiError(400, message, param="tool_choice")
+        if (
+            self.tool_mode != "none"
+            and self.response_format is not None
+            and self.response_format.type != "text"
+        ):
+            raise ApiError(400, "response_format: not together with tools", param="response_format")
+
+    @property
+    def tool_mode(self) -> str:
+        """ "none" (no tools offered), "auto", "required", or the name of the tool to call."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    @property
+    def forced_tools(self) -> list[FunctionDef]:
+        """The tools one of which must be called: all ("required"), the named one, or none (auto, none)."""
+        mode, tools = self.tool_mode, [t.function for t in self.tools or []]
+        if mode == "named":
+            assert isinstance(self.tool_choice, NamedToolChoice)
+            return [f for f in tools if f.name == self.tool_choice.function.name]
+        return tools if mode == "required" else []
 
     @property
     def logprob_count(self) -> int | None:
         """How many alternatives each token's log-probability comes with; None: no log-probabilities."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def json_constraint(self) -> tuple[bool, dict[str, Any] | None]:
+        """(whether the reply must be JSON, the schema it must match: None for any JSON object)."""
+        fmt = self.response_format
+        if isinstance(fmt, JsonSchemaFormat):
+            return True, fmt.json_schema.json_schema
+        return isinstance(fmt, JsonObjectFormat), None
 
 
 _COMPLETION_NEUTRAL = {

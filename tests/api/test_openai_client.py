@@ -159,8 +159,8 @@ def test_greedy_equals_dllama_inference(client, tmp_path):
 
 def test_client_errors(client, reference):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="m", messages=QUESTION, n=2)
-    assert "n=1" in str(e.value)
+        client.chat.completions.create(model="m", messages=QUESTION, n=9)
+    assert "less than or equal to 8" in str(e.value)
     long = [{"role": "user", "content": "hello " * 5000}]
     n = len(reference.chat_ids(long))
     for stream in (False, True):

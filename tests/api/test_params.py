@@ -191,8 +191,8 @@ def test_assistant_message_sent_back_as_the_client_dumps_it(client):
         ({"top_logprobs": 2}, "top_logprobs", "logprobs is true"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
         ({"logit_bias": {"999999": 1}}, "logit_bias", "not in the vocabulary"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool calling"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "JSON"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "no tool-call support"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.json_schema", "required"),
         ({"top_k": 5}, "top_k", "unknown field"),
     ],
 )

@@ -10,6 +10,8 @@ from apiserver import post_request, raw_http
 
 CHAT = "/v1/chat/completions"
 USER = {"role": "user", "content": "Hi"}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 
 
 def _chat(**fields) -> bytes:
@@ -54,7 +56,8 @@ MALFORMED = [
     (CHAT, _chat(stream="yes"), 400, "stream", "boolean"),
     (CHAT, _chat(stop=5), 400, "stop", "string"),
     (CHAT, _chat(stop=[""]), 400, "stop", "empty"),
-    (CHAT, _chat(n=3), 400, "n", "n=1"),
+    (CHAT, _chat(n=9), 400, "n", "less than or equal to 8"),
+    (CHAT, _chat(n=0), 400, "n", "greater than or equal to 1"),
     (CHAT, _chat(seed=1.5), 400, "seed", "integer"),
     (CHAT, _chat(stream_options={"include_usage": "yes"}), 400, "stream_options.include_usage", "boolean"),
     (CHAT, _chat(logprobs="yes"), 400, "logprobs", "boolean"),
@@ -70,9 +73,69 @@ MALFORMED = [
     (CHAT, _chat(logit_bias={"-1": 1}), 400, "logit_bias", "token ids"),
     (CHAT, _chat(logit_bias={"49152": 1}), 400, "logit_bias", "not in the vocabulary"),
     (CHAT, _chat(logit_bias=[1]), 400, "logit_bias", "object"),
-    (CHAT, _chat(response_format={"type": "json_object"}), 400, "response_format", "JSON mode"),
-    (CHAT, _chat(tools=[{"type": "function"}]), 400, "tools", "tool calling"),
-    (CHAT, _chat(tool_choice="auto"), 400, "tool_choice", "tool calling"),
+    (CHAT, _chat(response_format={"type": "xml"}), 400, "response_format", "json_schema"),
+    (
+        CHAT,
+        _chat(response_format={"type": "json_object", "x": 1}),
+        400,
+        "response_format.json_object.x",
+        "unknown field",
+    ),
+    (
+        CHAT,
+        _chat(response_format={"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}),
+        400,
+        "response_format.json_schema.json_schema.name",
+        "pattern",
+    ),
+    (
+        CHAT,
+        _chat(response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": 3}}}),
+        400,
+        "response_format",
+        "not a usable JSON schema",
+    ),
+    (CHAT, _chat(tools=[{"type": "function"}]), 400, "tools[0].function", "required"),
+    (CHAT, _chat(tools=[TOOL]), 400, "tools", "no tool-call support"),
+    (CHAT, _chat(tool_choice="required"), 400, "tool_choice", "needs tools"),
+    (
+        CHAT,
+        _chat(tools=[TOOL], response_format={"type": "json_object"}),
+        400,
+        "response_format",
+        "not together",
+    ),
+    (
+        CHAT,
+        _chat(tools=[TOOL], tool_choice="none", parallel_tool_calls=False),
+        400,
+        "parallel_tool_calls",
+        "only",
+    ),
+    (
+        CHAT,
+        _chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "g"}}),
+        400,
+        "tool_choice",
+        "no tool is named 'g'",
+    ),
+    (CHAT, _chat(messages=[{**USER, "tool_calls": [CALL]}]), 400, "messages[0].tool_calls", "only assistant"),
+    (CHAT, _chat(messages=[{"role": "tool", "content": "1"}]), 400, "messages[0].tool_call_id", "required"),
+    (
+        CHAT,
+        _chat(
+            messages=[
+                USER,
+                {
+                    "role": "assistant",
+                    "tool_calls": [{**CALL, "function": {"name": "f", "arguments": "[1]"}}],
+                },
+            ]
+        ),
+        400,
+        "messages[1].tool_calls[0].function.arguments",
+        "JSON object",
+    ),
     (CHAT, _chat(functions=[{"name": "f"}]), 400, "functions", "function calling"),
     (CHAT, _chat(modalities=["audio"]), 400, "modalities", "text"),
     (CHAT, _chat(store=True), 400, "store", "stored"),
@@ -124,6 +187,7 @@ def test_malformed_request(api, path, body, status, param, fragment):
 
 NEUTRAL = [
     (CHAT, {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "user": "u-1"}),
+    (CHAT, {"tools": [TOOL], "tool_choice": "none", "parallel_tool_calls": True}),
     (CHAT, {"functions": [], "modalities": ["text"], "store": False, "logprobs": False, "n": 1}),
     (
         CHAT,

@@ -81,6 +81,30 @@ def test_qwen25_template_with_a_system_message_and_history(qwen25_tokenizer):
     assert text == f"{QWEN_SYSTEM}<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
 
 
+def test_tool_call_support_and_qwen25_tool_turns(qwen25_tokenizer, smollm2):
+    """Qwen2.5's template takes tools in the <tool_call> format; SmolLM2's and the built-ins take none."""
+    template = ChatTemplate.for_tokenizer(qwen25_tokenizer)
+    assert template.tool_calls
+    assert not ChatTemplate.for_tokenizer(smollm2).tool_calls
+    assert not any(ChatTemplate.builtin(name).tool_calls for name in BUILTIN_TEMPLATES)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+    messages = [
+        {"role": "user", "content": "Go"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
+    text = template.render(messages, tools=[tool])
+    assert "<tools>\n" + json.dumps(tool) + "\n</tools>" in text
+    assert (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call><|im_end|>'
+        in text
+    )
+    assert text.endswith(
+        "<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
 @pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
 def test_builtin_two_turn_conversation(name):
     template = ChatTemplate.builtin(name, bos_token="<s>", eos_token="</s>")
