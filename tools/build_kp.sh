@@ -6,7 +6,8 @@
 # tools/kp-0.9.0-dllama.patch makes dependent dispatches safe on real GPUs (one global shader/transfer-write ->
 # compute barrier before every dispatch instead of kp's per-tensor transfer-only barrier), adds a
 # shader-write -> host-read barrier for host tensors to OpTensorSyncLocal, and creates Vulkan 1.2 instances
-# (the shaders are SPIR-V 1.5). Validation layers are left to VK_INSTANCE_LAYERS instead of always loaded.
+# (the shaders are SPIR-V 1.5), and Sequence.eval() releases the GIL while it waits on its fence (a cluster
+# node's network threads run meanwhile). Validation layers are left to VK_INSTANCE_LAYERS, not always loaded.
 # pybind11 comes from PyPI, pinned: before 2.12 it reads numpy's dtype struct directly, and under numpy 2 kp's
 # Tensor.data() then returns arrays whose stride is 0 (every element aliasing the first).
 # The wheel's version carries a hash of the patch, the build flags and pybind11's version, so changing any
