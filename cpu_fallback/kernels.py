@@ -962,25 +962,45 @@ def _xq80(x, o, code):
 
 
 @_helper
-def _iblock(code, w, o, xv, off):
-    """Exact integer dot (eight int32 lanes) of the legacy weight block at byte o with Q80 codes xv, its
-    offset (Q4_0/Q5_0) applied."""
+def _wcodes(code, w, o):
+    """The 32 codes of the legacy weight block at byte o: unsigned bytes (Q4_0 to Q5_1) or signed (Q8_0)."""
     if code == _T_Q40:
-        return _isub(_udot(_ld_nib32(w, o + 2), xv), off)
+        return _ld_nib32(w, o + 2)
     if code == _T_Q41:
-        return _udot(_ld_nib32(w, o + 4), xv)
+        return _ld_nib32(w, o + 4)
     if code == _T_Q50:
-        return _isub(_udot(_ld_q5_32(w, o + 6, o + 2), xv), off)
+        return _ld_q5_32(w, o + 6, o + 2)
     if code == _T_Q51:
-        return _udot(_ld_q5_32(w, o + 8, o + 4), xv)
-    return _sdot(_ld_b32(w, o + 2), xv)
+        return _ld_q5_32(w, o + 8, o + 4)
+    return _ld_b32(w, o + 2)
+
+
+@_helper
+def _idot(code, wv, xv, off):
+    """Exact integer dot (eight int32 lanes) of weight block codes wv (_wcodes) with Q80 codes xv, the
+    offset of Q4_0/Q5_0 (_xq80) applied."""
+    if code == _T_Q80:
+        return _sdot(wv, xv)
+    if code == _T_Q40 or code == _T_Q50:
+        return _isub(_udot(wv, xv), off)
+    return _udot(wv, xv)
+
+
+@_helper
+def _iacc_codes(code, wv, d, m, xv, dx, off, acc):
+    """acc + d * d_x * (integer dot of weight codes wv with the Q80 block xv, scale dx), then for Q4_1/Q5_1
+    + m * d_x * sum(xv) (off): the one summation order of the B = 1 and batched kernels."""
+    acc = _vfma(_vsplat(d * dx), _itof(_idot(code, wv, xv, off)), acc)
+    if code == _T_Q41 or code == _T_Q51:
+        acc = _vfma(_vsplat(m * dx), _itof(off), acc)  # off: lanes summing to the sum of the codes
+    return acc
 
 
 @_helper
 def _iacc(code, w, o, xv, off, dx, acc):
-    """acc + d_w * d_x * (integer dot of the weight block at byte o with the Q80 block xv, scale dx); the
-    Q4_1/Q5_1 minimum term is the caller's."""
-    return _vfma(_vsplat(_ld_f16(w, o) * dx), _itof(_iblock(code, w, o, xv, off)), acc)
+    """_iacc_codes of the legacy weight block at byte o."""
+    m = _ld_f16(w, o + 2) if code == _T_Q41 or code == _T_Q51 else np.float32(0.0)
+    return _iacc_codes(code, _wcodes(code, w, o), _ld_f16(w, o), m, xv, dx, off, acc)
 
 
 @_helper
@@ -992,7 +1012,6 @@ def _quad_q80(code, w, base, rstride, x, xo, out, oo, g, q, rows, cols):
     o0, o1 = base + r0 * rstride, base + r1 * rstride
     o2, o3 = base + r2 * rstride, base + r3 * rstride
     a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
-    m0, m1, m2, m3 = _vzero(), _vzero(), _vzero(), _vzero()
     for k in range(cols // 32):
         xv, dx, off = _xq80(x, xo + _Q80_BYTES * k, code)
         o = bs * k
@@ -1000,14 +1019,7 @@ def _quad_q80(code, w, base, rstride, x, xo, out, oo, g, q, rows, cols):
         a1 = _iacc(code, w, o1 + o, xv, off, dx, a1)
         a2 = _iacc(code, w, o2 + o, xv, off, dx, a2)
         a3 = _iacc(code, w, o3 + o, xv, off, dx, a3)
-        if code == _T_Q41 or code == _T_Q51:
-            sx = _itof(off)  # lanes summing to the sum of the codes
-            m0 = _vfma(_vsplat(_ld_f16(w, o0 + o + 2) * dx), sx, m0)
-            m1 = _vfma(_vsplat(_ld_f16(w, o1 + o + 2) * dx), sx, m1)
-            m2 = _vfma(_vsplat(_ld_f16(w, o2 + o + 2) * dx), sx, m2)
-            m3 = _vfma(_vsplat(_ld_f16(w, o3 + o + 2) * dx), sx, m3)
-    out[oo + r3], out[oo + r2] = _vsum(_vadd(a3, m3)), _vsum(_vadd(a2, m2))
-    out[oo + r1], out[oo + r0] = _vsum(_vadd(a1, m1)), _vsum(_vadd(a0, m0))
+    out[oo + r3], out[oo + r2], out[oo + r1], out[oo + r0] = _vsum(a3), _vsum(a2), _vsum(a1), _vsum(a0)
 
 
 def _make_mv_q80(code: int):
@@ -1195,7 +1207,88 @@ def _make_mm(code: int):
     return mm
 
 
+# With Q80 activations and 32-value block weights the batch keeps the integer block dots of B = 1: each chunk
+# unpacks its four rows' codes and scales once into scratch (block k of row i at slot 4k + i, so the dot
+# loop reads it in order), then meets the activation rows two at a time, eight accumulators as above.
+
+
+@intrinsic
+def _st_b32(typingctx, arr, i, v):
+    """Store 32 bytes at array offset i."""
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _elem_ptr(context, builder, sig.args[0], args[0], args[1], _V32B), align=1)
+        return context.get_dummy_value()
+
+    return types.none(arr, types.intp, _b32), codegen
+
+
+@_helper
+def _unpack_row(code, w, o, n_blocks, i, codes, d, m):
+    """Codes, scales and (Q4_1/Q5_1) minimums of the weight row at byte o into slots 4k + i of the scratch
+    codes (32 bytes a slot), d and m."""
+    bs = _BLOCK_BYTES[code]
+    for k in range(n_blocks):
+        ob, j = o + bs * k, 4 * k + i
+        _st_b32(codes, 32 * j, _wcodes(code, w, ob))
+        d[j] = _ld_f16(w, ob)
+        if code == _T_Q41 or code == _T_Q51:
+            m[j] = _ld_f16(w, ob + 2)
+
+
+@_helper
+def _iacc4(code, codes, d, m, j, xv, dx, off, a0, a1, a2, a3):
+    """_iacc_codes of scratch slots j..j+3 into a0..a3."""
+    a0 = _iacc_codes(code, _ld_b32(codes, 32 * j), d[j], m[j], xv, dx, off, a0)
+    a1 = _iacc_codes(code, _ld_b32(codes, 32 * j + 32), d[j + 1], m[j + 1], xv, dx, off, a1)
+    a2 = _iacc_codes(code, _ld_b32(codes, 32 * j + 64), d[j + 2], m[j + 2], xv, dx, off, a2)
+    a3 = _iacc_codes(code, _ld_b32(codes, 32 * j + 96), d[j + 3], m[j + 3], xv, dx, off, a3)
+    return a0, a1, a2, a3
+
+
+@_helper
+def _idot4x2(code, codes, d, m, xa, xb, n_blocks):
+    """Dots of the four unpacked rows in the scratch with the Q80 rows xa and xb (8 sums, xa's first)."""
+    a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
+    c0, c1, c2, c3 = _vzero(), _vzero(), _vzero(), _vzero()
+    for k in range(n_blocks):
+        ua, da, oa = _xq80(xa, _Q80_BYTES * k, code)
+        ub, db, ob = _xq80(xb, _Q80_BYTES * k, code)
+        a0, a1, a2, a3 = _iacc4(code, codes, d, m, 4 * k, ua, da, oa, a0, a1, a2, a3)
+        c0, c1, c2, c3 = _iacc4(code, codes, d, m, 4 * k, ub, db, ob, c0, c1, c2, c3)
+    return _vsum(a0), _vsum(a1), _vsum(a2), _vsum(a3), _vsum(c0), _vsum(c1), _vsum(c2), _vsum(c3)
+
+
+def _make_mm_q80(code: int):
+    """B > 1 kernel for one 32-value block weight type and Q80 activations."""
+
+    @_parallel_kernel
+    def mm_q80(w, base, rstride, rows, x, out, n_chunks):
+        """out (B, rows) = Q80 rows x (B, cols/32*34) times the matrix whose row r starts at byte base + r *
+        rstride of w."""
+        n_b, n_blocks = x.shape[0], x.shape[1] // _Q80_BYTES
+        q = (rows + 3) // 4
+        for c in prange(n_chunks):
+            codes = np.empty(128 * n_blocks, np.uint8)
+            d, m = np.empty(4 * n_blocks, np.float32), np.zeros(4 * n_blocks, np.float32)
+            for g in range(q * c // n_chunks, q * (c + 1) // n_chunks):
+                r = _quad(g, q, rows)
+                for i in range(4):
+                    _unpack_row(code, w, base + r[i] * rstride, n_blocks, i, codes, d, m)
+                for b in range(0, n_b, 2):
+                    b2 = min(b + 1, n_b - 1)
+                    s = _idot4x2(code, codes, d, m, x[b], x[b2], n_blocks)
+                    for i in range(3, -1, -1):
+                        out[b, r[i]] = s[i]
+                        out[b2, r[i]] = s[4 + i]
+
+    return mm_q80
+
+
 _MM = {c: _make_mm(c) for c in _FLOAT_CODES + _LEGACY_CODES + _K_CODES}
+_MM_Q80 = {c: _make_mm_q80(c) for c in _LEGACY_CODES}
 _MV = {c: _make_mv_legacy(c) for c in _LEGACY_CODES}
 _MV.update({c: _make_mv_float(c) for c in _FLOAT_CODES})
 _MV_K = {c: _make_mv_k(c) for c in _K_CODES}
@@ -1656,12 +1749,10 @@ def matmul(w: np.ndarray, wtype: str, x: np.ndarray, out: np.ndarray) -> None:
 def matmul_q80(w: np.ndarray, wtype: str, xq: np.ndarray, out: np.ndarray) -> None:
     """matmul with Q80 activations xq uint8 (B, cols/32*34), dllama's numerics.
 
-    B = 1 with quantised W: an exact integer dot per 32 values (per K-quant sub-block) times the block
-    scales, d_w*d_x*sum(qw*qx) (+ the min or offset terms, m_w*d_x*sum(qx)). Otherwise (prefill batches,
-    float weights) the activations are de-quantised into a temporary (their exact values) and multiplied in
-    float32, which differs from the integer form only by rounding. (The integer kernels take batches too,
-    and are faster there, but the fp16 rounding of Q80 scales turns rounding-level differences into logit
-    changes of up to ~1 on SmolLM2, and the golden bounds were set on the float32 prefill.)
+    32-value block W at any B, K-quant W at B = 1: an exact integer dot per 32 values (per K-quant
+    sub-block) times the block scales, d_w*d_x*sum(qw*qx) (+ the min or offset terms, m_w*d_x*sum(qx)).
+    Otherwise (K-quant batches, float weights) the activations are de-quantised into a temporary (their
+    exact values) and multiplied in float32, which differs from the integer form only by rounding.
     """
     t, wb, _, rstride, rows, cols = _weight_view(w, wtype, experts=False)
     _rows_contiguous(xq, "matmul_q80 input")
@@ -1679,6 +1770,8 @@ def matmul_q80(w: np.ndarray, wtype: str, xq: np.ndarray, out: np.ndarray) -> No
         )
     if xq.shape[0] == 1 and t.quantized:
         _mv(t.code, True, wb, rstride, 0, _SLOT0, xq[0], 0, out[0], rows, cols)
+    elif xq.shape[0] > 1 and t.code in _LEGACY_CODES:
+        _MM_Q80[t.code](wb, 0, rstride, rows, xq, out, _n_chunks(rows))
     elif xq.shape[0] > 0:
         x = np.empty((xq.shape[0], cols), np.float32)
         _dequantize_q80(xq, x)
@@ -1966,7 +2059,7 @@ def moe_matmul(w: np.ndarray, wtype: str, x: np.ndarray, idx: np.ndarray, out: n
 
 def moe_matmul_q80(w: np.ndarray, wtype: str, xq: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
     """moe_matmul with Q80 activations xq uint8 (B, cols/32*34) or (B, k*cols/32*34), with matmul_q80's
-    numerics (B = 1: integer-valued block dots; otherwise de-quantised activations)."""
+    numerics (integer block dots for quantised experts, K-quant batches aside)."""
     _moe(w, wtype, xq, idx, out, True, "moe_matmul_q80")
 
 
@@ -2001,7 +2094,7 @@ def _moe(
     if lo < 0 or hi >= n_e:
         raise DllamaError(f"expert index {lo if lo < 0 else hi} is outside the {n_e} experts (0..{n_e - 1})")
     per_slot = x.shape[1] != width
-    if q80x and (n_b > 1 or not t.quantized):
+    if q80x and not (t.code in _LEGACY_CODES or (n_b == 1 and t.quantized)):
         xf = np.empty((n_b, x.shape[1] // _Q80_BYTES * 32), np.float32)
         _dequantize_q80(x, xf)
         x, q80x, width = xf, False, cols
@@ -2014,7 +2107,8 @@ def _moe(
     order = np.argsort(flat, kind="stable")
     experts, starts = np.unique(flat[order], return_index=True)
     ends = np.append(starts[1:], order.size)
-    xs = x.reshape(n_b, k, cols) if per_slot else x
+    xs = x.reshape(n_b, k, width) if per_slot else x
+    mm = (_MM_Q80 if q80x else _MM)[t.code]
     out_cols = np.arange(rows)
     for e, a, z in zip(experts, starts, ends, strict=True):
         sel = order[a:z]
@@ -2023,9 +2117,9 @@ def _moe(
         ye = np.empty((sel.size, rows), np.float32)
         if sel.size == 1:
             xrow, expert = xe[0].view(np.uint8), np.full(1, e, np.int32)
-            _mv(t.code, False, wb, rstride, estride, expert, xrow, 0, ye[0], rows, cols)
+            _mv(t.code, q80x, wb, rstride, estride, expert, xrow, 0, ye[0], rows, cols)
         else:
-            _MM[t.code](wb, int(e) * estride, rstride, rows, xe, ye, _n_chunks(rows))
+            mm(wb, int(e) * estride, rstride, rows, xe, ye, _n_chunks(rows))
         out[bb[:, None], ss[:, None] * rows + out_cols] = ye
 
 

@@ -1,5 +1,6 @@
-"""The integer block-dot kernels (32-value block weights x Q80 activations) against float64 products of the
-gguf-py-decoded blocks: every code, the extreme ones included, on the AVX2 path and on the portable one."""
+"""The integer block-dot kernels (32-value block weights x Q80 activations, one row and batches) against
+float64 products of the gguf-py-decoded blocks: every code, the extreme ones included, on the AVX2 path and
+on the portable one."""
 
 from __future__ import annotations
 
@@ -26,22 +27,29 @@ def random_q80(batch: int, cols: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def check_integer_kernels(rng: np.random.Generator) -> None:
-    """Each legacy type, row counts that are not multiples of the 4-row quads: matmul_q80 of one matrix and
-    the one-launch step of three matrices (bind_matmuls) within float32 rounding of the exact products,
-    on whichever integer path this process compiled."""
+    """Each legacy type, row counts that are not multiples of the 4-row quads: matmul_q80 of one matrix, the
+    one-launch step of three matrices (bind_matmuls) and batches of an odd and an even row count within
+    float32 rounding of the exact products, on whichever integer path this process compiled; each batch row
+    is bit for bit the single-row result (one summation order)."""
     for wtype in LEGACY:
         cols = 96
         ws = [random_weight(wtype, rows, cols, rng) for rows in (37, 5, 12)]
-        xq = random_q80(1, cols, rng)
+        xq = random_q80(5, cols, rng)
         outs = [np.full((1, w.shape[0]), np.nan, np.float32) for w in ws]
-        K.bind_matmuls([(w, wtype) for w in ws], xq, outs)(1)
-        single = np.full((1, 37), np.nan, np.float32)
-        K.matmul_q80(ws[0], wtype, xq, single)
+        K.bind_matmuls([(w, wtype) for w in ws], xq[:1], outs)(1)
+        singles = np.full((5, 37), np.nan, np.float32)
+        for b in range(5):
+            K.matmul_q80(ws[0], wtype, xq[b : b + 1], singles[b : b + 1])
+        batches = []
+        for n in (2, 5):
+            batches.append(np.full((n, 37), np.nan, np.float32))
+            K.matmul_q80(ws[0], wtype, xq[:n], batches[-1])
+            assert np.array_equal(batches[-1], singles[:n]), (wtype, n)
         xd = decode(xq, "q80")
-        for w, out in [*zip(ws, outs, strict=True), (ws[0], single)]:
-            wf = decode(w, wtype)
-            bound = 1e-5 * (np.abs(xd) @ np.abs(wf).T) + 1e-30
-            assert np.all(np.abs(out - xd @ wf.T) <= bound), wtype
+        for w, out in [*zip(ws, outs, strict=True), (ws[0], singles), *((ws[0], b) for b in batches)]:
+            wf, x = decode(w, wtype), xd[: out.shape[0]]
+            bound = 1e-5 * (np.abs(x) @ np.abs(wf).T) + 1e-30
+            assert np.all(np.abs(out - x @ wf.T) <= bound), wtype
 
 
 def test_integer_block_dots_of_every_legacy_type():
