@@ -987,20 +987,10 @@ def _idot(code, wv, xv, off):
 
 
 @_helper
-def _iacc_codes(code, wv, d, m, xv, dx, off, acc):
-    """acc + d * d_x * (integer dot of weight codes wv with the Q80 block xv, scale dx), then for Q4_1/Q5_1
-    + m * d_x * sum(xv) (off): the one summation order of the B = 1 and batched kernels."""
-    acc = _vfma(_vsplat(d * dx), _itof(_idot(code, wv, xv, off)), acc)
-    if code == _T_Q41 or code == _T_Q51:
-        acc = _vfma(_vsplat(m * dx), _itof(off), acc)  # off: lanes summing to the sum of the codes
-    return acc
-
-
-@_helper
 def _iacc(code, w, o, xv, off, dx, acc):
-    """_iacc_codes of the legacy weight block at byte o."""
-    m = _ld_f16(w, o + 2) if code == _T_Q41 or code == _T_Q51 else np.float32(0.0)
-    return _iacc_codes(code, _wcodes(code, w, o), _ld_f16(w, o), m, xv, dx, off, acc)
+    """acc + d_w * d_x * (integer dot of the weight block at byte o with the Q80 block xv, scale dx); the
+    Q4_1/Q5_1 minimum term is the caller's."""
+    return _vfma(_vsplat(_ld_f16(w, o) * dx), _itof(_idot(code, _wcodes(code, w, o), xv, off)), acc)
 
 
 @_helper
@@ -1012,6 +1002,7 @@ def _quad_q80(code, w, base, rstride, x, xo, out, oo, g, q, rows, cols):
     o0, o1 = base + r0 * rstride, base + r1 * rstride
     o2, o3 = base + r2 * rstride, base + r3 * rstride
     a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
+    m0, m1, m2, m3 = _vzero(), _vzero(), _vzero(), _vzero()
     for k in range(cols // 32):
         xv, dx, off = _xq80(x, xo + _Q80_BYTES * k, code)
         o = bs * k
@@ -1019,7 +1010,14 @@ def _quad_q80(code, w, base, rstride, x, xo, out, oo, g, q, rows, cols):
         a1 = _iacc(code, w, o1 + o, xv, off, dx, a1)
         a2 = _iacc(code, w, o2 + o, xv, off, dx, a2)
         a3 = _iacc(code, w, o3 + o, xv, off, dx, a3)
-    out[oo + r3], out[oo + r2], out[oo + r1], out[oo + r0] = _vsum(a3), _vsum(a2), _vsum(a1), _vsum(a0)
+        if code == _T_Q41 or code == _T_Q51:
+            sx = _itof(off)  # lanes summing to the sum of the codes
+            m0 = _vfma(_vsplat(_ld_f16(w, o0 + o + 2) * dx), sx, m0)
+            m1 = _vfma(_vsplat(_ld_f16(w, o1 + o + 2) * dx), sx, m1)
+            m2 = _vfma(_vsplat(_ld_f16(w, o2 + o + 2) * dx), sx, m2)
+            m3 = _vfma(_vsplat(_ld_f16(w, o3 + o + 2) * dx), sx, m3)
+    out[oo + r3], out[oo + r2] = _vsum(_vadd(a3, m3)), _vsum(_vadd(a2, m2))
+    out[oo + r1], out[oo + r0] = _vsum(_vadd(a1, m1)), _vsum(_vadd(a0, m0))
 
 
 def _make_mv_q80(code: int):
@@ -1207,58 +1205,137 @@ def _make_mm(code: int):
     return mm
 
 
-# With Q80 activations and 32-value block weights the batch keeps the integer block dots of B = 1: each chunk
-# unpacks its four rows' codes and scales once into scratch (block k of row i at slot 4k + i, so the dot
-# loop reads it in order), then meets the activation rows two at a time, eight accumulators as above.
+# With Q80 activations and 32-value block weights a batch keeps integer block dots, with the lanes over rows
+# instead of values: each chunk unpacks eight rows at a time into scratch where the 32 bytes of slice j of
+# block k hold codes 4j..4j+3 of each of the eight rows, so _udot/_sdot against the activation codes
+# 4j..4j+3 repeated in every lane give eight rows' partial dots at once and a block ends as one exact int32
+# per row, with no horizontal sums; each unpacked slice meets four activation rows before the next is read.
 
 
 @intrinsic
-def _st_b32(typingctx, arr, i, v):
-    """Store 32 bytes at array offset i."""
+def _ld_rep4(typingctx, arr, i):
+    """The 4 bytes at array offset i, repeated in each of the eight 32-bit lanes."""
     if not isinstance(arr, types.Array):
         return None
 
     def codegen(context, builder, sig, args):
-        builder.store(args[2], _elem_ptr(context, builder, sig.args[0], args[0], args[1], _V32B), align=1)
+        v = builder.load(_elem_ptr(context, builder, sig.args[0], args[0], args[1], _I32), align=1)
+        return builder.bitcast(_splat_i32(builder, v), _V32B)
+
+    return _b32(arr, types.intp), codegen
+
+
+@intrinsic
+def _st_lanes(typingctx, arr, o, stride, v):
+    """Store 32-bit lane j of the 32 bytes v at array offset o + j * stride, for j < 8."""
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        lanes = builder.bitcast(args[3], _V8I)
+        for j in range(8):
+            at = builder.add(args[1], builder.mul(args[2], ir.Constant(args[2].type, j)))
+            p = _elem_ptr(context, builder, sig.args[0], args[0], at, _I32)
+            builder.store(builder.extract_element(lanes, ir.Constant(_I32, j)), p, align=1)
         return context.get_dummy_value()
 
-    return types.none(arr, types.intp, _b32), codegen
+    return types.none(arr, types.intp, types.intp, _b32), codegen
+
+
+@intrinsic
+def _iadd(typingctx, a, b):
+    def codegen(context, builder, sig, args):
+        return builder.add(args[0], args[1])
+
+    return _w8(_w8, _w8), codegen
+
+
+@intrinsic
+def _isplat(typingctx, n):
+    """Eight int32 lanes of n."""
+
+    def codegen(context, builder, sig, args):
+        return _splat_i32(builder, args[0])
+
+    return _w8(types.int32), codegen
 
 
 @_helper
-def _unpack_row(code, w, o, n_blocks, i, codes, d, m):
-    """Codes, scales and (Q4_1/Q5_1) minimums of the weight row at byte o into slots 4k + i of the scratch
-    codes (32 bytes a slot), d and m."""
+def _unpack_oct(code, w, base, rstride, first, rows, n_blocks, codes, d, m):
+    """Rows first..first+7 (the last row repeated past the end) into the scratch: codes of block k, slice j,
+    row i at byte 256k + 32j + 4i; scale and (Q4_1/Q5_1) minimum at d/m[8k + i]."""
     bs = _BLOCK_BYTES[code]
-    for k in range(n_blocks):
-        ob, j = o + bs * k, 4 * k + i
-        _st_b32(codes, 32 * j, _wcodes(code, w, ob))
-        d[j] = _ld_f16(w, ob)
-        if code == _T_Q41 or code == _T_Q51:
-            m[j] = _ld_f16(w, ob + 2)
+    for i in range(8):
+        o = base + min(first + i, rows - 1) * rstride
+        for k in range(n_blocks):
+            ob = o + bs * k
+            _st_lanes(codes, 256 * k + 4 * i, 32, _wcodes(code, w, ob))
+            d[8 * k + i] = _ld_f16(w, ob)
+            if code == _T_Q41 or code == _T_Q51:
+                m[8 * k + i] = _ld_f16(w, ob + 2)
 
 
 @_helper
-def _iacc4(code, codes, d, m, j, xv, dx, off, a0, a1, a2, a3):
-    """_iacc_codes of scratch slots j..j+3 into a0..a3."""
-    a0 = _iacc_codes(code, _ld_b32(codes, 32 * j), d[j], m[j], xv, dx, off, a0)
-    a1 = _iacc_codes(code, _ld_b32(codes, 32 * j + 32), d[j + 1], m[j + 1], xv, dx, off, a1)
-    a2 = _iacc_codes(code, _ld_b32(codes, 32 * j + 64), d[j + 2], m[j + 2], xv, dx, off, a2)
-    a3 = _iacc_codes(code, _ld_b32(codes, 32 * j + 96), d[j + 3], m[j + 3], xv, dx, off, a3)
-    return a0, a1, a2, a3
+def _code_sums(x, n_blocks):
+    """Sum of the codes of each Q80 block of each row of x (B, n_blocks*34): int32 (B, n_blocks)."""
+    sums = np.empty((x.shape[0], n_blocks), np.int32)
+    for b in range(x.shape[0]):
+        for k in range(n_blocks):
+            total = 0
+            for j in range(32):
+                v = np.int32(x[b, _Q80_BYTES * k + 2 + j])
+                total += v - 256 if v > 127 else v
+            sums[b, k] = total
+    return sums
 
 
 @_helper
-def _idot4x2(code, codes, d, m, xa, xb, n_blocks):
-    """Dots of the four unpacked rows in the scratch with the Q80 rows xa and xb (8 sums, xa's first)."""
+def _lane_dot(code, wv, x, o):
+    """Lane i: the dot of the four codes of row i in weight slice wv with the four Q80 codes at byte o."""
+    if code == _T_Q80:
+        return _sdot(wv, _ld_rep4(x, o))
+    return _udot(wv, _ld_rep4(x, o))
+
+
+@_helper
+def _oct_finish(code, d, m, k, x, ob, dot, s, acc):
+    """acc + the eight rows' block k terms for the activation row x (Q80 block at byte ob, codes summing to
+    s): d_w * d_x * (dot less the Q4_0/Q5_0 offset times s) + (Q4_1/Q5_1) m_w * d_x * s."""
+    dx = _ld_f16(x, ob)
+    if code == _T_Q40:
+        dot = _isub(dot, _isplat(np.int32(8 * s)))
+    elif code == _T_Q50:
+        dot = _isub(dot, _isplat(np.int32(16 * s)))
+    acc = _vfma(_vmul(_ld_f32x8(d, 8 * k), _vsplat(dx)), _itof(dot), acc)
+    if code == _T_Q41 or code == _T_Q51:
+        acc = _vfma(_ld_f32x8(m, 8 * k), _vsplat(dx * np.float32(s)), acc)
+    return acc
+
+
+@_helper
+def _oct_dots4(code, codes, d, m, x, sums, b, n_blocks):
+    """Dots of the eight unpacked rows with activation rows b..b+3 (past the end: the last row), as four
+    8-lane vectors (lane i: row i)."""
+    last = x.shape[0] - 1
+    b0, b1, b2, b3 = b, min(b + 1, last), min(b + 2, last), min(b + 3, last)
+    x0, x1, x2, x3 = x[b0], x[b1], x[b2], x[b3]
     a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
-    c0, c1, c2, c3 = _vzero(), _vzero(), _vzero(), _vzero()
     for k in range(n_blocks):
-        ua, da, oa = _xq80(xa, _Q80_BYTES * k, code)
-        ub, db, ob = _xq80(xb, _Q80_BYTES * k, code)
-        a0, a1, a2, a3 = _iacc4(code, codes, d, m, 4 * k, ua, da, oa, a0, a1, a2, a3)
-        c0, c1, c2, c3 = _iacc4(code, codes, d, m, 4 * k, ub, db, ob, c0, c1, c2, c3)
-    return _vsum(a0), _vsum(a1), _vsum(a2), _vsum(a3), _vsum(c0), _vsum(c1), _vsum(c2), _vsum(c3)
+        ob = _Q80_BYTES * k
+        wv = _ld_b32(codes, 256 * k)
+        i0, i1 = _lane_dot(code, wv, x0, ob + 2), _lane_dot(code, wv, x1, ob + 2)
+        i2, i3 = _lane_dot(code, wv, x2, ob + 2), _lane_dot(code, wv, x3, ob + 2)
+        for j in range(1, 8):
+            wv = _ld_b32(codes, 256 * k + 32 * j)
+            i0 = _iadd(i0, _lane_dot(code, wv, x0, ob + 2 + 4 * j))
+            i1 = _iadd(i1, _lane_dot(code, wv, x1, ob + 2 + 4 * j))
+            i2 = _iadd(i2, _lane_dot(code, wv, x2, ob + 2 + 4 * j))
+            i3 = _iadd(i3, _lane_dot(code, wv, x3, ob + 2 + 4 * j))
+        a0 = _oct_finish(code, d, m, k, x0, ob, i0, sums[b0, k], a0)
+        a1 = _oct_finish(code, d, m, k, x1, ob, i1, sums[b1, k], a1)
+        a2 = _oct_finish(code, d, m, k, x2, ob, i2, sums[b2, k], a2)
+        a3 = _oct_finish(code, d, m, k, x3, ob, i3, sums[b3, k], a3)
+    return a0, a1, a2, a3
 
 
 def _make_mm_q80(code: int):
@@ -1269,20 +1346,24 @@ def _make_mm_q80(code: int):
         """out (B, rows) = Q80 rows x (B, cols/32*34) times the matrix whose row r starts at byte base + r *
         rstride of w."""
         n_b, n_blocks = x.shape[0], x.shape[1] // _Q80_BYTES
-        q = (rows + 3) // 4
+        sums = _code_sums(x, n_blocks)
+        n_octs = (rows + 7) // 8
         for c in prange(n_chunks):
-            codes = np.empty(128 * n_blocks, np.uint8)
-            d, m = np.empty(4 * n_blocks, np.float32), np.zeros(4 * n_blocks, np.float32)
-            for g in range(q * c // n_chunks, q * (c + 1) // n_chunks):
-                r = _quad(g, q, rows)
-                for i in range(4):
-                    _unpack_row(code, w, base + r[i] * rstride, n_blocks, i, codes, d, m)
-                for b in range(0, n_b, 2):
-                    b2 = min(b + 1, n_b - 1)
-                    s = _idot4x2(code, codes, d, m, x[b], x[b2], n_blocks)
-                    for i in range(3, -1, -1):
-                        out[b, r[i]] = s[i]
-                        out[b2, r[i]] = s[4 + i]
+            codes = np.empty(256 * n_blocks, np.uint8)
+            d, m = np.empty(8 * n_blocks, np.float32), np.zeros(8 * n_blocks, np.float32)
+            res = np.empty(32, np.float32)
+            for g in range(n_octs * c // n_chunks, n_octs * (c + 1) // n_chunks):
+                _unpack_oct(code, w, base, rstride, 8 * g, rows, n_blocks, codes, d, m)
+                n_r = min(8, rows - 8 * g)
+                for b in range(0, n_b, 4):
+                    a0, a1, a2, a3 = _oct_dots4(code, codes, d, m, x, sums, b, n_blocks)
+                    _st_f32x8(res, 0, a0)
+                    _st_f32x8(res, 8, a1)
+                    _st_f32x8(res, 16, a2)
+                    _st_f32x8(res, 24, a3)
+                    for t in range(min(4, n_b - b)):
+                        for i in range(n_r):
+                            out[b + t, 8 * g + i] = res[8 * t + i]
 
     return mm_q80
 

@@ -29,8 +29,8 @@ def random_q80(batch: int, cols: int, rng: np.random.Generator) -> np.ndarray:
 def check_integer_kernels(rng: np.random.Generator) -> None:
     """Each legacy type, row counts that are not multiples of the 4-row quads: matmul_q80 of one matrix, the
     one-launch step of three matrices (bind_matmuls) and batches of an odd and an even row count within
-    float32 rounding of the exact products, on whichever integer path this process compiled; each batch row
-    is bit for bit the single-row result (one summation order)."""
+    float32 rounding of the exact products, on whichever integer path this process compiled, and each batch
+    row within a few float32 roundings of the single-row result (the same exact block dots)."""
     for wtype in LEGACY:
         cols = 96
         ws = [random_weight(wtype, rows, cols, rng) for rows in (37, 5, 12)]
@@ -44,8 +44,10 @@ def check_integer_kernels(rng: np.random.Generator) -> None:
         for n in (2, 5):
             batches.append(np.full((n, 37), np.nan, np.float32))
             K.matmul_q80(ws[0], wtype, xq[:n], batches[-1])
-            assert np.array_equal(batches[-1], singles[:n]), (wtype, n)
         xd = decode(xq, "q80")
+        scale = np.abs(xd) @ np.abs(decode(ws[0], wtype)).T
+        for out in batches:
+            assert np.all(np.abs(out - singles[: out.shape[0]]) <= 2e-6 * scale[: out.shape[0]]), wtype
         for w, out in [*zip(ws, outs, strict=True), (ws[0], singles), *((ws[0], b) for b in batches)]:
             wf, x = decode(w, wtype), xd[: out.shape[0]]
             bound = 1e-5 * (np.abs(x) @ np.abs(wf).T) + 1e-30
