@@ -3,8 +3,9 @@ expert), Q80 codec, norms, RoPE, attention, mixture-of-experts routing.
 
 Hot loops use 8-lane float32 vectors built from numba intrinsics (explicit LLVM vector IR), so the weight
 stream is decoded with SIMD whatever LLVM's loop vectoriser decides; 32-value block weights meet Q80
-activations in exact integer block dots (AVX2 byte multiply-adds where the CPU has them). Every kernel
-writes into preallocated outputs; the Python wrappers only check shapes and pick the compiled kernel.
+activations in exact integer block dots (AVX-VNNI or AVX2 byte multiply-adds where the CPU has them).
+Every kernel writes into preallocated outputs; the Python wrappers only check shapes and pick the compiled
+kernel.
 """
 
 from __future__ import annotations
@@ -469,8 +470,9 @@ def _q6_unpack(typingctx, arr, ql, qh, buf):
 # Integer block dots: the 32 byte codes of a weight block times the 32 signed codes of a Q80 activation
 # block, summed exactly in eight 32-bit lanes (lane i: values 4i..4i+3). With AVX2, unsigned x signed
 # products go through vpmaddubsw (pairs into 16 bits, exact for codes below 64) and vpmaddwd (into 32 bits),
-# the integer path distributed-llama takes; elsewhere widening vector IR that LLVM lowers to the target's
-# SIMD. Numba compiles for this host, so the choice is made once, here.
+# the integer path distributed-llama takes, or with AVX-VNNI one vpdpbusd (4-byte dots into 32 bits, no
+# 16-bit step); elsewhere widening vector IR that LLVM lowers to the target's SIMD. Numba compiles for this
+# host, so the choice is made once, here.
 # ---------------------------------------------------------------------------------------------------------
 
 _V32B, _V32W, _V16W = ir.VectorType(_I8, 32), ir.VectorType(_I16, 32), ir.VectorType(_I16, 16)
@@ -479,6 +481,7 @@ _X86_AVX2 = (
     and not numba.config.CPU_NAME  # an explicit NUMBA_CPU_NAME target may lack AVX2
     and bool(llvm_binding.get_host_cpu_features().get("avx2", False))
 )
+_X86_VNNI = _X86_AVX2 and bool(llvm_binding.get_host_cpu_features().get("avxvnni", False))
 
 
 class _I8x32Type(types.Type):
@@ -582,24 +585,46 @@ def _pair_sums(builder, v, lanes):
     return builder.add(builder.shuffle_vector(v, v, even), builder.shuffle_vector(v, v, odd))
 
 
+def _udot_ir(builder, acc, u, s):
+    """IR of acc + the lane dots of _udot: one vpdpbusd with AVX-VNNI, else vpmaddubsw and vpmaddwd with
+    AVX2 (pairs into 16 bits, exact for codes below 64), else widening vector IR."""
+    if _X86_VNNI:
+        dpbusd = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V8I, [_V8I, _V8I, _V8I]), "llvm.x86.avx512.vpdpbusd.256"
+        )
+        return builder.call(dpbusd, [acc, builder.bitcast(u, _V8I), builder.bitcast(s, _V8I)])
+    if _X86_AVX2:
+        madd_ub = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V16W, [_V32B, _V32B]), "llvm.x86.avx2.pmadd.ub.sw"
+        )
+        madd_wd = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V8I, [_V16W, _V16W]), "llvm.x86.avx2.pmadd.wd"
+        )
+        pairs = builder.call(madd_ub, [u, s])
+        return builder.add(acc, builder.call(madd_wd, [pairs, ir.Constant(_V16W, [1] * 16)]))
+    prod = builder.mul(builder.zext(u, _V32W), builder.sext(s, _V32W))
+    dots = _pair_sums(builder, builder.sext(_pair_sums(builder, prod, 32), ir.VectorType(_I32, 16)), 16)
+    return builder.add(acc, dots)
+
+
 @intrinsic
 def _udot(typingctx, u, s):
     """Lane i = sum_{j<4} u[4i+j] * s[4i+j], u unsigned codes below 64, s signed bytes (exact)."""
 
     def codegen(context, builder, sig, args):
-        if _X86_AVX2:
-            madd_ub = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_V16W, [_V32B, _V32B]), "llvm.x86.avx2.pmadd.ub.sw"
-            )
-            madd_wd = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_V8I, [_V16W, _V16W]), "llvm.x86.avx2.pmadd.wd"
-            )
-            pairs = builder.call(madd_ub, [args[0], args[1]])
-            return builder.call(madd_wd, [pairs, ir.Constant(_V16W, [1] * 16)])
-        prod = builder.mul(builder.zext(args[0], _V32W), builder.sext(args[1], _V32W))
-        return _pair_sums(builder, builder.sext(_pair_sums(builder, prod, 32), ir.VectorType(_I32, 16)), 16)
+        return _udot_ir(builder, ir.Constant(_V8I, [0] * 8), args[0], args[1])
 
     return _w8(_b32, _b32), codegen
+
+
+@intrinsic
+def _udot_add(typingctx, acc, u, s):
+    """acc + _udot(u, s)."""
+
+    def codegen(context, builder, sig, args):
+        return _udot_ir(builder, args[0], args[1], args[2])
+
+    return _w8(_w8, _b32, _b32), codegen
 
 
 @intrinsic
@@ -1290,11 +1315,11 @@ def _code_sums(x, n_blocks):
 
 
 @_helper
-def _lane_dot(code, wv, x, o):
-    """Lane i: the dot of the four codes of row i in weight slice wv with the four Q80 codes at byte o."""
+def _lane_dot(code, acc, wv, x, o):
+    """acc + lane i: the dot of the four codes of row i in weight slice wv with the Q80 codes at byte o."""
     if code == _T_Q80:
-        return _sdot(wv, _ld_rep4(x, o))
-    return _udot(wv, _ld_rep4(x, o))
+        return _iadd(acc, _sdot(wv, _ld_rep4(x, o)))
+    return _udot_add(acc, wv, _ld_rep4(x, o))
 
 
 @_helper
@@ -1322,15 +1347,13 @@ def _oct_dots4(code, codes, d, m, x, sums, b, n_blocks):
     a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
     for k in range(n_blocks):
         ob = _Q80_BYTES * k
-        wv = _ld_b32(codes, 256 * k)
-        i0, i1 = _lane_dot(code, wv, x0, ob + 2), _lane_dot(code, wv, x1, ob + 2)
-        i2, i3 = _lane_dot(code, wv, x2, ob + 2), _lane_dot(code, wv, x3, ob + 2)
-        for j in range(1, 8):
+        i0 = i1 = i2 = i3 = _isplat(np.int32(0))
+        for j in range(8):
             wv = _ld_b32(codes, 256 * k + 32 * j)
-            i0 = _iadd(i0, _lane_dot(code, wv, x0, ob + 2 + 4 * j))
-            i1 = _iadd(i1, _lane_dot(code, wv, x1, ob + 2 + 4 * j))
-            i2 = _iadd(i2, _lane_dot(code, wv, x2, ob + 2 + 4 * j))
-            i3 = _iadd(i3, _lane_dot(code, wv, x3, ob + 2 + 4 * j))
+            i0 = _lane_dot(code, i0, wv, x0, ob + 2 + 4 * j)
+            i1 = _lane_dot(code, i1, wv, x1, ob + 2 + 4 * j)
+            i2 = _lane_dot(code, i2, wv, x2, ob + 2 + 4 * j)
+            i3 = _lane_dot(code, i3, wv, x3, ob + 2 + 4 * j)
         a0 = _oct_finish(code, d, m, k, x0, ob, i0, sums[b0, k], a0)
         a1 = _oct_finish(code, d, m, k, x1, ob, i1, sums[b1, k], a1)
         a2 = _oct_finish(code, d, m, k, x2, ob, i2, sums[b2, k], a2)
