@@ -1362,22 +1362,30 @@ def _oct_dots4(code, codes, d, m, x, sums, b, n_blocks):
 
 
 def _make_mm_q80(code: int):
-    """B > 1 kernel for one 32-value block weight type and Q80 activations."""
+    """B > 1 kernel for up to three matrices of one 32-value block type and width sharing the Q80 rows x, one
+    parallel launch over all their row octs (a matrix of 0 rows is absent)."""
 
     @_parallel_kernel
-    def mm_q80(w, base, rstride, rows, x, out, n_chunks):
-        """out (B, rows) = Q80 rows x (B, cols/32*34) times the matrix whose row r starts at byte base + r *
-        rstride of w."""
+    def mm_q80(wa, wb, wc, base, rsa, rsb, rsc, ra, rb, rc, x, outa, outb, outc, n_chunks):
+        """out* (B, r*) = Q80 rows x (B, cols/32*34) times the matrix whose row r starts at byte base + r *
+        rs* of w*."""
         n_b, n_blocks = x.shape[0], x.shape[1] // _Q80_BYTES
         sums = _code_sums(x, n_blocks)
-        n_octs = (rows + 7) // 8
+        na, nb, nc = (ra + 7) // 8, (rb + 7) // 8, (rc + 7) // 8
+        n_octs = na + nb + nc
         for c in prange(n_chunks):
             codes = np.empty(256 * n_blocks, np.uint8)
             d, m = np.empty(8 * n_blocks, np.float32), np.zeros(8 * n_blocks, np.float32)
             res = np.empty(32, np.float32)
             for g in range(n_octs * c // n_chunks, n_octs * (c + 1) // n_chunks):
-                _unpack_oct(code, w, base, rstride, 8 * g, rows, n_blocks, codes, d, m)
-                n_r = min(8, rows - 8 * g)
+                if g < na:
+                    w, rs, rows, out, first = wa, rsa, ra, outa, 8 * g
+                elif g < na + nb:
+                    w, rs, rows, out, first = wb, rsb, rb, outb, 8 * (g - na)
+                else:
+                    w, rs, rows, out, first = wc, rsc, rc, outc, 8 * (g - na - nb)
+                _unpack_oct(code, w, base, rs, first, rows, n_blocks, codes, d, m)
+                n_r = min(8, rows - first)
                 for b in range(0, n_b, 4):
                     a0, a1, a2, a3 = _oct_dots4(code, codes, d, m, x, sums, b, n_blocks)
                     _st_f32x8(res, 0, a0)
@@ -1386,7 +1394,7 @@ def _make_mm_q80(code: int):
                     _st_f32x8(res, 24, a3)
                     for t in range(min(4, n_b - b)):
                         for i in range(n_r):
-                            out[b + t, 8 * g + i] = res[8 * t + i]
+                            out[b + t, first + i] = res[8 * t + i]
 
     return mm_q80
 
@@ -1875,7 +1883,7 @@ def matmul_q80(w: np.ndarray, wtype: str, xq: np.ndarray, out: np.ndarray) -> No
     if xq.shape[0] == 1 and t.quantized:
         _mv(t.code, True, wb, rstride, 0, _SLOT0, xq[0], 0, out[0], rows, cols)
     elif xq.shape[0] > 1 and t.code in _LEGACY_CODES:
-        _MM_Q80[t.code](wb, 0, rstride, rows, xq, out, _n_chunks(rows))
+        _MM_Q80[t.code](wb, wb, wb, 0, rstride, 0, 0, rows, 0, 0, xq, out, out, out, _n_chunks(rows))
     elif xq.shape[0] > 0:
         x = np.empty((xq.shape[0], cols), np.float32)
         _dequantize_q80(xq, x)
@@ -1886,10 +1894,10 @@ def bind_matmuls(mats: list[tuple[np.ndarray, str]], x: np.ndarray, outs: list[n
     """A step(n) computing, for each (w, wtype) of `mats` and its out, matmul (float32 x) or matmul_q80
     (Q80 x) of x[:n] into out[:n].
 
-    Shapes are checked once, here. For n = 1 up to three matrices of one 32-value block type and width are
-    one direct kernel launch (the per-call checks and views, ~10 µs, and one parallel wake-up, ~13 µs with
-    two passive threads, per matrix were a third of a SmolLM2 token); other n and types go through the
-    public functions.
+    Shapes are checked once, here. Up to three matrices of one 32-value block type and width are one direct
+    kernel launch for n = 1, and for any n with Q80 x (the per-call checks and views, ~10 µs, and one
+    parallel wake-up, ~13 µs with two passive threads, per matrix were a third of a SmolLM2 token); other n
+    and types go through the public functions.
     """
     q80x = x.dtype == np.uint8
     public = matmul_q80 if q80x else matmul
@@ -1909,10 +1917,15 @@ def bind_matmuls(mats: list[tuple[np.ndarray, str]], x: np.ndarray, outs: list[n
     (_, wa, _, sa, ra, _), (_, wb, _, sb, rb, _), (_, wc, _, sc, rc, _) = (views + [absent] * 3)[:3]
     oa, ob, oc = ([o[0] for o in outs] + [outs[0][0]] * 3)[:3]
     x1 = x[0].view(np.uint8)
+    mm3 = _MM_Q80[t.code] if q80x else None
+    batch, chunks = _row_views(x, *(outs + [outs[0]] * 3)[:3]), _n_chunks(ra + rb + rc)
 
     def step(n: int) -> None:
         if n == 1:
             kernel(wa, wb, wc, sa, sb, sc, x1, oa, ob, oc, ra, rb, rc, cols)
+        elif mm3 is not None:
+            xn, ya, yb, yc = batch(n)
+            mm3(wa, wb, wc, 0, sa, sb, sc, ra, rb, rc, xn, ya, yb, yc, chunks)
         else:
             each(n)
 
@@ -2212,7 +2225,6 @@ def _moe(
     experts, starts = np.unique(flat[order], return_index=True)
     ends = np.append(starts[1:], order.size)
     xs = x.reshape(n_b, k, width) if per_slot else x
-    mm = (_MM_Q80 if q80x else _MM)[t.code]
     out_cols = np.arange(rows)
     for e, a, z in zip(experts, starts, ends, strict=True):
         sel = order[a:z]
@@ -2222,8 +2234,11 @@ def _moe(
         if sel.size == 1:
             xrow, expert = xe[0].view(np.uint8), np.full(1, e, np.int32)
             _mv(t.code, q80x, wb, rstride, estride, expert, xrow, 0, ye[0], rows, cols)
+        elif q80x:
+            base, chunks = int(e) * estride, _n_chunks(rows)
+            _MM_Q80[t.code](wb, wb, wb, base, rstride, 0, 0, rows, 0, 0, xe, ye, ye, ye, chunks)
         else:
-            mm(wb, int(e) * estride, rstride, rows, xe, ye, _n_chunks(rows))
+            _MM[t.code](wb, int(e) * estride, rstride, rows, xe, ye, _n_chunks(rows))
         out[bb[:, None], ss[:, None] * rows + out_cols] = ye
 
 

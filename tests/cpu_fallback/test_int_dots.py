@@ -28,15 +28,18 @@ def random_q80(batch: int, cols: int, rng: np.random.Generator) -> np.ndarray:
 
 def check_integer_kernels(rng: np.random.Generator) -> None:
     """Each legacy type, row counts that are not multiples of the 4-row quads: matmul_q80 of one matrix, the
-    one-launch step of three matrices (bind_matmuls) and batches of an odd and an even row count within
-    float32 rounding of the exact products, on whichever integer path this process compiled, and each batch
-    row within a few float32 roundings of the single-row result (the same exact block dots)."""
+    one-launch step of three matrices (bind_matmuls, one row and five) and batches of an odd and an even row
+    count within float32 rounding of the exact products, on whichever integer path this process compiled,
+    and each batch row within a few float32 roundings of the single-row result (the same exact block dots)."""
     for wtype in LEGACY:
         cols = 96
         ws = [random_weight(wtype, rows, cols, rng) for rows in (37, 5, 12)]
         xq = random_q80(5, cols, rng)
-        outs = [np.full((1, w.shape[0]), np.nan, np.float32) for w in ws]
-        K.bind_matmuls([(w, wtype) for w in ws], xq[:1], outs)(1)
+        outs = [np.full((5, w.shape[0]), np.nan, np.float32) for w in ws]
+        step = K.bind_matmuls([(w, wtype) for w in ws], xq, outs)
+        step(1)
+        firsts = [out[:1].copy() for out in outs]
+        step(5)
         singles = np.full((5, 37), np.nan, np.float32)
         for b in range(5):
             K.matmul_q80(ws[0], wtype, xq[b : b + 1], singles[b : b + 1])
@@ -48,7 +51,8 @@ def check_integer_kernels(rng: np.random.Generator) -> None:
         scale = np.abs(xd) @ np.abs(decode(ws[0], wtype)).T
         for out in batches:
             assert np.all(np.abs(out - singles[: out.shape[0]]) <= 2e-6 * scale[: out.shape[0]]), wtype
-        for w, out in [*zip(ws, outs, strict=True), (ws[0], singles), *((ws[0], b) for b in batches)]:
+        pairs = [*zip(ws, outs, strict=True), *zip(ws, firsts, strict=True), (ws[0], singles)]
+        for w, out in [*pairs, *((ws[0], b) for b in batches)]:
             wf, x = decode(w, wtype), xd[: out.shape[0]]
             bound = 1e-5 * (np.abs(x) @ np.abs(wf).T) + 1e-30
             assert np.all(np.abs(out - x @ wf.T) <= bound), wtype
