@@ -3,8 +3,9 @@ expert), Q80 codec, norms, RoPE, attention, mixture-of-experts routing.
 
 Hot loops use 8-lane float32 vectors built from numba intrinsics (explicit LLVM vector IR), so the weight
 stream is decoded with SIMD whatever LLVM's loop vectoriser decides; 32-value block weights meet Q80
-activations in exact integer block dots (AVX2 byte multiply-adds where the CPU has them). Every kernel
-writes into preallocated outputs; the Python wrappers only check shapes and pick the compiled kernel.
+activations in exact integer block dots (AVX-VNNI or AVX2 byte multiply-adds where the CPU has them).
+Every kernel writes into preallocated outputs; the Python wrappers only check shapes and pick the compiled
+kernel.
 """
 
 from __future__ import annotations
@@ -526,8 +527,9 @@ def _q6_unpack(typingctx, arr, ql, qh, buf):
 # Integer block dots: the 32 byte codes of a weight block times the 32 signed codes of a Q80 activation
 # block, summed exactly in eight 32-bit lanes (lane i: values 4i..4i+3). With AVX2, unsigned x signed
 # products go through vpmaddubsw (pairs into 16 bits, exact for codes below 64) and vpmaddwd (into 32 bits),
-# the integer path distributed-llama takes; elsewhere widening vector IR that LLVM lowers to the target's
-# SIMD. Numba compiles for this host, so the choice is made once, here.
+# the integer path distributed-llama takes, or with AVX-VNNI one vpdpbusd (4-byte dots into 32 bits, no
+# 16-bit step); elsewhere widening vector IR that LLVM lowers to the target's SIMD. Numba compiles for this
+# host, so the choice is made once, here.
 # ---------------------------------------------------------------------------------------------------------
 
 _V32B, _V32W, _V16W = ir.VectorType(_I8, 32), ir.VectorType(_I16, 32), ir.VectorType(_I16, 16)
@@ -536,6 +538,7 @@ _X86_AVX2 = (
     and not numba.config.CPU_NAME  # an explicit NUMBA_CPU_NAME target may lack AVX2
     and bool(llvm_binding.get_host_cpu_features().get("avx2", False))
 )
+_X86_VNNI = _X86_AVX2 and bool(llvm_binding.get_host_cpu_features().get("avxvnni", False))
 
 
 class _I8x32Type(types.Type):
@@ -639,24 +642,46 @@ def _pair_sums(builder, v, lanes):
     return builder.add(builder.shuffle_vector(v, v, even), builder.shuffle_vector(v, v, odd))
 
 
+def _udot_ir(builder, acc, u, s):
+    """IR of acc + the lane dots of _udot: one vpdpbusd with AVX-VNNI, else vpmaddubsw and vpmaddwd with
+    AVX2 (pairs into 16 bits, exact for codes below 64), else widening vector IR."""
+    if _X86_VNNI:
+        dpbusd = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V8I, [_V8I, _V8I, _V8I]), "llvm.x86.avx512.vpdpbusd.256"
+        )
+        return builder.call(dpbusd, [acc, builder.bitcast(u, _V8I), builder.bitcast(s, _V8I)])
+    if _X86_AVX2:
+        madd_ub = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V16W, [_V32B, _V32B]), "llvm.x86.avx2.pmadd.ub.sw"
+        )
+        madd_wd = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V8I, [_V16W, _V16W]), "llvm.x86.avx2.pmadd.wd"
+        )
+        pairs = builder.call(madd_ub, [u, s])
+        return builder.add(acc, builder.call(madd_wd, [pairs, ir.Constant(_V16W, [1] * 16)]))
+    prod = builder.mul(builder.zext(u, _V32W), builder.sext(s, _V32W))
+    dots = _pair_sums(builder, builder.sext(_pair_sums(builder, prod, 32), ir.VectorType(_I32, 16)), 16)
+    return builder.add(acc, dots)
+
+
 @intrinsic
 def _udot(typingctx, u, s):
     """Lane i = sum_{j<4} u[4i+j] * s[4i+j], u unsigned codes below 64, s signed bytes (exact)."""
 
     def codegen(context, builder, sig, args):
-        if _X86_AVX2:
-            madd_ub = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_V16W, [_V32B, _V32B]), "llvm.x86.avx2.pmadd.ub.sw"
-            )
-            madd_wd = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_V8I, [_V16W, _V16W]), "llvm.x86.avx2.pmadd.wd"
-            )
-            pairs = builder.call(madd_ub, [args[0], args[1]])
-            return builder.call(madd_wd, [pairs, ir.Constant(_V16W, [1] * 16)])
-        prod = builder.mul(builder.zext(args[0], _V32W), builder.sext(args[1], _V32W))
-        return _pair_sums(builder, builder.sext(_pair_sums(builder, prod, 32), ir.VectorType(_I32, 16)), 16)
+        return _udot_ir(builder, ir.Constant(_V8I, [0] * 8), args[0], args[1])
 
     return _w8(_b32, _b32), codegen
+
+
+@intrinsic
+def _udot_add(typingctx, acc, u, s):
+    """acc + _udot(u, s)."""
+
+    def codegen(context, builder, sig, args):
+        return _udot_ir(builder, args[0], args[1], args[2])
+
+    return _w8(_w8, _b32, _b32), codegen
 
 
 @intrinsic
@@ -1020,25 +1045,35 @@ def _xq80(x, o, code):
 
 
 @_helper
-def _iblock(code, w, o, xv, off):
-    """Exact integer dot (eight int32 lanes) of the legacy weight block at byte o with Q80 codes xv, its
-    offset (Q4_0/Q5_0) applied."""
+def _wcodes(code, w, o):
+    """The 32 codes of the legacy weight block at byte o: unsigned bytes (Q4_0 to Q5_1) or signed (Q8_0)."""
     if code == _T_Q40:
-        return _isub(_udot(_ld_nib32(w, o + 2), xv), off)
+        return _ld_nib32(w, o + 2)
     if code == _T_Q41:
-        return _udot(_ld_nib32(w, o + 4), xv)
+        return _ld_nib32(w, o + 4)
     if code == _T_Q50:
-        return _isub(_udot(_ld_q5_32(w, o + 6, o + 2), xv), off)
+        return _ld_q5_32(w, o + 6, o + 2)
     if code == _T_Q51:
-        return _udot(_ld_q5_32(w, o + 8, o + 4), xv)
-    return _sdot(_ld_b32(w, o + 2), xv)
+        return _ld_q5_32(w, o + 8, o + 4)
+    return _ld_b32(w, o + 2)
+
+
+@_helper
+def _idot(code, wv, xv, off):
+    """Exact integer dot (eight int32 lanes) of weight block codes wv (_wcodes) with Q80 codes xv, the
+    offset of Q4_0/Q5_0 (_xq80) applied."""
+    if code == _T_Q80:
+        return _sdot(wv, xv)
+    if code == _T_Q40 or code == _T_Q50:
+        return _isub(_udot(wv, xv), off)
+    return _udot(wv, xv)
 
 
 @_helper
 def _iacc(code, w, o, xv, off, dx, acc):
     """acc + d_w * d_x * (integer dot of the weight block at byte o with the Q80 block xv, scale dx); the
     Q4_1/Q5_1 minimum term is the caller's."""
-    return _vfma(_vsplat(_ld_f16(w, o) * dx), _itof(_iblock(code, w, o, xv, off)), acc)
+    return _vfma(_vsplat(_ld_f16(w, o) * dx), _itof(_idot(code, _wcodes(code, w, o), xv, off)), acc)
 
 
 @_helper
@@ -1253,7 +1288,177 @@ def _make_mm(code: int):
     return mm
 
 
+# With Q80 activations and 32-value block weights a batch keeps integer block dots, with the lanes over rows
+# instead of values: each chunk unpacks eight rows at a time into scratch where the 32 bytes of slice j of
+# block k hold codes 4j..4j+3 of each of the eight rows, so _udot/_sdot against the activation codes
+# 4j..4j+3 repeated in every lane give eight rows' partial dots at once and a block ends as one exact int32
+# per row, with no horizontal sums; each unpacked slice meets four activation rows before the next is read.
+
+
+@intrinsic
+def _ld_rep4(typingctx, arr, i):
+    """The 4 bytes at array offset i, repeated in each of the eight 32-bit lanes."""
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = builder.load(_elem_ptr(context, builder, sig.args[0], args[0], args[1], _I32), align=1)
+        return builder.bitcast(_splat_i32(builder, v), _V32B)
+
+    return _b32(arr, types.intp), codegen
+
+
+@intrinsic
+def _st_lanes(typingctx, arr, o, stride, v):
+    """Store 32-bit lane j of the 32 bytes v at array offset o + j * stride, for j < 8."""
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        lanes = builder.bitcast(args[3], _V8I)
+        for j in range(8):
+            at = builder.add(args[1], builder.mul(args[2], ir.Constant(args[2].type, j)))
+            p = _elem_ptr(context, builder, sig.args[0], args[0], at, _I32)
+            builder.store(builder.extract_element(lanes, ir.Constant(_I32, j)), p, align=1)
+        return context.get_dummy_value()
+
+    return types.none(arr, types.intp, types.intp, _b32), codegen
+
+
+@intrinsic
+def _iadd(typingctx, a, b):
+    def codegen(context, builder, sig, args):
+        return builder.add(args[0], args[1])
+
+    return _w8(_w8, _w8), codegen
+
+
+@intrinsic
+def _isplat(typingctx, n):
+    """Eight int32 lanes of n."""
+
+    def codegen(context, builder, sig, args):
+        return _splat_i32(builder, args[0])
+
+    return _w8(types.int32), codegen
+
+
+@_helper
+def _unpack_oct(code, w, base, rstride, first, rows, n_blocks, codes, d, m):
+    """Rows first..first+7 (the last row repeated past the end) into the scratch: codes of block k, slice j,
+    row i at byte 256k + 32j + 4i; scale and (Q4_1/Q5_1) minimum at d/m[8k + i]."""
+    bs = _BLOCK_BYTES[code]
+    for i in range(8):
+        o = base + min(first + i, rows - 1) * rstride
+        for k in range(n_blocks):
+            ob = o + bs * k
+            _st_lanes(codes, 256 * k + 4 * i, 32, _wcodes(code, w, ob))
+            d[8 * k + i] = _ld_f16(w, ob)
+            if code == _T_Q41 or code == _T_Q51:
+                m[8 * k + i] = _ld_f16(w, ob + 2)
+
+
+@_helper
+def _code_sums(x, n_blocks):
+    """Sum of the codes of each Q80 block of each row of x (B, n_blocks*34): int32 (B, n_blocks)."""
+    sums = np.empty((x.shape[0], n_blocks), np.int32)
+    for b in range(x.shape[0]):
+        for k in range(n_blocks):
+            total = 0
+            for j in range(32):
+                v = np.int32(x[b, _Q80_BYTES * k + 2 + j])
+                total += v - 256 if v > 127 else v
+            sums[b, k] = total
+    return sums
+
+
+@_helper
+def _lane_dot(code, acc, wv, x, o):
+    """acc + lane i: the dot of the four codes of row i in weight slice wv with the Q80 codes at byte o."""
+    if code == _T_Q80:
+        return _iadd(acc, _sdot(wv, _ld_rep4(x, o)))
+    return _udot_add(acc, wv, _ld_rep4(x, o))
+
+
+@_helper
+def _oct_finish(code, d, m, k, x, ob, dot, s, acc):
+    """acc + the eight rows' block k terms for the activation row x (Q80 block at byte ob, codes summing to
+    s): d_w * d_x * (dot less the Q4_0/Q5_0 offset times s) + (Q4_1/Q5_1) m_w * d_x * s."""
+    dx = _ld_f16(x, ob)
+    if code == _T_Q40:
+        dot = _isub(dot, _isplat(np.int32(8 * s)))
+    elif code == _T_Q50:
+        dot = _isub(dot, _isplat(np.int32(16 * s)))
+    acc = _vfma(_vmul(_ld_f32x8(d, 8 * k), _vsplat(dx)), _itof(dot), acc)
+    if code == _T_Q41 or code == _T_Q51:
+        acc = _vfma(_ld_f32x8(m, 8 * k), _vsplat(dx * np.float32(s)), acc)
+    return acc
+
+
+@_helper
+def _oct_dots4(code, codes, d, m, x, sums, b, n_blocks):
+    """Dots of the eight unpacked rows with activation rows b..b+3 (past the end: the last row), as four
+    8-lane vectors (lane i: row i)."""
+    last = x.shape[0] - 1
+    b0, b1, b2, b3 = b, min(b + 1, last), min(b + 2, last), min(b + 3, last)
+    x0, x1, x2, x3 = x[b0], x[b1], x[b2], x[b3]
+    a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
+    for k in range(n_blocks):
+        ob = _Q80_BYTES * k
+        i0 = i1 = i2 = i3 = _isplat(np.int32(0))
+        for j in range(8):
+            wv = _ld_b32(codes, 256 * k + 32 * j)
+            i0 = _lane_dot(code, i0, wv, x0, ob + 2 + 4 * j)
+            i1 = _lane_dot(code, i1, wv, x1, ob + 2 + 4 * j)
+            i2 = _lane_dot(code, i2, wv, x2, ob + 2 + 4 * j)
+            i3 = _lane_dot(code, i3, wv, x3, ob + 2 + 4 * j)
+        a0 = _oct_finish(code, d, m, k, x0, ob, i0, sums[b0, k], a0)
+        a1 = _oct_finish(code, d, m, k, x1, ob, i1, sums[b1, k], a1)
+        a2 = _oct_finish(code, d, m, k, x2, ob, i2, sums[b2, k], a2)
+        a3 = _oct_finish(code, d, m, k, x3, ob, i3, sums[b3, k], a3)
+    return a0, a1, a2, a3
+
+
+def _make_mm_q80(code: int):
+    """B > 1 kernel for up to three matrices of one 32-value block type and width sharing the Q80 rows x, one
+    parallel launch over all their row octs (a matrix of 0 rows is absent)."""
+
+    @_parallel_kernel
+    def mm_q80(wa, wb, wc, base, rsa, rsb, rsc, ra, rb, rc, x, outa, outb, outc, n_chunks):
+        """out* (B, r*) = Q80 rows x (B, cols/32*34) times the matrix whose row r starts at byte base + r *
+        rs* of w*."""
+        n_b, n_blocks = x.shape[0], x.shape[1] // _Q80_BYTES
+        sums = _code_sums(x, n_blocks)
+        na, nb, nc = (ra + 7) // 8, (rb + 7) // 8, (rc + 7) // 8
+        n_octs = na + nb + nc
+        for c in prange(n_chunks):
+            codes = np.empty(256 * n_blocks, np.uint8)
+            d, m = np.empty(8 * n_blocks, np.float32), np.zeros(8 * n_blocks, np.float32)
+            res = np.empty(32, np.float32)
+            for g in range(n_octs * c // n_chunks, n_octs * (c + 1) // n_chunks):
+                if g < na:
+                    w, rs, rows, out, first = wa, rsa, ra, outa, 8 * g
+                elif g < na + nb:
+                    w, rs, rows, out, first = wb, rsb, rb, outb, 8 * (g - na)
+                else:
+                    w, rs, rows, out, first = wc, rsc, rc, outc, 8 * (g - na - nb)
+                _unpack_oct(code, w, base, rs, first, rows, n_blocks, codes, d, m)
+                n_r = min(8, rows - first)
+                for b in range(0, n_b, 4):
+                    a0, a1, a2, a3 = _oct_dots4(code, codes, d, m, x, sums, b, n_blocks)
+                    _st_f32x8(res, 0, a0)
+                    _st_f32x8(res, 8, a1)
+                    _st_f32x8(res, 16, a2)
+                    _st_f32x8(res, 24, a3)
+                    for t in range(min(4, n_b - b)):
+                        for i in range(n_r):
+                            out[b + t, first + i] = res[8 * t + i]
+
+    return mm_q80
+
+
 _MM = {c: _make_mm(c) for c in _FLOAT_CODES + _LEGACY_CODES + _K_CODES}
+_MM_Q80 = {c: _make_mm_q80(c) for c in _LEGACY_CODES}
 _MV = {c: _make_mv_legacy(c) for c in _LEGACY_CODES}
 _MV.update({c: _make_mv_float(c) for c in _FLOAT_CODES})
 _MV_K = {c: _make_mv_k(c) for c in _K_CODES}
@@ -1718,12 +1923,10 @@ def matmul(w: np.ndarray, wtype: str, x: np.ndarray, out: np.ndarray) -> None:
 def matmul_q80(w: np.ndarray, wtype: str, xq: np.ndarray, out: np.ndarray) -> None:
     """matmul with Q80 activations xq uint8 (B, cols/32*34), dllama's numerics.
 
-    B = 1 with quantised W: an exact integer dot per 32 values (per K-quant sub-block) times the block
-    scales, d_w*d_x*sum(qw*qx) (+ the min or offset terms, m_w*d_x*sum(qx)). Otherwise (prefill batches,
-    float weights) the activations are de-quantised into a temporary (their exact values) and multiplied in
-    float32, which differs from the integer form only by rounding. (The integer kernels take batches too,
-    and are faster there, but the fp16 rounding of Q80 scales turns rounding-level differences into logit
-    changes of up to ~1 on SmolLM2, and the golden bounds were set on the float32 prefill.)
+    32-value block W at any B, K-quant W at B = 1: an exact integer dot per 32 values (per K-quant
+    sub-block) times the block scales, d_w*d_x*sum(qw*qx) (+ the min or offset terms, m_w*d_x*sum(qx)).
+    Otherwise (K-quant batches, float weights) the activations are de-quantised into a temporary (their
+    exact values) and multiplied in float32, which differs from the integer form only by rounding.
     """
     t, wb, _, rstride, rows, cols = _weight_view(w, wtype, experts=False)
     _rows_contiguous(xq, "matmul_q80 input")
@@ -1741,6 +1944,8 @@ def matmul_q80(w: np.ndarray, wtype: str, xq: np.ndarray, out: np.ndarray) -> No
         )
     if xq.shape[0] == 1 and t.quantized:
         _mv(t.code, True, wb, rstride, 0, _SLOT0, xq[0], 0, out[0], rows, cols)
+    elif xq.shape[0] > 1 and t.code in _LEGACY_CODES:
+        _MM_Q80[t.code](wb, wb, wb, 0, rstride, 0, 0, rows, 0, 0, xq, out, out, out, _n_chunks(rows))
     elif xq.shape[0] > 0:
         x = np.empty((xq.shape[0], cols), np.float32)
         _dequantize_q80(xq, x)
@@ -1751,10 +1956,10 @@ def bind_matmuls(mats: list[tuple[np.ndarray, str]], x: np.ndarray, outs: list[n
     """A step(n) computing, for each (w, wtype) of `mats` and its out, matmul (float32 x) or matmul_q80
     (Q80 x) of x[:n] into out[:n].
 
-    Shapes are checked once, here. For n = 1 up to three matrices of one 32-value block type and width are
-    one direct kernel launch (the per-call checks and views, ~10 µs, and one parallel wake-up, ~13 µs with
-    two passive threads, per matrix were a third of a SmolLM2 token); other n and types go through the
-    public functions.
+    Shapes are checked once, here. Up to three matrices of one 32-value block type and width are one direct
+    kernel launch for n = 1, and for any n with Q80 x (the per-call checks and views, ~10 µs, and one
+    parallel wake-up, ~13 µs with two passive threads, per matrix were a third of a SmolLM2 token); other n
+    and types go through the public functions.
     """
     q80x = x.dtype == np.uint8
     public = matmul_q80 if q80x else matmul
@@ -1774,10 +1979,15 @@ def bind_matmuls(mats: list[tuple[np.ndarray, str]], x: np.ndarray, outs: list[n
     (_, wa, _, sa, ra, _), (_, wb, _, sb, rb, _), (_, wc, _, sc, rc, _) = (views + [absent] * 3)[:3]
     oa, ob, oc = ([o[0] for o in outs] + [outs[0][0]] * 3)[:3]
     x1 = x[0].view(np.uint8)
+    mm3 = _MM_Q80[t.code] if q80x else None
+    batch, chunks = _row_views(x, *(outs + [outs[0]] * 3)[:3]), _n_chunks(ra + rb + rc)
 
     def step(n: int) -> None:
         if n == 1:
             kernel(wa, wb, wc, sa, sb, sc, x1, oa, ob, oc, ra, rb, rc, cols)
+        elif mm3 is not None:
+            xn, ya, yb, yc = batch(n)
+            mm3(wa, wb, wc, 0, sa, sb, sc, ra, rb, rc, xn, ya, yb, yc, chunks)
         else:
             each(n)
 
@@ -2052,7 +2262,7 @@ def moe_matmul(w: np.ndarray, wtype: str, x: np.ndarray, idx: np.ndarray, out: n
 
 def moe_matmul_q80(w: np.ndarray, wtype: str, xq: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
     """moe_matmul with Q80 activations xq uint8 (B, cols/32*34) or (B, k*cols/32*34), with matmul_q80's
-    numerics (B = 1: integer-valued block dots; otherwise de-quantised activations)."""
+    numerics (integer block dots for quantised experts, K-quant batches aside)."""
     _moe(w, wtype, xq, idx, out, True, "moe_matmul_q80")
 
 
@@ -2087,7 +2297,7 @@ def _moe(
     if lo < 0 or hi >= n_e:
         raise DllamaError(f"expert index {lo if lo < 0 else hi} is outside the {n_e} experts (0..{n_e - 1})")
     per_slot = x.shape[1] != width
-    if q80x and (n_b > 1 or not t.quantized):
+    if q80x and not (t.code in _LEGACY_CODES or (n_b == 1 and t.quantized)):
         xf = np.empty((n_b, x.shape[1] // _Q80_BYTES * 32), np.float32)
         _dequantize_q80(x, xf)
         x, q80x, width = xf, False, cols
@@ -2100,7 +2310,7 @@ def _moe(
     order = np.argsort(flat, kind="stable")
     experts, starts = np.unique(flat[order], return_index=True)
     ends = np.append(starts[1:], order.size)
-    xs = x.reshape(n_b, k, cols) if per_slot else x
+    xs = x.reshape(n_b, k, width) if per_slot else x
     out_cols = np.arange(rows)
     for e, a, z in zip(experts, starts, ends, strict=True):
         sel = order[a:z]
@@ -2109,7 +2319,10 @@ def _moe(
         ye = np.empty((sel.size, rows), np.float32)
         if sel.size == 1:
             xrow, expert = xe[0].view(np.uint8), np.full(1, e, np.int32)
-            _mv(t.code, False, wb, rstride, estride, expert, xrow, 0, ye[0], rows, cols)
+            _mv(t.code, q80x, wb, rstride, estride, expert, xrow, 0, ye[0], rows, cols)
+        elif q80x:
+            base, chunks = int(e) * estride, _n_chunks(rows)
+            _MM_Q80[t.code](wb, wb, wb, base, rstride, 0, 0, rows, 0, 0, xe, ye, ye, ye, chunks)
         else:
             _MM[t.code](wb, int(e) * estride, rstride, rows, xe, ye, _n_chunks(rows))
         out[bb[:, None], ss[:, None] * rows + out_cols] = ye

@@ -1,7 +1,7 @@
 """Checks of a Runner on a real model against ../shared/reference, shared by every backend's tests.
 
 The bounds per model come from the issues that set them: SmolLM2 (issue 3, tightened to llama.cpp's Q8
-error) and Qwen2.5-Coder (issue 9).
+error; its Q80 mean error re-derived from measured rounding noise, issue 12) and Qwen2.5-Coder (issue 9).
 """
 
 from __future__ import annotations
@@ -30,7 +30,15 @@ class Bounds:
     q80_ppl: float
 
 
-SMOLLM2 = Bounds(f32_logits=1e-3, f32_ppl=0.001, q80_mean=0.25, q80_margin=0.5, q80_ppl=0.02)
+# SmolLM2's q80_mean is a chance figure: a Q80 code flipped by a float32 rounding difference is amplified
+# through the layers (golden case 2 alone ranges from 0.10 to 1.15). tools/q80_golden_spread.py measured the
+# mean error over all cases on the CPU backend with its quantiser inputs scaled by 1 + eps * N(0,1), eps 1e-7
+# and 1e-6, 16 seeds each, for three batched Q80 kernels (de-quantised float32, integer per quad, integer per
+# eight rows): 96 runs, mean 0.252, sd 0.064, largest 0.397; the float64 Q80 reference of tests/reference.py
+# (exact arithmetic, the same roundings) gives 0.418. The bound is mean + 4 sd, 0.51, rounded to 0.5: above
+# every sample. It still fails 3% random errors in every matmul input (eps 3e-2: 0.74 and 1.10); finer bugs
+# are the kernels' own tests' to catch, which pin their arithmetic to float32 rounding of float64 products.
+SMOLLM2 = Bounds(f32_logits=1e-3, f32_ppl=0.001, q80_mean=0.5, q80_margin=0.5, q80_ppl=0.02)
 QWEN25 = Bounds(f32_logits=2e-3, f32_ppl=0.005, q80_mean=0.3, q80_margin=1.0, q80_ppl=0.03)
 
 
