@@ -2,12 +2,11 @@
 
 import os
 
-# OpenMP worker threads spin between parallel regions by default. On an idle machine spinning is faster
-# (2-thread SmolLM2 decode ~63 instead of ~50 tokens/s: a passive wake-up costs ~13 µs per parallel launch),
-# but when other processes share the cores a spinning thread takes their turns: one parallel launch cost
-# ~20 µs passive against 70 µs (GOMP_SPINCOUNT=1000), 0.6 ms (10000) and 1.4 ms (active) at a load of 4.5
-# here, and decode collapsed from ~45 to ~14 tokens/s. Passive waiting degrades gracefully, so it is the
-# default, and the backend keeps parallel launches few instead (4 per layer in decode). numba's dynamic
-# scheduling (set_parallel_chunksize) collapsed the same way under load. Set before numba loads its OpenMP
-# runtime (at the first parallel launch); OMP_WAIT_POLICY=ACTIVE in the environment still wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP worker threads wait between parallel regions by spinning GOMP_SPINCOUNT times, then sleeping. On
+# idle cores a short spin makes a parallel launch cheap: 2-thread SmolLM2 decode ran at ~180 tokens/s with
+# 1000 spins against ~70 with passive waiting (waking a sleeping thread cost ~40 µs per launch on this VM) and
+# ~120 on one thread. Beside another busy program a helper thread costs more than it brings (66 tokens/s with
+# 1000 spins, ~105 passive), so cpu_fallback/threads.py runs each single-node decode step on all threads or on
+# one, whichever it measures faster (~93 there). Set before numba loads its OpenMP runtime (at the first
+# parallel launch); a GOMP_SPINCOUNT in the environment still wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from cpu_fallback import kernels
+from cpu_fallback.threads import ThreadGovernor
 from engine.backend import Backend, Program
 from engine.graph import Graph, Op
 from engine.weights import Weight, vector_f32
@@ -18,7 +19,7 @@ Step = Callable[[int], None]
 class CpuProgram(Program):
     """Buffers, KV cache and rope tables of one node, with each op pre-bound as a closure over them."""
 
-    def __init__(self, graph: Graph, weights: dict[str, Weight], max_batch: int):
+    def __init__(self, graph: Graph, weights: dict[str, Weight], max_batch: int, n_threads: int = 1):
         cfg = graph.config
         self.graph, self.weights = graph, weights
         self.bufs: dict[str, np.ndarray] = {}
@@ -47,9 +48,17 @@ class CpuProgram(Program):
         self.att_scratch = np.zeros((max_batch * max(graph.slice.n_heads, 1), graph.max_seq_len), np.float32)
         self.segments: list[list[Step]] = [self._bind_ops(seg.ops) for seg in graph.segments]
         kernels.compile_parallel_attention(graph.kv_type)
+        self.governor = ThreadGovernor(n_threads, kernels.set_threads)
 
     def pipe(self, name: str) -> np.ndarray:
         return self.bufs[name]
+
+    def run_segments(self, start: int, stop: int, n_tokens: int) -> None:
+        """Segments with no host step between them (one node): a decode step under the thread governor."""
+        if n_tokens == 1:
+            self.governor.run(lambda: Program.run_segments(self, start, stop, 1))
+        else:
+            Program.run_segments(self, start, stop, n_tokens)
 
     def run_segment(self, index: int, n_tokens: int) -> None:
         for step in self.segments[index]:
@@ -191,4 +200,4 @@ class CpuBackend(Backend):
         self.description = f"CPU (numba, {self.n_threads} thread{'s' if self.n_threads > 1 else ''})"
 
     def compile(self, graph: Graph, weights: dict[str, Weight], max_batch: int) -> Program:
-        return CpuProgram(graph, weights, max_batch)
+        return CpuProgram(graph, weights, max_batch, self.n_threads)
