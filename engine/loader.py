@@ -14,7 +14,6 @@ from engine.errors import DllamaError
 from engine.graph import ACT_TYPES
 from engine.model_file import open_model
 from engine.runner import Runner
-from engine.slicing import KV_TYPES
 from engine.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
 from engine.weights import Model
 
@@ -121,8 +120,6 @@ def load(
     streams them their slices, split by `split` (default "auto": by every node's measured speed)."""
     if act not in ACT_TYPES:
         raise DllamaError(f"unknown --buffer-float-type {act!r}: choose one of {', '.join(ACT_TYPES)}")
-    if kv_type not in KV_TYPES:
-        raise DllamaError(f"unknown --kv-cache-type {kv_type!r}: choose one of {', '.join(KV_TYPES)}")
     if max_seq_len is not None and max_seq_len < 1:
         raise DllamaError(f"--max-seq-len must be at least 1 (got {max_seq_len})")
     be = make_backend(backend, n_threads, gpu_index)

@@ -29,6 +29,7 @@ from engine.errors import DllamaError  # noqa: E402
 from engine.loader import make_backend  # noqa: E402
 from engine.model_file import open_model  # noqa: E402
 from engine.runner import Runner  # noqa: E402
+from shaders.devices import list_devices, pick_device  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE_8B_2L = ModelConfig("llama", 4096, 14336, 2, 32, 8, 128, 128256, 8192, rope_theta=500000.0)
@@ -99,7 +100,7 @@ def decode(model_path: Path, backend_name: str, steps: int) -> dict:
 def _emulated() -> bool:
     """Whether the Vulkan device is a CPU implementation (lavapipe) or there is none."""
     try:
-        return make_backend("vulkan", None).device.is_cpu
+        return pick_device(list_devices(), None).is_cpu
     except DllamaError:
         return True
 

@@ -138,6 +138,7 @@ def test_chat_reads_turns_until_eof(tiny):
         (["inference", "--prompt", "x", "--steps", "-1"], ["--steps"]),
         (["--backend", "metal", "inference", "--prompt", "x"], ["unknown backend", "metal"]),
         (["inference", "--prompt", "x", "--buffer-float-type", "q7"], ["buffer-float-type", "q7"]),
+        (["inference", "--prompt", "x", "--kv-cache-type", "q8"], ["kv-cache-type", "q8", "f32, f16"]),
         (["inference", "--prompt", "x", "--model", "/nonexistent/model.gguf"], ["/nonexistent/model.gguf"]),
         (["inference", "--prompt", "x", "--bogus-flag", "1"], ["bogus-flag"]),
     ],
