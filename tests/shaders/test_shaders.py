@@ -334,6 +334,19 @@ def test_rope(vk, neox):
     close(ops.read("q")[:5], want)
 
 
+def kv_attention_ops(vk, cfg, layer, heads, kv_heads, group, q_offset, **kw) -> Ops:
+    """kv_store then attention of `layer` for a node's `heads` query and `kv_heads` KV heads (head_dim from
+    cfg), its first query head `q_offset` into a GQA group of `group`."""
+    hd = cfg.head_dim
+    att = dict(layer=layer, n_heads=heads, n_kv_heads=kv_heads, head_dim=hd, group=group, q_offset=q_offset)
+    ops = [
+        Op("kv_store", "kv", ("k", "v", "pos"), (), None, {"layer": layer}),
+        Op("attention", "att", ("q", "pos"), ("att",), None, att),
+    ]
+    q, kv = BufferSpec(heads * hd), BufferSpec(kv_heads * hd)
+    return Ops(vk, ops, {"q": q, "k": kv, "v": kv, "att": q}, cfg=cfg, **kw)
+
+
 @pytest.mark.parametrize(
     "heads,kv_heads,hd,seq,p0,group,q_offset",
     [
@@ -352,22 +365,7 @@ def test_kv_store_and_attention(any_vk, heads, kv_heads, hd, seq, p0, group, q_o
     n, layer = 7, 1
     cfg = config(dim=heads * hd, n_heads=heads, n_kv_heads=kv_heads, head_dim=hd, n_layers=2)
     kvw = kv_heads * hd
-    att = dict(layer=layer, n_heads=heads, n_kv_heads=kv_heads, head_dim=hd, group=group, q_offset=q_offset)
-    ops = Ops(
-        any_vk,
-        [
-            Op("kv_store", "kv", ("k", "v", "pos"), (), None, {"layer": layer}),
-            Op("attention", "att", ("q", "pos"), ("att",), None, att),
-        ],
-        {
-            "q": BufferSpec(heads * hd),
-            "k": BufferSpec(kvw),
-            "v": BufferSpec(kvw),
-            "att": BufferSpec(heads * hd),
-        },
-        cfg=cfg,
-        max_seq=seq,
-    )
+    ops = kv_attention_ops(any_vk, cfg, layer, heads, kv_heads, group, q_offset, max_seq=seq)
     old_k, old_v = rand((p0, kvw), seed=16), rand((p0, kvw), seed=17)
     ops.write_cache("k", layer, old_k)
     ops.write_cache("v", layer, old_v)
@@ -389,16 +387,7 @@ def test_kv_store_and_attention(any_vk, heads, kv_heads, hd, seq, p0, group, q_o
 def test_decode_attention_reads_one_token(vk):
     """A single decode step (its own grid size) at position 0 attends to itself only: output = v."""
     cfg = config(dim=64, n_heads=4, n_kv_heads=2, head_dim=16)
-    att = dict(layer=0, n_heads=4, n_kv_heads=2, head_dim=16, group=2, q_offset=0)
-    ops = Ops(
-        vk,
-        [
-            Op("kv_store", "kv", ("k", "v", "pos"), (), None, {"layer": 0}),
-            Op("attention", "att", ("q", "pos"), ("att",), None, att),
-        ],
-        {"q": BufferSpec(64), "k": BufferSpec(32), "v": BufferSpec(32), "att": BufferSpec(64)},
-        cfg=cfg,
-    )
+    ops = kv_attention_ops(vk, cfg, 0, 4, 2, 2, 0)
     v = rand((1, 32), seed=21)
     for name, a in (
         ("q", rand((1, 64), seed=22)),
@@ -434,23 +423,7 @@ def test_f16_kv_cache_rounds_like_numpy_and_attends_like_the_cpu(any_vk, group, 
     n, hd, seq = 5, 32, 64
     kvw = kv_heads * hd
     cfg = config(dim=heads * hd, n_heads=heads, n_kv_heads=kv_heads, head_dim=hd, n_layers=1)
-    att = dict(layer=0, n_heads=heads, n_kv_heads=kv_heads, head_dim=hd, group=group, q_offset=q_offset)
-    ops = Ops(
-        any_vk,
-        [
-            Op("kv_store", "kv", ("k", "v", "pos"), (), None, {"layer": 0}),
-            Op("attention", "att", ("q", "pos"), ("att",), None, att),
-        ],
-        {
-            "q": BufferSpec(heads * hd),
-            "k": BufferSpec(kvw),
-            "v": BufferSpec(kvw),
-            "att": BufferSpec(heads * hd),
-        },
-        cfg=cfg,
-        max_seq=seq,
-        kv_type="f16",
-    )
+    ops = kv_attention_ops(any_vk, cfg, 0, heads, kv_heads, group, q_offset, max_seq=seq, kv_type="f16")
     pos = np.arange(n, dtype=np.int32)  # every attended row written: storage memory starts undefined
     rng = np.random.default_rng(31)
     for name, a in (
