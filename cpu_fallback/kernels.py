@@ -684,6 +684,41 @@ def _udot_add(typingctx, acc, u, s):
     return _w8(_w8, _b32, _b32), codegen
 
 
+# Four-bit codes (Q4_0, Q4_1) times signed bytes: a product pair is at most 2 * 15 * 128 = 3840, so the
+# eight slices of a block sum exactly in 16-bit lanes and one widening (vpmaddwd) per block follows, instead
+# of one per slice. Not with AVX-VNNI, whose single vpdpbusd already does both steps.
+_PAIRS16 = not _X86_VNNI
+
+
+@intrinsic
+def _pairs_add(typingctx, acc, u, s):
+    """acc (16 int16 lanes held in 32 bytes) + the adjacent-pair sums of u[i] * s[i], u unsigned codes below
+    16, s signed bytes: vpmaddubsw and vpaddw with AVX2, widening vector IR elsewhere (exact)."""
+
+    def codegen(context, builder, sig, args):
+        u, s = args[1], args[2]
+        if _X86_AVX2:
+            madd_ub = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_V16W, [_V32B, _V32B]), "llvm.x86.avx2.pmadd.ub.sw"
+            )
+            pairs = builder.call(madd_ub, [u, s])
+        else:
+            pairs = _pair_sums(builder, builder.mul(builder.zext(u, _V32W), builder.sext(s, _V32W)), 32)
+        return builder.bitcast(builder.add(builder.bitcast(args[0], _V16W), pairs), _V32B)
+
+    return _b32(_b32, _b32, _b32), codegen
+
+
+@intrinsic
+def _pairs_sum(typingctx, acc):
+    """Eight int32 lanes: lane i = int16 lanes 2i and 2i+1 of acc summed (vpmaddwd with ones on x86)."""
+
+    def codegen(context, builder, sig, args):
+        return _pair_sums(builder, builder.sext(builder.bitcast(args[0], _V16W), ir.VectorType(_I32, 16)), 16)
+
+    return _w8(_b32), codegen
+
+
 @intrinsic
 def _sdot(typingctx, a, b):
     """Eight int32 lanes summing to the exact dot of two signed 32-byte vectors."""
@@ -1396,6 +1431,42 @@ def _oct_finish(code, d, m, k, x, ob, dot, s, acc):
 
 
 @_helper
+def _oct_k4(code, codes, k, x0, x1, x2, x3, ob):
+    """Exact int32 dots of the eight unpacked rows' block k with the Q80 block at byte ob of x0..x3."""
+    if _PAIRS16 and (code == _T_Q40 or code == _T_Q41):
+        p0 = p1 = p2 = p3 = _bsplat(0)
+        for j in range(8):
+            wv = _ld_b32(codes, 256 * k + 32 * j)
+            p0 = _pairs_add(p0, wv, _ld_rep4(x0, ob + 2 + 4 * j))
+            p1 = _pairs_add(p1, wv, _ld_rep4(x1, ob + 2 + 4 * j))
+            p2 = _pairs_add(p2, wv, _ld_rep4(x2, ob + 2 + 4 * j))
+            p3 = _pairs_add(p3, wv, _ld_rep4(x3, ob + 2 + 4 * j))
+        return _pairs_sum(p0), _pairs_sum(p1), _pairs_sum(p2), _pairs_sum(p3)
+    i0 = i1 = i2 = i3 = _isplat(np.int32(0))
+    for j in range(8):
+        wv = _ld_b32(codes, 256 * k + 32 * j)
+        i0 = _lane_dot(code, i0, wv, x0, ob + 2 + 4 * j)
+        i1 = _lane_dot(code, i1, wv, x1, ob + 2 + 4 * j)
+        i2 = _lane_dot(code, i2, wv, x2, ob + 2 + 4 * j)
+        i3 = _lane_dot(code, i3, wv, x3, ob + 2 + 4 * j)
+    return i0, i1, i2, i3
+
+
+@_helper
+def _oct_k1(code, codes, k, x0, ob):
+    """_oct_k4 for one activation row."""
+    if _PAIRS16 and (code == _T_Q40 or code == _T_Q41):
+        p0 = _bsplat(0)
+        for j in range(8):
+            p0 = _pairs_add(p0, _ld_b32(codes, 256 * k + 32 * j), _ld_rep4(x0, ob + 2 + 4 * j))
+        return _pairs_sum(p0)
+    i0 = _isplat(np.int32(0))
+    for j in range(8):
+        i0 = _lane_dot(code, i0, _ld_b32(codes, 256 * k + 32 * j), x0, ob + 2 + 4 * j)
+    return i0
+
+
+@_helper
 def _oct_dots4(code, codes, d, m, x, sums, b, n_blocks):
     """Dots of the eight unpacked rows with activation rows b..b+3 (past the end: the last row), as four
     8-lane vectors (lane i: row i)."""
@@ -1405,18 +1476,22 @@ def _oct_dots4(code, codes, d, m, x, sums, b, n_blocks):
     a0, a1, a2, a3 = _vzero(), _vzero(), _vzero(), _vzero()
     for k in range(n_blocks):
         ob = _Q80_BYTES * k
-        i0 = i1 = i2 = i3 = _isplat(np.int32(0))
-        for j in range(8):
-            wv = _ld_b32(codes, 256 * k + 32 * j)
-            i0 = _lane_dot(code, i0, wv, x0, ob + 2 + 4 * j)
-            i1 = _lane_dot(code, i1, wv, x1, ob + 2 + 4 * j)
-            i2 = _lane_dot(code, i2, wv, x2, ob + 2 + 4 * j)
-            i3 = _lane_dot(code, i3, wv, x3, ob + 2 + 4 * j)
+        i0, i1, i2, i3 = _oct_k4(code, codes, k, x0, x1, x2, x3, ob)
         a0 = _oct_finish(code, d, m, k, x0, ob, i0, sums[b0, k], a0)
         a1 = _oct_finish(code, d, m, k, x1, ob, i1, sums[b1, k], a1)
         a2 = _oct_finish(code, d, m, k, x2, ob, i2, sums[b2, k], a2)
         a3 = _oct_finish(code, d, m, k, x3, ob, i3, sums[b3, k], a3)
     return a0, a1, a2, a3
+
+
+@_helper
+def _oct_dots1(code, codes, d, m, x, sums, b, n_blocks):
+    """_oct_dots4 for activation row b alone (the same sums, so the same result bit for bit)."""
+    x0, a0 = x[b], _vzero()
+    for k in range(n_blocks):
+        ob = _Q80_BYTES * k
+        a0 = _oct_finish(code, d, m, k, x0, ob, _oct_k1(code, codes, k, x0, ob), sums[b, k], a0)
+    return a0
 
 
 def _make_mm_q80(code: int):
@@ -1444,15 +1519,22 @@ def _make_mm_q80(code: int):
                     w, rs, rows, out, first = wc, rsc, rc, outc, 8 * (g - na - nb)
                 _unpack_oct(code, w, base, rs, first, rows, n_blocks, codes, d, m)
                 n_r = min(8, rows - first)
-                for b in range(0, n_b, 4):
-                    a0, a1, a2, a3 = _oct_dots4(code, codes, d, m, x, sums, b, n_blocks)
-                    _st_f32x8(res, 0, a0)
-                    _st_f32x8(res, 8, a1)
-                    _st_f32x8(res, 16, a2)
-                    _st_f32x8(res, 24, a3)
-                    for t in range(min(4, n_b - b)):
+                b = 0
+                while b < n_b:  # rows four at a time; a remainder of one or two row by row
+                    if n_b - b >= 3:
+                        a0, a1, a2, a3 = _oct_dots4(code, codes, d, m, x, sums, b, n_blocks)
+                        _st_f32x8(res, 0, a0)
+                        _st_f32x8(res, 8, a1)
+                        _st_f32x8(res, 16, a2)
+                        _st_f32x8(res, 24, a3)
+                        n_t = min(4, n_b - b)
+                    else:
+                        _st_f32x8(res, 0, _oct_dots1(code, codes, d, m, x, sums, b, n_blocks))
+                        n_t = 1
+                    for t in range(n_t):
                         for i in range(n_r):
                             out[b + t, first + i] = res[8 * t + i]
+                    b += n_t
 
     return mm_q80
 

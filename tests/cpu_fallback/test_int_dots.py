@@ -44,7 +44,7 @@ def check_integer_kernels(rng: np.random.Generator) -> None:
         for b in range(5):
             K.matmul_q80(ws[0], wtype, xq[b : b + 1], singles[b : b + 1])
         batches = []
-        for n in (2, 5):
+        for n in (2, 3, 5):  # row by row, four rows (one repeated), four rows then one
             batches.append(np.full((n, 37), np.nan, np.float32))
             K.matmul_q80(ws[0], wtype, xq[:n], batches[-1])
         xd = decode(xq, "q80")
@@ -63,8 +63,8 @@ def test_integer_block_dots_of_every_legacy_type():
 
 
 PATHS = [  # (flags forced before compiling, then whether the Q4_0 kernels contain vpmaddubsw, vpdpbusd)
-    ("K._X86_AVX2 = K._X86_VNNI = False", False, False),  # the generic vector IR of ARM and pre-AVX2 CPUs
-    ("K._X86_VNNI = False", True, False),  # AVX2 without AVX-VNNI
+    ("K._X86_AVX2 = K._X86_VNNI = False; K._PAIRS16 = True", False, False),  # the generic IR of ARM, pre-AVX2
+    ("K._X86_VNNI = False; K._PAIRS16 = True", True, False),  # AVX2 without AVX-VNNI
     ("", False, True),  # AVX-VNNI
 ]
 
