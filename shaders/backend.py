@@ -42,6 +42,8 @@ STAGING_WORDS = 1 << 20  # 4 MiB upload chunks: bounds the host memory an upload
 BUFFER_LIMIT = 1 << 30  # bytes per multi-layer buffer (kept well inside 32-bit word indexing)
 MAX_GROUPS_X = 65535
 ELEMENTWISE_WG = 128
+# matmul.glsl's mat-mat tiles: TR rows x MT batch rows per workgroup of 64 lanes, used from batch 8 on
+MATMAT_FROM, MATMAT_WG, MATMAT_ROWS, MATMAT_BATCH = 8, 64, 16, 16
 
 
 def import_kompute():
@@ -99,12 +101,16 @@ def _pow2_floor(n: int) -> int:
 class Tuning:
     """How the shaders split their work. Matmul (see matmul.glsl): `split` (a workgroup shares a row group,
     for GPUs) or not (each invocation owns one, for CPU implementations), `rows` per group, `batch` rows of
-    the batch per pass. `reduce_wg`: workgroup size of the row-reducing shaders (rmsnorm, attention)."""
+    the batch per pass; with `split`, `matvec_wg` lanes per mat-vec workgroup (one subgroup where the device
+    has subgroup arithmetic) and the mat-mat tiles from `matmat_from` batch rows on (0: never).
+    `reduce_wg`: workgroup size of the row-reducing shaders (rmsnorm, attention)."""
 
     split: bool
     rows: int
     batch: int
     reduce_wg: int
+    matvec_wg: int = 64
+    matmat_from: int = 0
 
     @staticmethod
     def for_device(dev: DeviceInfo) -> Tuning:
@@ -112,8 +118,14 @@ class Tuning:
         are expensive, invocations that each own whole rows."""
         if dev.is_cpu:
             return Tuning(split=False, rows=4, batch=2, reduce_wg=16)
+        sub = dev.subgroup_size if dev.subgroup_arithmetic and 16 <= dev.subgroup_size <= 64 else 64
         return Tuning(
-            split=True, rows=2, batch=2, reduce_wg=min(256, _pow2_floor(dev.max_workgroup_invocations))
+            split=True,
+            rows=2,
+            batch=2,
+            reduce_wg=min(256, _pow2_floor(dev.max_workgroup_invocations)),
+            matvec_wg=sub,
+            matmat_from=MATMAT_FROM,
         )
 
 
@@ -511,21 +523,28 @@ def _moe_matmul_shader(prog: VulkanProgram, op: Op) -> ShaderKey:
     return name, (*flags, "MOE")
 
 
-def _matmul_steps(prog: VulkanProgram, op: Op, tensors: list, batch: int, extra: list[int]) -> list[_Step]:
+def _matmul_steps(
+    prog: VulkanProgram, op: Op, tensors: list, batch: int, extra: list[int], matmat: bool
+) -> list[_Step]:
     """One dispatch per piece of the weight (its rows of the output); `tensors` precede the weight's
-    buffers, `extra` constants follow COLS, R, SPLIT, TB (`batch`), OUT_ROWS, OUT0."""
+    buffers, `extra` constants follow COLS, R, SPLIT, TB (`batch`), OUT_ROWS, OUT0, MT; `matmat`: tiles."""
     w, m = prog.weights[op.weight], prog.be.tuning
-    wg = min(prog.be.max_wg, max(32, _pow2_floor(w.cols // BLOCK))) if m.split else 64
+    if matmat:
+        wg, rows, mt = MATMAT_WG, MATMAT_ROWS, MATMAT_BATCH
+    else:
+        wg, rows, mt = (min(prog.be.max_wg, m.matvec_wg) if m.split else 64), m.rows, 0
     steps = []
     for parts, piece in prog._weight(op.weight):
-        groups = _ceil(piece.rows, m.rows) if m.split else _ceil(piece.rows, m.rows * wg)
-        spec = [w.cols, m.rows, int(m.split), batch, w.rows, piece.row0, *extra]
+        groups = _ceil(piece.rows, rows) if m.split else _ceil(piece.rows, rows * wg)
+        spec = [w.cols, m.rows, int(m.split), batch, w.rows, piece.row0, mt, *extra]
         steps.append(_Step(prog._algo(op, [*tensors, *parts], groups, wg, spec), piece.index, piece.rows))
     return steps
 
 
 def _matmul(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
-    return _matmul_steps(prog, op, _tensors(prog, op.inputs + op.outputs), prog.be.tuning.batch, [])
+    m = prog.be.tuning
+    matmat = m.split and 0 < m.matmat_from <= rows
+    return _matmul_steps(prog, op, _tensors(prog, op.inputs + op.outputs), m.batch, [], matmat)
 
 
 def _moe_matmul(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
@@ -541,7 +560,7 @@ def _moe_matmul(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
         )
     tensors = [prog.bufs[x], prog.bufs[op.outputs[0]], prog.bufs[idx]]
     extra = [slots, w.experts, int(prog.width(x) == slots * w.cols)]
-    return _matmul_steps(prog, op, tensors, 1, extra)  # TB 1: every pair has its own expert
+    return _matmul_steps(prog, op, tensors, 1, extra, False)  # TB 1: every pair has its own expert
 
 
 def _moe_route(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:

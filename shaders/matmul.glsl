@@ -1,10 +1,11 @@
 // y[b, r] = sum_c W[r, c] * x[b, c] for the n live batch rows, a 32-value block at a time. Included after
 // common.glsl, reduce.glsl, weights_head.glsl and one wt_<type>.glsl (load_block / wvec / wscale [/ wmin]).
-// Output rows come in groups of R. SPLIT = 1 (GPUs): a workgroup owns one row group, its invocations stride
-// over the row's blocks and the partial sums are reduced across the workgroup. SPLIT = 0 (CPU
-// implementations such as lavapipe, where every buffer load is expensive and barriers more so): each
-// invocation owns a row group and walks whole rows. Either way the x blocks of TB batch rows are loaded once
-// and serve the R rows, and each weight block is loaded once for the TB batch rows.
+// Output rows come in groups of R. SPLIT = 1 (GPUs): a workgroup owns one row group and its lanes stride
+// over the rows' block quarters (coalesced loads; see matvec_split), or with MT > 0 (prefill) a tile of
+// rows x batch rows in shared memory (matmat). SPLIT = 0 (CPU implementations such as lavapipe, where every
+// buffer load is expensive and barriers more so): each invocation owns a row group and walks whole rows.
+// In the mat-vec paths the x blocks of TB batch rows are loaded once and serve the R rows, and each weight
+// block is loaded once for the TB batch rows.
 // ACT_Q80: x is Q80 blocks (34 bytes: fp16 d, 32 int8); the block dot product is done on the integer
 // values, d_w * d_x * sum(q_w * q_x) [+ m_w * d_x * sum(q_x)], as distributed-llama's Q80 kernels do.
 // MOE (moe_matmul): the weight is a stack of EXPERTS matrices per layer and the batch rows are the n * SLOTS
@@ -18,6 +19,11 @@ layout(constant_id = 4) const uint TB = 1;      // batch rows per pass (1..4)
 // OUT0 .. OUT0 + pc.rows of rows of OUT_ROWS values.
 layout(constant_id = 5) const uint OUT_ROWS = 1;
 layout(constant_id = 6) const uint OUT0 = 0;
+// MT > 0 (SPLIT = 1, prefill): the mat-mat path, tiles of TR rows x MT batch rows staged in shared memory.
+layout(constant_id = 7) const uint MT = 0;
+const uint TR = 16u;
+shared vec4 wsh[MT > 0u ? TR * 8u : 1u];
+shared vec4 xsh[MT > 0u ? MT * 9u : 1u];   // rows padded to 9 vec4 against bank conflicts
 
 #ifdef ACT_Q80
 layout(std430, binding = 0) readonly buffer X { uint xq[]; };
@@ -27,9 +33,9 @@ layout(std430, binding = 0) readonly buffer X { vec4 x4[]; };
 layout(std430, binding = 1) writeonly buffer Y { float y[]; };
 #ifdef MOE
 layout(std430, binding = 2) readonly buffer I { int moe_idx[]; };
-layout(constant_id = 7) const uint SLOTS = 1;        // experts per token
-layout(constant_id = 8) const uint EXPERTS = 1;      // matrices per layer in the weight buffer
-layout(constant_id = 9) const uint X_PER_SLOT = 0;   // 1: x has one row per (token, slot) pair
+layout(constant_id = 8) const uint SLOTS = 1;        // experts per token
+layout(constant_id = 9) const uint EXPERTS = 1;      // matrices per layer in the weight buffer
+layout(constant_id = 10) const uint X_PER_SLOT = 0;   // 1: x has one row per (token, slot) pair
 const uint PAIRS = SLOTS;
 #else
 const uint PAIRS = 1u;
@@ -117,22 +123,144 @@ float block_dot(WDec w, XBlock x) {
 #endif
 }
 
-void main() {
-    uint t = gl_LocalInvocationID.x;
-    uint row0 = (SPLIT != 0u ? wg_index() : global_index()) * R;
-#ifdef SHARE_X
-    bool live = row0 < pc.rows;     // every lane must take part in the broadcasts
-    row0 = min(row0, pc.rows - 1u);
+// Quarter k (values 4k..4k+3) of the weight block j of row r, with its scale d and minimum m. Types whose
+// blocks are large define HAS_WPART and load only that quarter; the others decode the whole block.
+#ifndef HAS_WPART
+vec4 wpart(uint r, uint j, uint k, out float d, out float m) {
+    WBlock b = load_block(r, j);
+    d = wscale(b);
+#ifdef HAS_MIN
+    m = wmin(b);
 #else
-    if (row0 >= pc.rows) return;    // the whole workgroup when SPLIT = 1 (no barrier is skipped)
-    bool live = true;
+    m = 0.0;
 #endif
-    uint jstart = SPLIT != 0u ? t : 0u, jstep = SPLIT != 0u ? gl_WorkGroupSize.x : 1u;
+    return wvec(b, k);
+}
+#endif
+
+// Quarter k of the x block j of batch row b and its scale.
+vec4 xpart(uint b, uint j, uint k, out float d) {
+#ifdef ACT_Q80
+    uint off = (b * NB + j) * 34u;
+    d = half_at(xq[off >> 2], off & 2u);
+    return i8x4(LOAD_U32_2A(xq, off + 2u + 4u * k));
+#else
+    d = 1.0;
+    return x4[8u * (b * NB + j) + k];
+#endif
+}
+
+float part_dot(vec4 w, float d, float m, vec4 x, float xd) {
+#ifdef HAS_MIN
+    return xd * (d * dot(w, x) + m * dot(x, vec4(1.0)));
+#else
+    return xd * d * dot(w, x);
+#endif
+}
+
+// A workgroup of one subgroup reduces with subgroupAdd alone (no shared memory, no barrier).
+vec4 mv_sum4(vec4 v) {
+#ifdef USE_SUBGROUPS
+    if (gl_NumSubgroups == 1u) return subgroupAdd(v);
+#endif
+    return wg_sum4(v);
+}
+
+// SPLIT = 1 mat-vec: lane t takes the block quarters t, t + WG, ... of the row group's rows, so neighbouring
+// lanes read neighbouring words of the weight rows and of x (coalesced), several blocks per lane.
+void matvec_split() {
+    uint t = gl_LocalInvocationID.x, row0 = wg_index() * R;
+    if (row0 >= pc.rows) return;    // the whole workgroup (no barrier is skipped)
     uint nq = pc.n * PAIRS;
     for (uint b0 = 0u; b0 < nq; b0 += TB) {
         uint nb = min(TB, nq - b0), base = weight_base(b0);
         vec4 acc[4] = vec4[4](vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0));   // [row][batch row]
-        for (uint j = jstart; j < NB; j += jstep) {
+        for (uint p = t; p < NB * 8u; p += gl_WorkGroupSize.x) {
+            uint j = p >> 3, k = p & 7u;
+            vec4 xv[4];
+            float xd[4];
+            for (uint c = 0u; c < TB; c++) {
+                if (c < nb) xv[c] = xpart(x_row(b0 + c), j, k, xd[c]);
+            }
+            for (uint i = 0u; i < R; i++) {
+                float d, m;
+                vec4 wv = wpart(base + min(row0 + i, pc.rows - 1u), j, k, d, m);
+                for (uint c = 0u; c < TB; c++) {
+                    if (c < nb) acc[i][c] += part_dot(wv, d, m, xv[c], xd[c]);
+                }
+            }
+        }
+        for (uint i = 0u; i < R; i++) {
+            vec4 tot = mv_sum4(acc[i]);
+            if (t == 0u && row0 + i < pc.rows) {
+                for (uint c = 0u; c < nb; c++) y[(b0 + c) * OUT_ROWS + OUT0 + row0 + i] = tot[c];
+            }
+        }
+    }
+}
+
+// Mat-mat (not MOE): a workgroup owns TR rows and walks the batch in tiles of MT rows. Per block, the TR
+// weight blocks are decoded once into shared memory (value = d * q + m) with the tile's x blocks beside
+// them; lane t then sums the outputs (row t / MT + i * WG / MT, batch row t % MT).
+void matmat() {
+    uint t = gl_LocalInvocationID.x, row0 = wg_index() * TR, wg = gl_WorkGroupSize.x;
+    if (row0 >= pc.rows) return;
+    uint c = t % MT, per = TR * MT / wg;
+    for (uint b0 = 0u; b0 < pc.n; b0 += MT) {
+        float acc[16];
+        for (uint i = 0u; i < per; i++) acc[i] = 0.0;
+        for (uint j = 0u; j < NB; j++) {
+            for (uint p = t; p < TR * 8u; p += wg) {
+                float d, m;
+                vec4 wv = wpart(pc.aux * pc.rows + min(row0 + (p >> 3), pc.rows - 1u), j, p & 7u, d, m);
+                wsh[p] = d * wv + m;
+            }
+            for (uint p = t; p < MT * 8u; p += wg) {
+                uint b = b0 + (p >> 3);
+                float xd;
+                vec4 xv = b < pc.n ? xpart(b, j, p & 7u, xd) : vec4(0.0);
+                xsh[(p >> 3) * 9u + (p & 7u)] = b < pc.n ? xd * xv : vec4(0.0);
+            }
+            barrier();
+            for (uint i = 0u; i < per; i++) {
+                uint r = t / MT + i * (wg / MT);
+                float s = 0.0;
+                for (uint k = 0u; k < 8u; k++) s += dot(wsh[r * 8u + k], xsh[c * 9u + k]);
+                acc[i] += s;
+            }
+            barrier();
+        }
+        for (uint i = 0u; i < per; i++) {
+            uint r = row0 + t / MT + i * (wg / MT);
+            if (r < pc.rows && b0 + c < pc.n) y[(b0 + c) * OUT_ROWS + OUT0 + r] = acc[i];
+        }
+    }
+}
+
+void main() {
+    if (SPLIT != 0u) {
+#ifndef MOE
+        if (MT > 0u) {
+            matmat();
+            return;
+        }
+#endif
+        matvec_split();
+        return;
+    }
+    uint row0 = global_index() * R;   // SPLIT = 0: this invocation's row group
+#ifdef SHARE_X
+    bool live = row0 < pc.rows;     // every lane must take part in the broadcasts
+    row0 = min(row0, pc.rows - 1u);
+#else
+    if (row0 >= pc.rows) return;
+    bool live = true;
+#endif
+    uint nq = pc.n * PAIRS;
+    for (uint b0 = 0u; b0 < nq; b0 += TB) {
+        uint nb = min(TB, nq - b0), base = weight_base(b0);
+        vec4 acc[4] = vec4[4](vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0));   // [row][batch row]
+        for (uint j = 0u; j < NB; j++) {
             XBlock xb[4];
             for (uint c = 0u; c < TB; c++) {
                 if (c < nb) xb[c] = load_xblock(x_row(b0 + c), j);
@@ -145,10 +273,8 @@ void main() {
             }
         }
         for (uint i = 0u; i < R; i++) {
-            vec4 tot = acc[i];
-            if (SPLIT != 0u) tot = wg_sum4(tot);
-            if ((SPLIT == 0u || t == 0u) && live && row0 + i < pc.rows) {
-                for (uint c = 0u; c < nb; c++) y[(b0 + c) * OUT_ROWS + OUT0 + row0 + i] = tot[c];
+            if (live && row0 + i < pc.rows) {
+                for (uint c = 0u; c < nb; c++) y[(b0 + c) * OUT_ROWS + OUT0 + row0 + i] = acc[i][c];
             }
         }
     }

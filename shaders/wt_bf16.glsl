@@ -17,3 +17,11 @@ vec4 wvec(WBlock b, uint k) {
     return (k & 1u) == 0u ? vec4(bf16x2(q.x), bf16x2(q.y)) : vec4(bf16x2(q.z), bf16x2(q.w));
 }
 float wscale(WBlock b) { return 1.0; }
+
+#define HAS_WPART
+vec4 wpart(uint r, uint j, uint k, out float d, out float m) {
+    uint o = 4u * (r * NB + j) + (k >> 1), c = 2u * (k & 1u);
+    d = 1.0;
+    m = 0.0;
+    return vec4(bf16x2(w16[o][c]), bf16x2(w16[o][c + 1u]));
+}

@@ -16,3 +16,11 @@ vec4 wvec(WBlock b, uint k) {
                           : vec4(unpackHalf2x16(q.z), unpackHalf2x16(q.w));
 }
 float wscale(WBlock b) { return 1.0; }
+
+#define HAS_WPART
+vec4 wpart(uint r, uint j, uint k, out float d, out float m) {
+    uint o = 4u * (r * NB + j) + (k >> 1), c = 2u * (k & 1u);
+    d = 1.0;
+    m = 0.0;
+    return vec4(unpackHalf2x16(w16[o][c]), unpackHalf2x16(w16[o][c + 1u]));
+}

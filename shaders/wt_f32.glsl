@@ -12,3 +12,10 @@ WBlock load_block(uint r, uint j) {
 
 vec4 wvec(WBlock b, uint k) { return b.v[k]; }
 float wscale(WBlock b) { return 1.0; }
+
+#define HAS_WPART
+vec4 wpart(uint r, uint j, uint k, out float d, out float m) {
+    d = 1.0;
+    m = 0.0;
+    return w4[8u * (r * NB + j) + k];
+}

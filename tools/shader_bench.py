@@ -15,7 +15,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,15 @@ from engine.graph import BufferSpec, Graph, Op, Segment
 from engine.slicing import node_slice
 from engine.weight_types import WEIGHT_TYPES, row_bytes, weight_type
 from engine.weights import Weight
-from shaders.backend import VulkanBackend, VulkanProgram, _grid, _push
+from shaders.backend import (
+    MATMAT_BATCH,
+    MATMAT_ROWS,
+    MATMAT_WG,
+    VulkanBackend,
+    VulkanProgram,
+    _grid,
+    _push,
+)
 from shaders.weights import weight_parts
 
 WTYPES = tuple(WEIGHT_TYPES)  # every weight type of the registry
@@ -422,6 +430,12 @@ def device_label(be: VulkanBackend) -> str:
     return f"{dev.name} ({dev.kind})"
 
 
+def matmul_variant(be: VulkanBackend) -> dict:
+    """The matmul work split chosen for the device (specialization constants) and the mat-mat tile."""
+    tile = {"rows": MATMAT_ROWS, "batch": MATMAT_BATCH, "workgroup": MATMAT_WG}
+    return {**asdict(be.tuning), "subgroups": be.subgroups, "matmat_tile": tile}
+
+
 def result(case: Case, gpu_s: float, cpu_s: float, copy_gbps: float) -> dict:
     """One row of the report (µs, GB/s of bytes read + written, GFLOP/s)."""
     gbps = case.nbytes / gpu_s / 1e9
@@ -546,6 +560,7 @@ def run(quick: bool, gpu_index: int | None, repeats: int | None, progress: bool 
             "emulated": dev.is_cpu,
             "label": device_label(be),
             "description": be.description,
+            "matmul": matmul_variant(be),
         },
         "quick": quick,
         "repeats": repeats,

@@ -36,6 +36,8 @@ def test_quick_bench_writes_json_and_plot(tmp_path):
     if "llvmpipe" in dev["name"]:
         assert "CPU emulation (lavapipe)" in dev["label"] and dev["emulated"] is True
     assert dev["label"] in res.stdout  # the table's title names the device
+    assert dev["matmul"]["split"] is not dev["emulated"]  # the chosen work split, for gpu_check's record
+    assert dev["matmul"]["matmat_tile"] == {"rows": 16, "batch": 16, "workgroup": 64}
     copy = report["copy_gbps"]
     assert copy > 0
 

@@ -21,9 +21,11 @@ TOKENS = [5, 17, 200, 3, 99, 42, 7, 150, 11]
 def main(path: str) -> None:
     model = open_model(path)
     gpu_split = Tuning(split=True, rows=2, batch=2, reduce_wg=128)
+    gpu_tiles = Tuning(split=True, rows=2, batch=2, reduce_wg=128, matvec_wg=8, matmat_from=4)  # tiles
     for be in (
         VulkanBackend(),
         VulkanBackend(tuning=gpu_split),
+        VulkanBackend(tuning=gpu_tiles),
         VulkanBackend(subgroups=False, tuning=gpu_split),
     ):
         for act in ("f32", "q80"):
