@@ -110,12 +110,13 @@ def create_app(scheduler: Scheduler, defaults: Defaults, body_timeout: float = B
 
     @app.get("/v1/cluster")
     async def cluster() -> JSONResponse:
-        running, waiting = scheduler.load_counts()
+        _, waiting = scheduler.load_counts()
+        used, total = scheduler.slot_usage()
         stats = scheduler.stats()
         body: dict[str, Any] = {
             "status": "ok" if scheduler.state == "ready" else scheduler.state,
             "message": scheduler.detail,
-            "slots": {"total": 1, "used": running, "waiting": waiting},
+            "slots": {"total": total, "used": used, "waiting": waiting},
             "generated_tokens": stats.generated_tokens,
             "last_tokens_per_second": stats.last_rate,
         }

@@ -375,8 +375,9 @@ class Scheduler:
                 if not free or not self._jobs:
                     return
                 job = self._jobs[0]
-                if job.cancel.is_set():
+                if job.cancel.is_set():  # its client went away while it waited
                     self._jobs.popleft()
+                    self._next_choice.pop(job.id, None)
                     continue
                 index = self._next_choice.pop(job.id, 0)
                 if index + 1 < job.n:
