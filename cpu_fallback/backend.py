@@ -10,6 +10,7 @@ import numpy as np
 from cpu_fallback import kernels
 from cpu_fallback.threads import ThreadGovernor
 from engine.backend import Backend, Program
+from engine.errors import DllamaError
 from engine.graph import Graph, Op
 from engine.weights import Weight, vector_f32
 
@@ -29,8 +30,9 @@ class CpuProgram(Program):
             self.bufs[name] = np.zeros((max_batch, cols), dtype=dtype)
         n_kv = graph.slice.n_kv_heads * cfg.head_dim
         kv_dtype = kernels.KV_DTYPES[graph.kv_type]  # an f16 cache holds the halves' bits as uint16
-        self.k_cache = [np.zeros((graph.max_seq_len, n_kv), kv_dtype) for _ in range(cfg.n_layers)]
-        self.v_cache = [np.zeros((graph.max_seq_len, n_kv), kv_dtype) for _ in range(cfg.n_layers)]
+        rows = graph.n_slots * graph.max_seq_len  # slot s owns rows s*max_seq_len .. (s+1)*max_seq_len-1
+        self.k_cache = [np.zeros((rows, n_kv), kv_dtype) for _ in range(cfg.n_layers)]
+        self.v_cache = [np.zeros((rows, n_kv), kv_dtype) for _ in range(cfg.n_layers)]
         self.kv_cache_bytes = sum(a.nbytes for a in self.k_cache + self.v_cache)
         scaling = None
         if cfg.rope_scaling is not None:
@@ -117,18 +119,50 @@ class CpuProgram(Program):
         return kernels.bind_rope(ins[0], ins[1][:, 0], self.cos, self.sin, hd, neox)
 
     def _kv_store(self, op: Op, w: None, ins: list, outs: list) -> Step:
-        k, v, pos = ins
+        k, v, pos = ins[:3]
         kc, vc = self.k_cache[op.params["layer"]], self.v_cache[op.params["layer"]]
-        return kernels.bind_kv_store(kc, vc, pos[:, 0], k, v)
+        if len(ins) == 3:
+            return kernels.bind_kv_store(kc, vc, pos[:, 0], k, v)
+        runs, seq = self._slot_runs(ins[3]), self.graph.max_seq_len
+
+        def step(n: int) -> None:
+            for a, b, s in runs(n):
+                rows = slice(s * seq, (s + 1) * seq)
+                kernels.kv_store(kc[rows], vc[rows], pos[a:b, 0], k[a:b], v[a:b])
+
+        return step
 
     def _attention(self, op: Op, w: None, ins: list, outs: list) -> Step:
         p = op.params
         q, pos, out = ins[0], ins[1], outs[0]
         kc, vc = self.k_cache[p["layer"]], self.v_cache[p["layer"]]
         nh, nkv, hd, scratch = p["n_heads"], p["n_kv_heads"], p["head_dim"], self.att_scratch
-        return kernels.bind_attention(
-            q, kc, vc, pos[:, 0], nh, nkv, hd, out, scratch, p["group"], p["q_offset"]
-        )
+        group, q_offset = p["group"], p["q_offset"]
+        if len(ins) == 2:
+            return kernels.bind_attention(q, kc, vc, pos[:, 0], nh, nkv, hd, out, scratch, group, q_offset)
+        runs, seq = self._slot_runs(ins[2]), self.graph.max_seq_len
+
+        def step(n: int) -> None:
+            for a, b, s in runs(n):
+                rows = slice(s * seq, (s + 1) * seq)
+                args = (q[a:b], kc[rows], vc[rows], pos[a:b, 0], nh, nkv, hd, out[a:b], scratch)
+                kernels.attention(*args, group, q_offset)
+
+        return step
+
+    def _slot_runs(self, slot: np.ndarray) -> Callable[[int], list[tuple[int, int, int]]]:
+        """(first row, end row, slot) of each run of consecutive rows in one KV slot; a slot outside the
+        cache is a DllamaError."""
+        n_slots = self.graph.n_slots
+
+        def runs(n: int) -> list[tuple[int, int, int]]:
+            s = slot[:n, 0]
+            if n and (s.min() < 0 or s.max() >= n_slots):
+                raise DllamaError(f"a KV slot outside 0..{n_slots - 1}: {s.tolist()}")
+            cuts = [0, *(np.flatnonzero(s[1:] != s[:-1]) + 1).tolist(), n]
+            return [(a, b, int(s[a])) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+
+        return runs
 
     def _silu_mul(self, op: Op, w: None, ins: list, outs: list) -> Step:
         return kernels.bind_silu_mul(*ins)

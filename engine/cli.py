@@ -797,6 +797,15 @@ def api(
             help="seconds an idle keep-alive connection stays open after a response",
         ),
     ] = 5.0,
+    parallel: Annotated[
+        int | None,
+        typer.Option(
+            "--parallel",
+            callback=_in_range(lambda n: 1 <= n <= 32, "give 1 to 32"),
+            help="requests decoded together, each in its own KV-cache slot (default: 4 on one CPU node, "
+            "else 1; above 1 needs the CPU backend on one node)",
+        ),
+    ] = None,
     chat_template: Template = None,
     model: Model = None,
     tokenizer: TokenizerOpt = None,
@@ -845,6 +854,7 @@ def api(
             queue_size=queue_size,
             request_timeout=request_timeout,
             keep_alive=keep_alive,
+            parallel=parallel,
         )
     )
 

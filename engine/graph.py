@@ -84,6 +84,7 @@ class Graph:
     buffers: dict[str, BufferSpec] = field(default_factory=dict)
     segments: list[Segment] = field(default_factory=list)
     kv_type: str = "f32"  # the KV cache's number format: "f32" or "f16" (engine.slicing.KV_TYPES)
+    n_slots: int = 1  # sequences the KV cache holds, max_seq_len rows each; >1 adds the per-row `slot` buffer
 
     def ops(self) -> list[Op]:
         """All ops in execution order."""
@@ -168,11 +169,12 @@ def attention(b: Builder, layer: int, *, qkv_bias: bool = False, qk_norm: bool =
             b.op("rmsnorm", f"{p}{t}_norm", [t], [t], f"{p}attn_{t}_norm.weight", eps=cfg.norm_eps)
     b.op("rope", p + "rope_q", ["q", "pos"], ["q"], head_dim=hd, neox=cfg.rope_neox)
     b.op("rope", p + "rope_k", ["k", "pos"], ["k"], head_dim=hd, neox=cfg.rope_neox)
-    b.op("kv_store", p + "kv_store", ["k", "v", "pos"], [], layer=layer)
+    seq = ["pos", "slot"] if b.g.n_slots > 1 else ["pos"]  # a row's slot picks its sequence's cache rows
+    b.op("kv_store", p + "kv_store", ["k", "v", *seq], [], layer=layer)
     b.op(
         "attention",
         p + "attention",
-        ["q", "pos"],
+        ["q", *seq],
         ["att"],
         layer=layer,
         n_heads=sl.n_heads,
@@ -230,17 +232,24 @@ def moe_feed_forward(b: Builder, layer: int, *, normalize: bool) -> None:
 
 
 def build_graph(
-    cfg: ModelConfig, sl: NodeSlice, act: str = "f32", max_seq_len: int = 4096, kv_type: str = "f32"
+    cfg: ModelConfig,
+    sl: NodeSlice,
+    act: str = "f32",
+    max_seq_len: int = 4096,
+    kv_type: str = "f32",
+    n_slots: int = 1,
 ) -> Graph:
     """The forward pass of node `sl.node`: embedding, n_layers x the architecture's layer, final norm,
-    this node's rows of the classifier; its KV cache holds `kv_type` values."""
+    this node's rows of the classifier; its KV cache holds `kv_type` values for `n_slots` sequences."""
     from engine.arch import get_arch
 
     layer_block = get_arch(cfg.arch).layer
-    g = Graph(cfg, sl, act, max_seq_len, kv_type=kv_type)
+    g = Graph(cfg, sl, act, max_seq_len, kv_type=kv_type, n_slots=n_slots)
     b = Builder(g)
     b.buf("tok", 1, "i32")  # token ids (root)
     b.buf("pos", 1, "i32")  # positions
+    if n_slots > 1:
+        b.buf("slot", 1, "i32")  # each row's sequence: which max_seq_len rows of the KV cache it uses
     b.buf("x", cfg.dim)  # residual stream, replicated on every node
     # every node's partial sum, one dim-wide slot per node; Q80 only where it crosses the network: a single
     # node keeps its residual updates in f32 (the residual stream is never quantised locally)

@@ -114,10 +114,12 @@ def load(
     gpu_index: int | None = None,
     split: Sequence[float] | str | None = None,
     kv_type: str = "f32",
+    n_slots: int = 1,
 ) -> Loaded:
     """Open the model (a file or a catalogue name; the embedded SmolLM2 when none is given) and its
     tokenizer, and compile the graph; with `workers` (HOST:PORT) this node becomes the root of a cluster and
-    streams them their slices, split by `split` (default "auto": by every node's measured speed)."""
+    streams them their slices, split by `split` (default "auto": by every node's measured speed); the KV cache
+    holds `n_slots` sequences."""
     if act not in ACT_TYPES:
         raise DllamaError(f"unknown --buffer-float-type {act!r}: choose one of {', '.join(ACT_TYPES)}")
     if max_seq_len is not None and max_seq_len < 1:
@@ -140,6 +142,14 @@ def load(
     check_vocab_sizes(tokenizer.vocab_size, model.config.vocab_size, tokenizer_path or path.name, path.name)
     split = split if split is not None or not workers else "auto"
     runner = Runner(
-        model, be, act, max_seq_len, workers=workers, net_timeout=net_timeout, split=split, kv_type=kv_type
+        model,
+        be,
+        act,
+        max_seq_len,
+        workers=workers,
+        net_timeout=net_timeout,
+        split=split,
+        kv_type=kv_type,
+        n_slots=n_slots,
     )
     return Loaded(model, tokenizer, runner)

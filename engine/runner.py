@@ -11,7 +11,15 @@ import numpy as np
 from engine.backend import Backend, Program
 from engine.errors import DllamaError
 from engine.graph import Graph, Segment, Sync, build_graph
-from engine.slicing import KV_TYPES, NodeSlice, fit_slices, plan_slices, slice_bytes, slice_weights
+from engine.slicing import (
+    KV_TYPES,
+    NodeSlice,
+    fit_slices,
+    kv_cache_bytes,
+    plan_slices,
+    slice_bytes,
+    slice_weights,
+)
 from engine.weights import Model, Weight
 
 MAX_BATCH = 32  # prompt tokens per forward pass
@@ -102,12 +110,17 @@ class Runner:
         log: Callable[[str], None] = print,
         split: Sequence[float] | str | None = None,
         kv_type: str = "f32",
+        n_slots: int = 1,
     ):
         cfg = model.config
         if kv_type not in KV_TYPES:
             raise DllamaError(f"unknown --kv-cache-type {kv_type!r}: choose one of {', '.join(KV_TYPES)}")
+        if not 1 <= n_slots <= max_batch:
+            raise DllamaError(f"--parallel must be 1..{max_batch} (got {n_slots})")
+        if n_slots > 1 and workers:
+            raise DllamaError("--parallel above 1 is not supported in a cluster yet: use --parallel 1")
         self.model, self.backend, self.act, self.max_batch = model, backend, act, max_batch
-        self.kv_type = kv_type
+        self.kv_type, self.n_slots = kv_type, n_slots
         self.max_seq_len = min(cfg.context_len, max_seq_len or 4096)
         self.n_nodes = 1 + len(workers)
         if split is not None and split != "auto" and len(split) != self.n_nodes:
@@ -133,7 +146,17 @@ class Runner:
                 kv_type,
             )
         self.slice = self.slices[0]
-        self.graph = build_graph(cfg, self.slice, act, self.max_seq_len, kv_type)
+        if n_slots > 1:
+            from net.protocol import available_memory
+
+            need = kv_cache_bytes(cfg, self.slice, n_slots * self.max_seq_len, kv_type)
+            free = available_memory()
+            if free and need > free:
+                raise DllamaError(
+                    f"--parallel {n_slots} needs {need / 1e6:.0f} MB of KV cache ({n_slots} x --max-seq-len "
+                    f"{self.max_seq_len}) but {free / 1e6:.0f} MB are free: lower --parallel or --max-seq-len"
+                )
+        self.graph = build_graph(cfg, self.slice, act, self.max_seq_len, kv_type, n_slots)
         try:
             weights = slice_weights(model, self.slice)
             self.program = backend.compile(self.graph, weights, max_batch)
@@ -203,31 +226,62 @@ class Runner:
             self.cluster.close()
 
     def forward(
-        self, tokens: Sequence[int], start_pos: int, logits: str = "last", stats: ForwardStats | None = None
+        self,
+        tokens: Sequence[int],
+        start_pos: int,
+        logits: str = "last",
+        stats: ForwardStats | None = None,
+        slot: int = 0,
     ) -> np.ndarray | None:
-        """Run any number of tokens from `start_pos`; return the last token's logits (vocab,), every token's
-        (n, vocab) with logits="all", or nothing with logits="none" (prefill of a chunk)."""
+        """Run any number of tokens of KV slot `slot` from `start_pos`; return the last token's logits
+        (vocab,), every token's (n, vocab) with logits="all", or nothing with logits="none" (prefill)."""
         out = []
         for i in range(0, len(tokens), self.max_batch):
             chunk = tokens[i : i + self.max_batch]
             is_last = i + self.max_batch >= len(tokens)
             mode = "all" if logits == "all" else (logits if is_last else "none")
-            out.append(self._forward_batch(chunk, start_pos + i, mode, stats))
+            positions = np.arange(start_pos + i, start_pos + i + len(chunk))
+            out.append(self._forward_batch(chunk, positions, [slot] * len(chunk), mode, stats))
         if logits == "all":
             return np.concatenate(out)
         return None if logits == "none" else out[-1][0]
 
+    def forward_rows(
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        slots: Sequence[int],
+        stats: ForwardStats | None = None,
+    ) -> np.ndarray:
+        """One forward pass of up to max_batch rows, each its own token, position and KV slot (a batched
+        decode step); returns every row's logits (n, vocab)."""
+        if not 1 <= len(tokens) <= self.max_batch or not len(tokens) == len(positions) == len(slots):
+            raise DllamaError(f"forward_rows takes 1..{self.max_batch} rows of token, position and slot")
+        logits = self._forward_batch(tokens, np.asarray(positions), slots, "all", stats)
+        assert logits is not None
+        return logits
+
     def _forward_batch(
-        self, tokens: Sequence[int], start_pos: int, mode: str, stats: ForwardStats | None
+        self,
+        tokens: Sequence[int],
+        positions: np.ndarray,
+        slots: Sequence[int],
+        mode: str,
+        stats: ForwardStats | None,
     ) -> np.ndarray | None:
         n = len(tokens)
-        if start_pos + n > self.max_seq_len:
+        if n and (positions.min() < 0 or positions.max() >= self.max_seq_len):
             raise DllamaError(
-                f"the context is full: {start_pos + n} tokens do not fit in --max-seq-len {self.max_seq_len}"
+                f"the context is full: {positions.max() + 1} tokens do not fit in --max-seq-len "
+                f"{self.max_seq_len}"
             )
+        if any(not 0 <= s < self.n_slots for s in slots):
+            raise DllamaError(f"a KV slot outside 0..{self.n_slots - 1}")
         p, net = self.program, self.cluster
         p.pipe("tok")[:n, 0] = tokens
-        p.pipe("pos")[:n, 0] = np.arange(start_pos, start_pos + n)
+        p.pipe("pos")[:n, 0] = positions
+        if self.n_slots > 1:
+            p.pipe("slot")[:n, 0] = slots
         t0 = time.perf_counter()
         if net is None:
             rows = run_graph(p, self.graph.segments, n, mode)
@@ -235,7 +289,7 @@ class Runner:
             sync_s, sent, recv = 0.0, 0, 0
         else:
             sync0, sent0, recv0 = net.totals()
-            with net.forward(start_pos, n, mode):
+            with net.forward(int(positions[0]), n, mode):
                 rows = run_graph(p, self.graph.segments, n, mode, net.sync)
             logits = net.logits(rows) if rows else None
             sync1, sent1, recv1 = net.totals()

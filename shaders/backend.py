@@ -220,6 +220,8 @@ class VulkanProgram(Program):
             raise DllamaError(
                 f"the Vulkan attention shader needs an even head_dim <= 256 (got {cfg.head_dim})"
             )
+        if graph.n_slots > 1:
+            raise DllamaError("--parallel above 1 needs the CPU backend for now: use --parallel 1 on Vulkan")
         self.weights = {op.weight: weights[op.weight] for op in graph.ops() if op.weight}
         self.chunks, self.slots = group_weights(self.weights, be.buffer_limit)
         self.kv_width = sl.n_kv_heads * cfg.head_dim

@@ -110,12 +110,13 @@ def create_app(scheduler: Scheduler, defaults: Defaults, body_timeout: float = B
 
     @app.get("/v1/cluster")
     async def cluster() -> JSONResponse:
-        running, waiting = scheduler.load_counts()
+        _, waiting = scheduler.load_counts()
+        used, total = scheduler.slot_usage()
         stats = scheduler.stats()
         body: dict[str, Any] = {
             "status": "ok" if scheduler.state == "ready" else scheduler.state,
             "message": scheduler.detail,
-            "slots": {"total": 1, "used": running, "waiting": waiting},
+            "slots": {"total": total, "used": used, "waiting": waiting},
             "generated_tokens": stats.generated_tokens,
             "last_tokens_per_second": stats.last_rate,
         }
@@ -480,8 +481,8 @@ async def _stream(
         return chunk([first])
 
     def whole(index: int, ev: Finished) -> Iterator[str]:
-        content, calls = parse_calls("".join(held))
-        entries = [*held_logprobs, *ev.logprobs]
+        content, calls = parse_calls("".join(held.pop(index, [])))
+        entries = [*held_logprobs.pop(index, []), *ev.logprobs]
         if content:
             yield chunk([shape.choice(index, content, None, True, entries)])
             entries = []
@@ -492,29 +493,30 @@ async def _stream(
         yield chunk([shape.choice(index, None, "tool_calls" if calls else ev.reason, True, entries)])
 
     done: dict[int, Finished] = {}
-    held: list[str] = []
-    held_logprobs: list[TokenLogprob] = []
+    held: dict[int, list[str]] = {}  # with tools: each choice's text until it ends
+    held_logprobs: dict[int, list[TokenLogprob]] = {}
+    opened = {0}  # choices (run side by side in KV slots) whose opening chunk was sent
     try:
         if shape.chat:
             yield opening(0)
         while True:
             ev = await events.get()
+            if shape.chat and isinstance(ev, Piece | Finished) and ev.index not in opened:
+                opened.add(ev.index)
+                yield opening(ev.index)
             if isinstance(ev, Piece) and shape.tools:
-                held.append(ev.text)
-                held_logprobs.extend(ev.logprobs)
+                held.setdefault(ev.index, []).append(ev.text)
+                held_logprobs.setdefault(ev.index, []).extend(ev.logprobs)
             elif isinstance(ev, Piece):
                 yield chunk([shape.choice(ev.index, ev.text, None, True, ev.logprobs)])
             elif isinstance(ev, Finished):
                 if shape.tools:
                     for line in whole(ev.index, ev):
                         yield line
-                    held, held_logprobs = [], []
                 else:
                     yield chunk([shape.choice(ev.index, None, ev.reason, True, ev.logprobs)])
                 done[ev.index] = ev
                 if len(done) < job.n:
-                    if shape.chat:
-                        yield opening(len(done))
                     continue
                 if include_usage:
                     yield chunk([], _usage(done))

@@ -24,6 +24,7 @@ from engine.server.scheduler import Scheduler
 
 GRACE_S = 30.0  # seconds in-flight requests get to finish after SIGTERM before they are cancelled
 DEFAULT_QUEUE = 64
+DEFAULT_PARALLEL = 4  # KV slots on one CPU node: requests decoded together in one forward pass
 KEEP_ALIVE_S = 5.0  # uvicorn's default
 
 
@@ -51,6 +52,14 @@ class ServerOptions:
     queue_size: int = DEFAULT_QUEUE
     request_timeout: float = BODY_TIMEOUT  # seconds for a request's headers, and again for its body
     keep_alive: float = KEEP_ALIVE_S  # seconds an idle keep-alive connection is kept
+    parallel: int | None = None  # requests decoded together (KV slots); None: 4 on one CPU node, else 1
+
+
+def slot_count(opts: ServerOptions) -> int:
+    """--parallel, or its default: 4 slots on a single CPU node, 1 on Vulkan and in a cluster."""
+    if opts.parallel is not None:
+        return opts.parallel
+    return DEFAULT_PARALLEL if opts.backend == "cpu" and not opts.workers else 1
 
 
 def _say(line: str) -> None:
@@ -80,6 +89,9 @@ def serve(opts: ServerOptions) -> None:
         raise DllamaError(
             f"unknown --chat-template {opts.chat_template!r} (built-in: {', '.join(BUILTIN_TEMPLATES)})"
         )
+    if slot_count(opts) > 1 and (opts.workers or opts.backend != "cpu"):
+        where = "in a cluster" if opts.workers else f"on the {opts.backend} backend"
+        raise DllamaError(f"--parallel above 1 is not supported {where} yet: use --parallel 1")
     if opts.queue_size < 0:
         raise DllamaError(f"--queue-size must be at least 0 (got {opts.queue_size})")
     for flag, seconds in (("--request-timeout", opts.request_timeout), ("--keep-alive", opts.keep_alive)):
@@ -158,6 +170,7 @@ def _loader(opts: ServerOptions) -> Callable[[], Loaded]:
             gpu_index=opts.gpu_index,
             split=opts.split,
             kv_type=opts.kv_type,
+            n_slots=slot_count(opts),
         )
         runner = loaded.runner
         if runner.n_nodes == 1:  # compile the kernels now, not in the first request (a cluster already did)

@@ -77,7 +77,8 @@ class CountRequests:
 
 def render(requests: RequestCounter, scheduler: Scheduler) -> str:
     """The exposition text (Prometheus format 0.0.4)."""
-    running, waiting = scheduler.load_counts()
+    _, waiting = scheduler.load_counts()
+    used, total = scheduler.slot_usage()
     stats = scheduler.stats()
     lines = [
         "# HELP dllama_requests_total HTTP requests answered, by endpoint and status.",
@@ -87,13 +88,19 @@ def render(requests: RequestCounter, scheduler: Scheduler) -> str:
         lines.append(f'dllama_requests_total{{endpoint="{path}",status="{status}"}} {n}')
     gauges_and_counters = [
         ("queue_length", "gauge", "Requests waiting for the engine.", waiting),
-        ("slots_used", "gauge", "Engine slots generating now.", running),
-        ("slots_total", "gauge", "Engine slots (requests run one at a time).", 1),
+        ("slots_used", "gauge", "KV slots generating now (one per choice).", used),
+        ("slots_total", "gauge", "KV slots: choices decoded together (--parallel).", total),
         (
             "prompt_tokens_total",
             "counter",
             "Prompt tokens of generations run (cached ones too).",
             stats.prompt_tokens,
+        ),
+        (
+            "prompt_tokens_reused_total",
+            "counter",
+            "Prompt tokens a KV slot already held, so not pre-filled again.",
+            stats.reused_tokens,
         ),
         ("generated_tokens_total", "counter", "Tokens generated, all requests.", stats.generated_tokens),
         (

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 from apiserver import ROOT, ApiServer, api_command
 from tinymodel import write_tiny_gguf
 
@@ -39,9 +40,25 @@ def test_help_lists_the_options():
         "--topp",
         "--seed",
         "--queue-size",
+        "--parallel",
     ):
         assert option in r.stdout
     assert "127.0.0.1" in r.stdout and "9990" in r.stdout  # the defaults
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--parallel", "0"), "0 is out of range: give 1 to 32"),
+        (("--parallel", "2", "--workers", "127.0.0.1:9"), "--parallel above 1 is not supported in a cluster"),
+        (
+            ("--parallel", "2", "--backend", "vulkan"),
+            "--parallel above 1 is not supported on the vulkan backend",
+        ),
+    ],
+)
+def test_unsupported_parallel_is_a_one_line_error(args, message):
+    assert message in _last_error(_run("--port", "0", *args))
 
 
 def test_port_in_use():

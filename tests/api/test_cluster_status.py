@@ -14,7 +14,7 @@ def test_cluster_status_follows_a_request(api):
     (node,) = body["nodes"]
     assert node["node"] == 0 and node["role"] == "root" and node["backend"] == "cpu"
     assert node["device"].startswith("CPU (numba")
-    assert body["slots"] == {"total": 1, "used": 0, "waiting": 0}
+    assert body["slots"] == {"total": 4, "used": 0, "waiting": 0}  # --parallel defaults to 4 on a CPU
     hi = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}
     reply = api.post("/v1/chat/completions", hi).json()
     after = httpx.get(api.url + "/v1/cluster", timeout=10).json()

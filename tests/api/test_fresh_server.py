@@ -20,7 +20,9 @@ STORY = [{"role": "user", "content": "Write a very long story about a brave knig
 
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory):
-    server = ApiServer(["--queue-size", "1"], tmp_path_factory.mktemp("fresh") / "server.log")
+    server = ApiServer(
+        ["--queue-size", "1", "--parallel", "1"], tmp_path_factory.mktemp("fresh") / "server.log"
+    )
     try:
         server.wait_health(200)
         yield server

@@ -17,7 +17,7 @@ HI = [{"role": "user", "content": "Hi"}]
 
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory):
-    server = ApiServer([], tmp_path_factory.mktemp("metrics") / "server.log")
+    server = ApiServer(["--parallel", "1"], tmp_path_factory.mktemp("metrics") / "server.log")
     try:
         server.wait_health(200)
         yield server
