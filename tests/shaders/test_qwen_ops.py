@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from blocks import decode, q80_blocks, random_weight, within
+from blocks import decode, random_weight, within
 from vk_harness import Ops, config
 
 from engine.graph import BufferSpec, Op
@@ -149,13 +149,7 @@ def run_moe_matmul(be, wtype: str, act: str, per_slot: bool, pieces: list | None
         assert [(p.row0, p.rows) for p in ops.prog.slots[w.name]] == pieces
     idx = np.array([[2, 0], [3, 2], [1, 1]], np.int32)  # a token may take the same expert twice
     x = rand((n, xw), seed=9)
-    if act == "q80":
-        xq = q80_blocks(x)
-        ops.write(xin, xq)
-        x64 = decode(xq, "q80")
-    else:
-        ops.write(xin, x)
-        x64 = x.astype(np.float64)
+    x64 = ops.write_activations(xin, x, act)
     ops.write("moe_idx", idx)
     ops.run(n)
     got = ops.read("moe_up")[:n].reshape(n, k, rows)

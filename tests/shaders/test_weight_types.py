@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from blocks import decode, q80_blocks, random_weight, within
+from blocks import decode, random_weight, within
 from vk_harness import Ops, config
 
 from engine.graph import BufferSpec, Op
@@ -47,13 +47,7 @@ def test_matmul(any_vk, wtype, act):
     )
     for n in (1, 7):
         x = rng.standard_normal((n, cols)).astype(np.float32)
-        if act == "q80":
-            xq = q80_blocks(x)
-            ops.write(xin, xq)
-            x64 = decode(xq, "q80")
-        else:
-            ops.write(xin, x)
-            x64 = x.astype(np.float64)
+        x64 = ops.write_activations(xin, x, act)
         ops.run(n)
         within(ops.read("q")[:n], x64 @ wf.T, np.abs(x64) @ np.abs(wf).T)
 

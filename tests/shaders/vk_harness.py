@@ -7,6 +7,7 @@ and grids are the backend's own; device-only buffers are read and written throug
 from __future__ import annotations
 
 import numpy as np
+from blocks import decode, q80_blocks
 
 from engine.config import ModelConfig
 from engine.graph import BufferSpec, Graph, Op, Segment
@@ -88,6 +89,16 @@ class Ops:
         else:
             t = self.be.manager.tensor_t(words, self.be.kp.TensorTypes.host)
             self._copy(t, self.prog.bufs[name], words.size)
+
+    def write_activations(self, name: str, x: np.ndarray, act: str) -> np.ndarray:
+        """Write float32 rows x into `name` as `act` (Q80 blocks or f32); return the values the shader sees,
+        as float64 (the decoded blocks for Q80)."""
+        if act == "q80":
+            xq = q80_blocks(x)
+            self.write(name, xq)
+            return decode(xq, "q80")
+        self.write(name, x)
+        return x.astype(np.float64)
 
     def read(self, name: str) -> np.ndarray:
         """A copy of buffer `name`: (max_batch, width) float32/int32; (max_batch, row_bytes) uint8 for Q80."""
