@@ -29,6 +29,12 @@ class Program(ABC):
         for index in range(start, stop):
             self.run_segment(index, n_tokens)
 
+    def copy_row(self, names: tuple[str, ...], src: int, dst: int) -> None:
+        """Copy row `src` of each named pipe to row `dst` (the runner's last-row classifier); a backend whose
+        pipes the host cannot see copies them on the device."""
+        for name in names:
+            self.pipe(name)[dst] = self.pipe(name)[src]
+
 
 class Backend(ABC):
     """Compiles graphs; knows nothing of models, files or the network."""

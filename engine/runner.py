@@ -51,6 +51,9 @@ def run_graph(
     """
     last = len(segments) - 1
     if sync is None:  # one node: nothing happens between segments, so a backend may run them as one
+        if mode == "all" or (mode == "last" and n == 1):  # the classifier on every row: one run (decode)
+            program.run_segments(0, last + 1, n)
+            return n
         program.run_segments(0, last, n)
     else:
         for index in range(last):
@@ -61,8 +64,7 @@ def run_graph(
         return 0
     rows = n
     if mode == "last" and n > 1:
-        for name in ("x", "zq"):
-            program.pipe(name)[0] = program.pipe(name)[n - 1]
+        program.copy_row(("x", "zq"), n - 1, 0)
         rows = 1
     program.run_segment(last, rows)
     if sync is not None and segments[last].sync is not None:

@@ -38,16 +38,31 @@ from shaders.weights import (
 )
 
 PIPES = ("tok", "pos", "x", "zq", "logits")
+STAGED_IN = (
+    "tok",
+    "pos",
+)  # the host writes them: device-local, copied in at the start of a run that reads them
+STAGED_OUT = ("logits",)  # the host reads them: device-local, copied to host-cached memory after the run
+EXCHANGED = (
+    "x",
+    "zq",
+)  # host-visible in a cluster (the network fills them between segments), else device-only
 STAGING_WORDS = 1 << 20  # 4 MiB upload chunks: bounds the host memory an upload adds
 BUFFER_LIMIT = 1 << 30  # bytes per multi-layer buffer (kept well inside 32-bit word indexing)
 MAX_GROUPS_X = 65535
 ELEMENTWISE_WG = 128
 # matmul.glsl's mat-mat tiles: TR rows x MT batch rows per workgroup of 64 lanes, used from batch 8 on
 MATMAT_FROM, MATMAT_WG, MATMAT_ROWS, MATMAT_BATCH = 8, 64, 16, 16
+# SPIR-V words binding_access reads: magic, opcodes, decorations, storage classes
+SPIRV_MAGIC = 0x07230203
+SPV_TYPE_STRUCT, SPV_TYPE_POINTER, SPV_VARIABLE, SPV_DECORATE, SPV_MEMBER_DECORATE = 30, 32, 59, 71, 72
+SPV_NON_WRITABLE, SPV_NON_READABLE, SPV_BINDING = 24, 25, 33
+SPV_UNIFORM, SPV_STORAGE_BUFFER = 2, 12
 
 
 def import_kompute():
-    """The kp module, refusing a build without dllama's barrier patch (its dispatches race on real GPUs)."""
+    """The kp module, refusing a build without dllama's patch: without it dispatches race on real GPUs; the
+    backend places barriers itself (`OpAlgoDispatch(..., barrier=)`) and copies only live rows (`bytes=`)."""
     try:
         import kp
     except ImportError as e:
@@ -55,7 +70,61 @@ def import_kompute():
     version = importlib.metadata.version("kp")
     if "+dllama" not in version:
         raise DllamaError(f"kp {version} lacks dllama's synchronisation patch: run tools/setup.sh to rebuild")
+    if "barrier" not in (kp.OpAlgoDispatch.__init__.__doc__ or "") or "bytes" not in (
+        kp.OpTensorSyncLocal.__init__.__doc__ or ""
+    ):
+        raise DllamaError(f"kp {version} predates dllama's barrier placement: run tools/setup.sh to rebuild")
     return kp
+
+
+def binding_access(code: bytes) -> dict[int, tuple[bool, bool]]:
+    """(read, written) for each storage-buffer binding of a SPIR-V module, from its decorations: a buffer
+    declared readonly (NonWritable) is not written, writeonly (NonReadable) not read; others count as both."""
+    words = np.frombuffer(code, np.uint32)
+    if words.size < 5 or int(words[0]) != SPIRV_MAGIC:
+        raise DllamaError("not a SPIR-V module")
+    bindings: dict[int, int] = {}
+    decorated: dict[int, set[int]] = {}  # id -> decorations of the id itself
+    members: dict[int, dict[int, set[int]]] = {}  # struct -> member -> decorations
+    member_count: dict[int, int] = {}
+    pointee: dict[int, int] = {}
+    buffers: list[tuple[int, int]] = []  # (pointer type, variable)
+    i = 5
+    while i < words.size:
+        op, n = int(words[i]) & 0xFFFF, int(words[i]) >> 16
+        a = [int(w) for w in words[i + 1 : i + n]]
+        if n == 0 or i + n > words.size:
+            raise DllamaError("a truncated SPIR-V module")
+        if op == SPV_DECORATE and a[1] == SPV_BINDING:
+            bindings[a[0]] = a[2]
+        elif op == SPV_DECORATE:
+            decorated.setdefault(a[0], set()).add(a[1])
+        elif op == SPV_MEMBER_DECORATE:
+            members.setdefault(a[0], {}).setdefault(a[1], set()).add(a[2])
+        elif op == SPV_TYPE_STRUCT:
+            member_count[a[0]] = len(a) - 1
+        elif op == SPV_TYPE_POINTER:
+            pointee[a[0]] = a[2]
+        elif op == SPV_VARIABLE and a[2] in (SPV_STORAGE_BUFFER, SPV_UNIFORM):
+            buffers.append((a[0], a[1]))
+        i += n
+
+    def has(var: int, struct: int, decoration: int) -> bool:
+        per_member = members.get(struct, {})
+        every_member = member_count.get(struct, 0) > 0 and all(
+            decoration in per_member.get(m, ()) for m in range(member_count[struct])
+        )
+        return decoration in decorated.get(var, ()) or every_member
+
+    access = {}
+    for ptr, var in buffers:
+        if var in bindings:
+            struct = pointee.get(ptr, -1)
+            access[bindings[var]] = (
+                not has(var, struct, SPV_NON_READABLE),
+                not has(var, struct, SPV_NON_WRITABLE),
+            )
+    return access
 
 
 def rope_table(cfg: ModelConfig, freq_factors: np.ndarray | None, max_seq: int) -> np.ndarray:
@@ -194,6 +263,19 @@ class _Step:
     rows: int = 0
 
 
+@dataclass
+class SubmitCounts:
+    """What one replay of a recorded sequence does (one submit), counted when it is recorded: dispatches,
+    the global barriers before them, staging copies and their bytes, and the bytes shaders read from
+    host-visible buffers (n_tokens rows of each host-visible pipe a dispatch reads)."""
+
+    dispatches: int = 0
+    barriers: int = 0
+    transfers: int = 0
+    transfer_bytes: int = 0
+    host_read_bytes: int = 0
+
+
 @dataclass(frozen=True)
 class _Layers:
     """Per-layer buffers (KV caches) stored as chunks of consecutive layers."""
@@ -209,7 +291,8 @@ class VulkanProgram(Program):
     """Device buffers, uploaded weights, one kp algorithm per distinct dispatch, the recorded sequences.
 
     Attributes tests may use: `bufs` (graph buffer -> kp tensor), `k_cache`/`v_cache` (_Layers),
-    `device_bytes` (what the device-only buffers take).
+    `device_bytes` (what the device buffers take), `submits` (sequences evaluated so far), `recorded`
+    ((start, stop, tokens) -> SubmitCounts).
     """
 
     def __init__(self, be: VulkanBackend, graph: Graph, weights: dict[str, Weight], max_batch: int):
@@ -224,6 +307,7 @@ class VulkanProgram(Program):
             raise DllamaError("--parallel above 1 needs the CPU backend for now: use --parallel 1 on Vulkan")
         self.weights = {op.weight: weights[op.weight] for op in graph.ops() if op.weight}
         self.chunks, self.slots = group_weights(self.weights, be.buffer_limit)
+        self.host_pipes = frozenset(EXCHANGED if sl.n_nodes > 1 else ())
         self.kv_width = sl.n_kv_heads * cfg.head_dim
         layer_bytes = graph.max_seq_len * self.kv_width * KV_TYPES[graph.kv_type]
         self.layers_per_kv = max(1, min(cfg.n_layers, be.buffer_limit // max(layer_bytes, 1)))
@@ -261,19 +345,25 @@ class VulkanProgram(Program):
         self.vocab = emb.rows if emb is not None else 0
 
         self._algos: dict[tuple, object] = {}
+        self._access: dict[int, tuple[list, list]] = {}  # id(algorithm) -> (tensors read, tensors written)
+        self._host_rows = {id(self.bufs[n]): graph.buffers[n].row_bytes for n in self.host_pipes}
         self.pipe_writes = [
             sorted({o for op in seg.ops for o in op.outputs if o in PIPES}) for seg in graph.segments
         ]
         self.sequences: dict[tuple[int, int, int], object] = {}  # (start, stop, tokens) -> kp.Sequence
+        self.recorded: dict[tuple[int, int, int], SubmitCounts] = {}
+        self.submits = 0
 
     # ---- memory ----
     def _check_memory(self, max_batch: int) -> None:
         """Refuse what cannot fit, before allocating: a buffer beyond the binding range, too little device
-        memory (device-only buffers; the host-visible pipes live in host memory on a discrete GPU)."""
+        memory (device buffers; host-visible pipes live in host memory on a discrete GPU)."""
         g, dev = self.graph, self.be.device
         kv = self.layers_per_kv * g.max_seq_len * self.kv_width * KV_TYPES[g.kv_type]
-        pipes = [max_batch * spec.row_bytes for name, spec in g.buffers.items() if name in PIPES]
-        sizes = [max_batch * spec.row_bytes for name, spec in g.buffers.items() if name not in PIPES]
+        pipes = [max_batch * spec.row_bytes for name, spec in g.buffers.items() if name in self.host_pipes]
+        sizes = [
+            max_batch * spec.row_bytes for name, spec in g.buffers.items() if name not in self.host_pipes
+        ]
         sizes += [kv] * (2 * _ceil(g.config.n_layers, self.layers_per_kv))
         sizes += [
             max_batch * max(g.slice.n_heads, 1) * g.max_seq_len * 4,
@@ -288,8 +378,11 @@ class VulkanProgram(Program):
             )
         check_device(dev, max(sizes + pipes))
 
-    def _tensor(self, init: np.ndarray, host: bool, what: str):
-        kind = self.kp.TensorTypes.host if host else self.kp.TensorTypes.storage
+    def _tensor(self, init: np.ndarray, host: bool, what: str, staged: bool = False):
+        """A host-visible buffer (`host`), a device-local one with a host staging copy (`staged`: kp's device
+        tensors) or a device-only one."""
+        types = self.kp.TensorTypes
+        kind = types.device if staged else types.host if host else types.storage
         try:
             return self.mgr.tensor_t(init, kind)
         except RuntimeError as e:
@@ -303,12 +396,15 @@ class VulkanProgram(Program):
         return self._tensor(np.zeros(max(words, 1), np.uint32), False, what)
 
     def _alloc_buffer(self, name: str, dtype: str, width: int, row_bytes: int) -> None:
+        """Device-only buffers, except pipes the host touches: tok, pos and logits through staging copies,
+        x and zq host-visible in a cluster."""
         words = _ceil(self.max_batch * row_bytes, 4)
-        if name not in PIPES:
+        staged = name in STAGED_IN + STAGED_OUT
+        if not staged and name not in self.host_pipes:
             self.bufs[name] = self._storage(words, f"{name} buffer")
             return
         np_type = {"f32": np.float32, "i32": np.int32, "q80": np.uint32}[dtype]
-        t = self._tensor(np.zeros(words, np_type), True, f"{name} pipe")
+        t = self._tensor(np.zeros(words, np_type), True, f"{name} pipe", staged)
         self.bufs[name] = t
         data = t.data()
         if dtype == "q80":
@@ -344,7 +440,14 @@ class VulkanProgram(Program):
         if key not in self._algos:
             spirv_code = self.be.shader(name, flags)
             spec_consts = np.array([wg, *spec], np.uint32)
-            self._algos[key] = self.mgr.algorithm(tensors, spirv_code, _grid(groups), spec_consts, _push())
+            algo = self._algos[key] = self.mgr.algorithm(
+                tensors, spirv_code, _grid(groups), spec_consts, _push()
+            )
+            access = binding_access(spirv_code)
+            safe = (True, True)  # a binding the module does not declare: assume both
+            reads = [t for b, t in enumerate(tensors) if access.get(b, safe)[0]]
+            writes = [t for b, t in enumerate(tensors) if access.get(b, safe)[1]]
+            self._access[id(algo)] = reads, writes
         return self._algos[key]
 
     def _weight(self, name: str) -> list[tuple[list, Piece]]:
@@ -367,7 +470,29 @@ class VulkanProgram(Program):
 
     # ---- running ----
     def pipe(self, name: str) -> np.ndarray:
+        if name not in self.views:
+            raise DllamaError(f"the {name} pipe is device-only on one node: the host cannot read or write it")
         return self.views[name]
+
+    def copy_row(self, names: tuple[str, ...], src: int, dst: int) -> None:
+        """Device-only pipes are copied on the device (one submit for all), host-visible ones by the host."""
+        on_host = tuple(n for n in names if n in self.views)
+        super().copy_row(on_host, src, dst)
+        moved = [n for n in names if n not in self.views]
+        if not moved:
+            return
+        seq = self.mgr.sequence()  # a fresh one: the row offsets are push constants
+        for name in moved:
+            words = self.graph.buffers[name].row_bytes // 4
+            key = ("move_words", id(self.bufs[name]), words)
+            if key not in self._algos:
+                code, wg = self.be.shader("move_words"), np.array([ELEMENTWISE_WG], np.uint32)
+                grid = _grid(_ceil(words, ELEMENTWISE_WG))
+                self._algos[key] = self.mgr.algorithm([self.bufs[name]], code, grid, wg, _push())
+            seq.record(self.kp.OpAlgoDispatch(self._algos[key], _push(words, src * words, dst * words)))
+        self.submits += 1
+        seq.eval()
+        seq.destroy()
 
     def run_segment(self, index: int, n_tokens: int) -> None:
         self.run_segments(index, index + 1, n_tokens)
@@ -387,20 +512,62 @@ class VulkanProgram(Program):
         seq = self.sequences.get((start, stop, n_tokens))
         if seq is None:
             seq = self.sequences[(start, stop, n_tokens)] = self._record(start, stop, n_tokens)
+        self.submits += 1
         seq.eval()
 
+    def counts(self, start: int, stop: int, n_tokens: int) -> SubmitCounts:
+        """What one run of segments start..stop-1 on n_tokens rows does (recording it if not yet recorded)."""
+        key = (start, stop, n_tokens)
+        if key not in self.sequences:
+            self.sequences[key] = self._record(start, stop, n_tokens)
+        return self.recorded[key]
+
     def _record(self, start: int, stop: int, n_tokens: int):
-        """The segments' dispatches for n_tokens rows, then the barrier handing written pipes to the host."""
+        """The segments' dispatches for n_tokens rows between the staging copies of the pipes the host writes
+        (before) and reads (after), with a barrier only before a dispatch that conflicts with one since the
+        last barrier (reads or writes what was written, writes what was read); other submits are ordered by
+        the fence wait between them."""
         kp = self.kp
         seq = self.mgr.sequence()
+        counts = self.recorded[(start, stop, n_tokens)] = SubmitCounts()
         rows = 1 if n_tokens == 1 else self.max_batch
-        for index in range(start, stop):
-            for op in self.graph.segments[index].ops:
-                for step in self._bind(op, rows):
-                    seq.record(kp.OpAlgoDispatch(step.algo, _push(n_tokens, step.aux, step.rows)))
-        written = sorted({name for index in range(start, stop) for name in self.pipe_writes[index]})
-        if written:
-            seq.record(kp.OpTensorSyncLocal([self.bufs[name] for name in written]))
+        steps = [
+            step
+            for i in range(start, stop)
+            for op in self.graph.segments[i].ops
+            for step in self._bind(op, rows)
+        ]
+        accesses = [self._access[id(step.algo)] for step in steps]
+        read_any = {id(t) for reads, _ in accesses for t in reads}
+        written: set[int] = set()
+        read: set[int] = set()
+        for name in STAGED_IN:
+            t = self.bufs.get(name)
+            if t is not None and id(t) in read_any:
+                nbytes = n_tokens * self.graph.buffers[name].row_bytes
+                seq.record(kp.OpTensorSyncDevice([t], bytes=nbytes))
+                counts.transfers, counts.transfer_bytes = counts.transfers + 1, counts.transfer_bytes + nbytes
+                written.add(id(t))
+        for step, (reads, writes) in zip(steps, accesses, strict=True):
+            r, w = {id(t) for t in reads}, {id(t) for t in writes}
+            barrier = bool((r | w) & written or w & read)
+            if barrier:
+                written, read = set(), set()
+                counts.barriers += 1
+            written |= w
+            read |= r
+            seq.record(kp.OpAlgoDispatch(step.algo, _push(n_tokens, step.aux, step.rows), barrier=barrier))
+            counts.dispatches += 1
+            counts.host_read_bytes += sum(n_tokens * self._host_rows.get(t, 0) for t in r)
+        out = sorted({name for i in range(start, stop) for name in self.pipe_writes[i]})
+        for name in out:
+            if name in STAGED_OUT:  # its own shader-write -> copy barrier, then the copy for the host
+                nbytes = n_tokens * self.graph.buffers[name].row_bytes
+                seq.record(kp.OpTensorSyncLocal([self.bufs[name]], bytes=nbytes))
+                counts.transfers, counts.transfer_bytes = counts.transfers + 1, counts.transfer_bytes + nbytes
+        host = [self.bufs[name] for name in out if name in self.host_pipes]
+        if host:  # a shader-write -> host-read barrier
+            seq.record(kp.OpTensorSyncLocal(host))
         return seq
 
 

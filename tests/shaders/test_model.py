@@ -71,16 +71,26 @@ def test_tied_embeddings_are_uploaded_once(tmp_path, vk):
     assert prog.slots["output.weight"] == prog.slots["token_embd.weight"]
 
 
-def test_one_node_runs_a_token_as_two_submissions(tmp_path, vk):
-    """Without a network nothing happens between segments: everything before the classifier is one recorded
-    sequence (one submit and fence wait), the classifier another (it may run on the last row only)."""
+def test_one_node_runs_a_decode_token_as_one_submission(tmp_path, vk):
+    """Without a network nothing happens between segments: a decode token is one recorded sequence (one
+    submit and fence wait, the classifier included); a prefill needing only the last row's logits runs the
+    classifier apart, on that row, after one device-side copy of the row."""
     model, ref = tiny_model(tmp_path, "q40", "gqa4x2")
     runner = Runner(model, vk, max_seq_len=16, max_batch=4)
     last = len(runner.graph.segments) - 1
-    runner.program.sequences.clear()
+    prog = runner.program
+    prog.sequences.clear()
+    submits = prog.submits
     got = np.stack([runner.forward([t], i) for i, t in enumerate(TOKENS[:3])])
-    assert sorted(runner.program.sequences) == [(0, last, 1), (last, last + 1, 1)]
+    assert sorted(prog.sequences) == [(0, last + 1, 1)]
+    assert prog.submits - submits == 3
     assert_matches(got, ref_forward(ref, TOKENS[:3]))
+    prog.sequences.clear()
+    submits = prog.submits
+    logits = runner.forward(TOKENS[:3], 0, "last")
+    assert sorted(prog.sequences) == [(0, last, 3), (last, last + 1, 1)]
+    assert prog.submits - submits == 3  # the layers, the row copy, the classifier
+    assert_matches(logits, ref_forward(ref, TOKENS[:3])[-1])
 
 
 def test_layers_split_over_several_buffers(tmp_path, vk, monkeypatch):
