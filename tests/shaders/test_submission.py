@@ -1,0 +1,94 @@
+"""What a recorded Vulkan run does, counted rather than timed: submits, dispatches and the barriers between
+them, staging copies, and the bytes shaders read from host-visible memory (none on one node)."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+from forward_checks import TOKENS, assert_matches, tiny_model
+
+from cpu_fallback.backend import CpuBackend
+from engine.errors import DllamaError
+from engine.graph import build_graph
+from engine.runner import Runner
+from engine.slicing import node_slice, slice_weights
+from shaders import backend as vkb
+from shaders.compile import spirv
+
+VOCAB, DIM = 288, 64  # tinymodel's defaults (gqa4x2: 2 layers, 4 query heads, 2 KV heads)
+
+
+def test_binding_access_reads_readonly_and_writeonly_from_spirv():
+    """The read and write sets come from the shaders' qualifiers, as declared in their GLSL sources."""
+    assert vkb.binding_access(spirv("rmsnorm")) == {0: (True, False), 1: (False, True), 2: (True, False)}
+    assert vkb.binding_access(spirv("silu_mul")) == {0: (True, True), 1: (True, False)}
+    attention = vkb.binding_access(spirv("attention"))
+    assert attention == {
+        0: (True, False),  # q
+        1: (True, False),  # pos
+        2: (True, False),  # key cache
+        3: (True, False),  # value cache
+        4: (False, True),  # output, writeonly
+        5: (True, True),  # scores: written, then read back
+    }
+    with pytest.raises(DllamaError, match="not a SPIR-V module"):
+        vkb.binding_access(b"\0" * 64)
+
+
+def test_decode_token_on_one_node_is_one_submit_with_shared_barriers(tmp_path, vk):
+    """Counted by hand for this graph (2 layers; f32 activations; one node), a barrier only before a
+    dispatch reading what one since the last barrier wrote:
+      embedding (reads tok, just copied in)                                     1 dispatch, 1 barrier
+      attention block: [merge_add,] rmsnorm, matmul q, k, v, rope q, k, kv_store, attention, matmul wo,
+        to_pipe; k and v share q's barrier (they read h, written before it; they write buffers nobody has
+        touched since), rope k shares rope q's                           10 (+1), 7 (+1 for merge_add)
+      FFN block: merge_add, rmsnorm, matmul gate, up, silu_mul, matmul down, to_pipe; up shares gate's    7, 6
+      classifier: merge_add, rmsnorm, matmul                                                       3, 3
+    Layer 0's attention block has no merge_add (the embedding wrote x), so 1 + 10 + 7 + 11 + 7 + 3 = 39
+    dispatches and 1 + 7 + 6 + 8 + 6 + 3 = 31 barriers. Copies: tok and pos in (4 bytes each), one row of
+    logits out (288 floats)."""
+    model, ref = tiny_model(tmp_path, "q40", "gqa4x2")
+    runner = Runner(model, vk, "f32", max_seq_len=16, max_batch=4)
+    prog, last = runner.program, len(runner.graph.segments)
+    c = prog.counts(0, last, 1)
+    assert (c.dispatches, c.barriers) == (39, 31)
+    assert (c.transfers, c.transfer_bytes) == (3, 4 + 4 + VOCAB * 4)
+    assert c.host_read_bytes == 0
+    prefill = prog.counts(0, last, 4)
+    assert (prefill.barriers, prefill.transfer_bytes) == (31, 4 * (4 + 4 + VOCAB * 4))  # live rows only
+
+    cpu = Runner(model, CpuBackend(2), "f32", max_seq_len=16, max_batch=4)
+    got, want = [], []
+    for pos, tok in enumerate(TOKENS[:4]):
+        submits = prog.submits
+        got.append(runner.forward([tok], pos))
+        assert prog.submits - submits == 1
+        want.append(cpu.forward([tok], pos))
+    assert_matches(np.stack(got), np.stack(want))
+
+
+def test_cluster_node_reads_exchanged_pipes_from_host_memory(tmp_path, vk):
+    """Node 0 of 2 keeps x and zq host-visible (the network fills them between segments); the first FFN
+    segment's shaders read them: merge_add reads zq (2 slots of 64 floats) and x (64 floats), rmsnorm x."""
+    model, _ = tiny_model(tmp_path, "q40", "gqa4x2")
+    sl = node_slice(model.config, 0, 2)
+    graph = build_graph(model.config, sl, "f32", 16)
+    prog = vk.compile(graph, slice_weights(model, sl), 4)
+    ffn = next(i for i, seg in enumerate(graph.segments) if any(op.kind == "silu_mul" for op in seg.ops))
+    assert prog.counts(ffn, ffn + 1, 1).host_read_bytes == 2 * DIM * 4 + 2 * DIM * 4
+    assert prog.counts(ffn, ffn + 1, 3).host_read_bytes == 3 * (2 * DIM * 4 + 2 * DIM * 4)
+
+
+def test_kp_without_the_barrier_keyword_is_refused(monkeypatch):
+    """A dllama kp from before barrier placement would record a barrier everywhere and copy whole pipes."""
+    old = types.SimpleNamespace(__doc__="__init__(self, algorithm, push_consts)")
+    fake = types.SimpleNamespace(
+        OpAlgoDispatch=types.SimpleNamespace(__init__=old),
+        OpTensorSyncLocal=types.SimpleNamespace(__init__=old),
+    )
+    monkeypatch.setitem(__import__("sys").modules, "kp", fake)
+    monkeypatch.setattr(vkb.importlib.metadata, "version", lambda name: "0.9.0+dllama.000000000000")
+    with pytest.raises(DllamaError, match="predates dllama's barrier placement: run tools/setup.sh"):
+        vkb.import_kompute()
