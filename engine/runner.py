@@ -47,7 +47,8 @@ def run_graph(
     in a network step; return the number of logits rows computed (0 for mode "none").
 
     With mode "last" only the last row's logits are needed: rows n-1 of `x` and `zq` move to row 0 and the
-    final segment runs on one row. Every node of a cluster does the same, told the mode by the root.
+    final segment runs on one row. Every node of a cluster does the same, told the mode by the root. On one
+    node a pass that needs every row's logits (a decode step) is one `run_segments` call.
     """
     last = len(segments) - 1
     if sync is None:  # one node: nothing happens between segments, so a backend may run them as one

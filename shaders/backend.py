@@ -2,11 +2,14 @@
 
 Weights are uploaded once into device-only buffers (same-role weights of many layers share a buffer, so one
 pipeline serves every layer with the layer index as a push constant). The ops of a segment are recorded into
-one kp sequence per (segment, token count) and replayed; the token count is a push constant and positions /
-token ids sit in small host-visible buffers. Pipes (tok, pos, x, zq, logits) live in host-visible coherent
-memory, so the host reads and writes them directly between segments. Dependent dispatches are ordered by the
-patched kp build (tools/kp-0.9.0-dllama.patch): a global shader/transfer-write -> compute barrier before every
-dispatch, and a shader-write -> host-read barrier on the written pipes at the end of each segment.
+one kp sequence per (segments, token count) and replayed; the token count is a push constant. Pipes are
+device-local: tok and pos have host staging copies copied in at the start of a run that reads them, logits'
+live rows are copied out to host-cached staging at its end, and x and zq are device-only on one node
+(host-visible in a cluster, where the network fills them between segments). The patched kp build
+(tools/kp-0.9.0-dllama.patch) records a global shader/transfer-write -> compute barrier before a dispatch on
+request: `_record` asks for one only where the dispatch reads or writes a buffer written since the last
+barrier, or writes one read since then, by read/write sets taken from each shader's SPIR-V (`binding_access`);
+submits are ordered by the fence wait after each. `SubmitCounts` says what a recorded run does.
 Every op kind is one entry of `OPS` (its shader variant and its dispatches); `OP_KINDS` names them.
 """
 

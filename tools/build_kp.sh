@@ -3,11 +3,15 @@
 # wheel is cached in WHEEL_DIR, one per Python tag). PYTHON needs setuptools<70, wheel and cmake installed.
 # kp 0.9.0's setup.py drops -DPYTHON_EXECUTABLE (a missing comma glues it to the previous argument), so CMake
 # may pick whatever python3.x it finds on PATH; the build restores the comma first.
-# tools/kp-0.9.0-dllama.patch makes dependent dispatches safe on real GPUs (one global shader/transfer-write ->
-# compute barrier before every dispatch instead of kp's per-tensor transfer-only barrier), adds a
-# shader-write -> host-read barrier for host tensors to OpTensorSyncLocal, and creates Vulkan 1.2 instances
-# (the shaders are SPIR-V 1.5), and Sequence.eval() releases the GIL while it waits on its fence (a cluster
-# node's network threads run meanwhile). Validation layers are left to VK_INSTANCE_LAYERS, not always loaded.
+# tools/kp-0.9.0-dllama.patch makes dependent dispatches safe on real GPUs: OpAlgoDispatch takes `barrier`
+# (C++ constructor argument and Python keyword, default true) and records one global shader/transfer-write ->
+# compute barrier before the dispatch instead of kp's per-tensor transfer-only barrier, so the backend places
+# barriers only where dispatches conflict. OpTensorSyncDevice/OpTensorSyncLocal take `bytes` (copy only the
+# live rows), OpTensorSyncLocal's host-read barrier sits on the staging buffer the host reads, staging memory
+# is host-cached where the device has such memory, a shader-write -> host-read barrier is added for host
+# tensors, instances are Vulkan 1.2 (the shaders are SPIR-V 1.5), and Sequence.eval() releases the GIL while it
+# waits on its fence (a cluster node's network threads run meanwhile). Validation layers are left to
+# VK_INSTANCE_LAYERS, not always loaded.
 # pybind11 comes from PyPI, pinned: before 2.12 it reads numpy's dtype struct directly, and under numpy 2 kp's
 # Tensor.data() then returns arrays whose stride is 0 (every element aliasing the first).
 # The wheel's version carries a hash of the patch, the build flags and pybind11's version, so changing any
