@@ -311,6 +311,15 @@ class VulkanProgram(Program):
         self.weights = {op.weight: weights[op.weight] for op in graph.ops() if op.weight}
         self.chunks, self.slots = group_weights(self.weights, be.buffer_limit)
         self.host_pipes = frozenset(EXCHANGED if sl.n_nodes > 1 else ())
+        # one node, f32 partial sums: to_pipe adds into x itself and merge_add has nothing left to do
+        zq = graph.buffers.get("zq")
+        self.fused_residual = (
+            sl.n_nodes == 1
+            and zq is not None
+            and zq.dtype == "f32"
+            and "x" in graph.buffers
+            and any(op.kind == "to_pipe" for op in graph.ops())
+        )
         self.kv_width = sl.n_kv_heads * cfg.head_dim
         layer_bytes = graph.max_seq_len * self.kv_width * KV_TYPES[graph.kv_type]
         self.layers_per_kv = max(1, min(cfg.n_layers, be.buffer_limit // max(layer_bytes, 1)))
@@ -787,9 +796,20 @@ def _silu_mul(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
     return [_Step(prog._algo(op, tensors, _ceil(rows * width, ELEMENTWISE_WG), ELEMENTWISE_WG, [width]))]
 
 
+def _to_pipe_shader(prog: VulkanProgram, op: Op) -> ShaderKey:
+    if prog.fused_residual:
+        return "merge_add_f32", ()
+    return ("quantize_q80" if prog.is_q80("zq") else "copy_slot"), ()
+
+
 def _to_pipe(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
-    """This node's partial sum into its slot of zq, quantised when zq is a Q80 pipe."""
+    """This node's partial sum into its slot of zq, quantised when zq is a Q80 pipe; on one node straight
+    into x instead (the residual add: merge_add's x + zq[slot 0] with zq[slot 0] a copy of y)."""
     width, slots, slot = prog.width(op.inputs[0]), prog.graph.slice.n_nodes, op.params["slot"]
+    if prog.fused_residual:
+        tensors = [prog.bufs[op.inputs[0]], prog.bufs["x"]]
+        groups = _ceil(rows * width, ELEMENTWISE_WG)
+        return [_Step(prog._algo(op, tensors, groups, ELEMENTWISE_WG, [width, 1]))]
     tensors = _tensors(prog, op.inputs + op.outputs)
     if prog.is_q80("zq"):
         nb = width // BLOCK
@@ -800,6 +820,9 @@ def _to_pipe(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
 
 
 def _merge_add(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
+    """x += every slot of zq; nothing on one node, where to_pipe added the only slot into x already."""
+    if prog.fused_residual:
+        return []
     dim = prog.width(op.outputs[0])
     tensors = _tensors(prog, op.inputs + op.outputs)
     groups = _ceil(rows * dim, ELEMENTWISE_WG)
@@ -819,7 +842,7 @@ OPS: dict[str, _OpImpl] = {
     "kv_store": _OpImpl(_by_kv("kv_store"), _kv_store),
     "attention": _OpImpl(_by_kv("attention"), _attention),
     "silu_mul": _OpImpl(_fixed("silu_mul"), _silu_mul),
-    "to_pipe": _OpImpl(_by_pipe("copy_slot", "quantize_q80"), _to_pipe),
+    "to_pipe": _OpImpl(_to_pipe_shader, _to_pipe),
     "merge_add": _OpImpl(_by_pipe("merge_add_f32", "merge_add_q80"), _merge_add),
 }
 OP_KINDS = frozenset(OPS)  # the op kinds this backend implements

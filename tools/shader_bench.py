@@ -384,6 +384,11 @@ class Bench:
                 self._fill(prog.bufs[name], data)
         prog.views["pos"][0, 0] = case.pos
         prog.views["tok"][0, 0] = prog.vocab // 2
+        staged = [
+            prog.bufs["tok"],
+            prog.bufs["pos"],
+        ]  # device-local: runs copy them in, raw dispatches do not
+        self.be.manager.sequence().record(self.kp.OpTensorSyncDevice(staged)).eval()
         if case.op.kind == "attention":
             kv = rng.standard_normal(case.max_seq * prog.kv_width, dtype=np.float32)
             self._fill(prog.k_cache.tensors[0], kv)

@@ -38,26 +38,26 @@ def test_binding_access_reads_readonly_and_writeonly_from_spirv():
 
 
 def test_decode_token_on_one_node_is_one_submit_with_shared_barriers(tmp_path, vk):
-    """Counted by hand for this graph (2 layers; f32 activations; one node), a barrier only before a
-    dispatch reading what one since the last barrier wrote:
-      embedding (reads tok, just copied in)                                     1 dispatch, 1 barrier
-      attention block: [merge_add,] rmsnorm, matmul q, k, v, rope q, k, kv_store, attention, matmul wo,
-        to_pipe; k and v share q's barrier (they read h, written before it; they write buffers nobody has
-        touched since), rope k shares rope q's                           10 (+1), 7 (+1 for merge_add)
-      FFN block: merge_add, rmsnorm, matmul gate, up, silu_mul, matmul down, to_pipe; up shares gate's    7, 6
-      classifier: merge_add, rmsnorm, matmul                                                       3, 3
-    Layer 0's attention block has no merge_add (the embedding wrote x), so 1 + 10 + 7 + 11 + 7 + 3 = 39
-    dispatches and 1 + 7 + 6 + 8 + 6 + 3 = 31 barriers. Copies: tok and pos in (4 bytes each), one row of
-    logits out (288 floats)."""
+    """Counted by hand for this graph (2 layers; f32 activations; one node, so to_pipe adds the block's
+    output into x itself and merge_add records nothing), a barrier only before a dispatch that reads what a
+    dispatch since the last barrier wrote (or writes what one read):
+      embedding (reads tok, just copied in)                                           1 dispatch, 1 barrier
+      attention block: rmsnorm, matmul q, k, v, rope q, k, kv_store, attention, matmul wo, add into x;
+        k and v share q's barrier (they read h, written before it, and write buffers untouched since),
+        rope k shares rope q's                                                         10 dispatches, 7
+      FFN block: rmsnorm, matmul gate, up, silu_mul, matmul down, add into x; up shares gate's      6, 5
+      classifier: rmsnorm, matmul                                                                  2, 2
+    so 1 + 2 * (10 + 6) + 2 = 35 dispatches and 1 + 2 * (7 + 5) + 2 = 27 barriers. Copies: tok and pos in
+    (4 bytes each), one row of logits out (288 floats)."""
     model, ref = tiny_model(tmp_path, "q40", "gqa4x2")
     runner = Runner(model, vk, "f32", max_seq_len=16, max_batch=4)
     prog, last = runner.program, len(runner.graph.segments)
     c = prog.counts(0, last, 1)
-    assert (c.dispatches, c.barriers) == (39, 31)
+    assert (c.dispatches, c.barriers) == (35, 27)
     assert (c.transfers, c.transfer_bytes) == (3, 4 + 4 + VOCAB * 4)
     assert c.host_read_bytes == 0
     prefill = prog.counts(0, last, 4)
-    assert (prefill.barriers, prefill.transfer_bytes) == (31, 4 * (4 + 4 + VOCAB * 4))  # live rows only
+    assert (prefill.barriers, prefill.transfer_bytes) == (27, 4 * (4 + 4 + VOCAB * 4))  # live rows only
 
     cpu = Runner(model, CpuBackend(2), "f32", max_seq_len=16, max_batch=4)
     got, want = [], []
@@ -67,6 +67,21 @@ def test_decode_token_on_one_node_is_one_submit_with_shared_barriers(tmp_path, v
         assert prog.submits - submits == 1
         want.append(cpu.forward([tok], pos))
     assert_matches(np.stack(got), np.stack(want))
+
+
+def test_one_node_fuses_the_residual_add(tmp_path, vk):
+    """A cluster node records to_pipe (this node's slot of zq) and merge_add (x += every slot) apart, and
+    merge_add starts the next block: node 0 of 2 runs the same token in 4 more dispatches (a merge_add
+    before each block but layer 0's attention) and 4 more barriers (each merge_add reads what to_pipe just
+    wrote) than one node's 35 and 27."""
+    model, _ = tiny_model(tmp_path, "q40", "gqa4x2")
+    sl = node_slice(model.config, 0, 2)
+    graph = build_graph(model.config, sl, "f32", 16)
+    node0 = vk.compile(graph, slice_weights(model, sl), 4)
+    c = node0.counts(0, len(graph.segments), 1)
+    assert (c.dispatches, c.barriers) == (35 + 4, 27 + 4)
+    one = Runner(model, vk, "f32", max_seq_len=16, max_batch=4).program
+    assert one.counts(0, len(graph.segments), 1).dispatches == 35
 
 
 def test_cluster_node_reads_exchanged_pipes_from_host_memory(tmp_path, vk):
