@@ -310,7 +310,7 @@ class VulkanProgram(Program):
             raise DllamaError("--parallel above 1 needs the CPU backend for now: use --parallel 1 on Vulkan")
         self.weights = {op.weight: weights[op.weight] for op in graph.ops() if op.weight}
         self.chunks, self.slots = group_weights(self.weights, be.buffer_limit)
-        self.host_pipes = frozenset(EXCHANGED if sl.n_nodes > 1 else ())
+        self.host_pipes = frozenset(n for n in EXCHANGED if n in graph.buffers and sl.n_nodes > 1)
         # one node, f32 partial sums: to_pipe adds into x itself and merge_add has nothing left to do
         zq = graph.buffers.get("zq")
         self.fused_residual = (
