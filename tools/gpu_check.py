@@ -29,6 +29,7 @@ from engine.errors import DllamaError  # noqa: E402
 from engine.loader import make_backend  # noqa: E402
 from engine.model_file import open_model  # noqa: E402
 from engine.runner import Runner  # noqa: E402
+from shaders.backend import VulkanProgram  # noqa: E402
 from shaders.devices import list_devices, pick_device  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,12 +80,25 @@ def decode(model_path: Path, backend_name: str, steps: int) -> dict:
         t0 = time.perf_counter()
         logits = r.forward(prompt, 0)
         prefill_s = time.perf_counter() - t0
+        prog = r.program
+        vulkan = isinstance(prog, VulkanProgram)
+        submits0 = prog.submits if vulkan else 0
         tokens, t0 = [], time.perf_counter()
         for i in range(steps):
             tokens.append(int(np.argmax(logits)))
             logits = r.forward([tokens[-1]], PROMPT + i)
         decode_s = time.perf_counter() - t0
         per_token = r.weight_bytes_per_token
+        counted = {}
+        if vulkan:  # what one decode token records and submits, counted
+            c = prog.counts(0, len(r.graph.segments), 1)
+            counted = {
+                "submits_per_token": (prog.submits - submits0) / max(steps, 1),
+                "dispatches_per_token": c.dispatches,
+                "barriers_per_token": c.barriers,
+                "host_read_bytes_per_token": c.host_read_bytes,
+                "transfer_bytes_per_token": c.transfer_bytes,
+            }
     finally:
         r.close()
     return {
@@ -93,6 +107,7 @@ def decode(model_path: Path, backend_name: str, steps: int) -> dict:
         "decode_tokens_per_s": round(steps / decode_s, 2),
         "decode_gbps": round(per_token * steps / decode_s / 1e9, 2),
         "weight_bytes_per_token": per_token,
+        **counted,
         "tokens": tokens,
     }
 
