@@ -41,15 +41,10 @@ from shaders.weights import (
 )
 
 PIPES = ("tok", "pos", "x", "zq", "logits")
-STAGED_IN = (
-    "tok",
-    "pos",
-)  # the host writes them: device-local, copied in at the start of a run that reads them
-STAGED_OUT = ("logits",)  # the host reads them: device-local, copied to host-cached memory after the run
-EXCHANGED = (
-    "x",
-    "zq",
-)  # host-visible in a cluster (the network fills them between segments), else device-only
+# Pipes the host touches. Written by it: device-local, copied in at the start of a run that reads them. Read
+# by it: device-local, copied out to host-cached memory at the end of a run that writes them. Exchanged by the
+# network between segments: host-visible in a cluster, device-only on one node.
+STAGED_IN, STAGED_OUT, EXCHANGED = ("tok", "pos"), ("logits",), ("x", "zq")
 STAGING_WORDS = 1 << 20  # 4 MiB upload chunks: bounds the host memory an upload adds
 BUFFER_LIMIT = 1 << 30  # bytes per multi-layer buffer (kept well inside 32-bit word indexing)
 MAX_GROUPS_X = 65535
@@ -482,7 +477,7 @@ class VulkanProgram(Program):
 
     # ---- running ----
     def pipe(self, name: str) -> np.ndarray:
-        if name not in self.views:
+        if name in EXCHANGED and name not in self.views:
             raise DllamaError(f"the {name} pipe is device-only on one node: the host cannot read or write it")
         return self.views[name]
 

@@ -56,6 +56,8 @@ def test_decode_token_on_one_node_is_one_submit_with_shared_barriers(tmp_path, v
     assert (c.dispatches, c.barriers) == (35, 27)
     assert (c.transfers, c.transfer_bytes) == (3, 4 + 4 + VOCAB * 4)
     assert c.host_read_bytes == 0
+    with pytest.raises(DllamaError, match="the x pipe is device-only on one node"):
+        prog.pipe("x")
     prefill = prog.counts(0, last, 4)
     assert (prefill.barriers, prefill.transfer_bytes) == (27, 4 * (4 + 4 + VOCAB * 4))  # live rows only
 
