@@ -8,10 +8,11 @@ import types
 import numpy as np
 import pytest
 from forward_checks import TOKENS, assert_matches, tiny_model
+from vk_harness import Ops
 
 from cpu_fallback.backend import CpuBackend
 from engine.errors import DllamaError
-from engine.graph import build_graph
+from engine.graph import BufferSpec, Op, build_graph
 from engine.runner import Runner
 from engine.slicing import node_slice, slice_weights
 from shaders import backend as vkb
@@ -35,6 +36,32 @@ def test_binding_access_reads_readonly_and_writeonly_from_spirv():
     }
     with pytest.raises(DllamaError, match="not a SPIR-V module"):
         vkb.binding_access(b"\0" * 64)
+
+
+@pytest.mark.parametrize(
+    ("pairs", "barriers"),
+    [
+        ((("a", "b"), ("c", "b")), 0),  # both read b, each writes its own gate: independent
+        ((("a", "b"), ("c", "a")), 1),  # the second reads a, which the first wrote (read after write)
+        ((("a", "b"), ("b", "c")), 1),  # the second writes b, which the first read (write after read)
+        ((("a", "b"), ("a", "c")), 1),  # both write a (write after write)
+    ],
+)
+def test_barrier_only_between_conflicting_dispatches(vk, pairs, barriers):
+    """Two silu_mul dispatches (gate = silu(gate) * up: gate read and written, up readonly), counted, and
+    the results of the pair as numpy computes them in order."""
+    ops = [Op("silu_mul", f"act{i}", (g, u), (g,)) for i, (g, u) in enumerate(pairs)]
+    harness = Ops(vk, ops, {n: BufferSpec(32) for n in "abc"})
+    assert harness.prog.counts(0, 1, 2).barriers == barriers
+    rng = np.random.default_rng(3)
+    values = {n: rng.standard_normal((2, 32)).astype(np.float32) for n in "abc"}
+    for n, v in values.items():
+        harness.write(n, v)
+    harness.run(2)
+    for g, u in pairs:
+        values[g] = values[g] / (1 + np.exp(-values[g])) * values[u]
+    for n, v in values.items():
+        np.testing.assert_allclose(harness.read(n)[:2], v, rtol=1e-5, atol=1e-6)
 
 
 def test_decode_token_on_one_node_is_one_submit_with_shared_barriers(tmp_path, vk):

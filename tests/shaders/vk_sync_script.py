@@ -11,11 +11,31 @@ import sys
 
 import numpy as np
 
+from engine.graph import BufferSpec, Graph, Op, Segment
 from engine.model_file import open_model
 from engine.runner import Runner, run_graph
-from shaders.backend import Tuning, VulkanBackend
+from engine.slicing import node_slice
+from shaders.backend import Tuning, VulkanBackend, VulkanProgram
 
 TOKENS = [5, 17, 200, 3, 99, 42, 7, 150, 11]
+
+
+def conflicts(cfg, be: VulkanBackend) -> None:
+    """Dispatch pairs whose only conflict is a write after a read, a read after a write, a write after a
+    write, or none (gate = silu(gate) * up: gate read and written, up readonly)."""
+    buffers = {n: BufferSpec(32) for n in ("tok", "pos", "zq", "a", "b", "c")}
+    for pairs in (
+        (("a", "b"), ("b", "c")),
+        (("a", "b"), ("c", "a")),
+        (("a", "b"), ("a", "c")),
+        (("a", "b"), ("c", "b")),
+    ):
+        ops = [Op("silu_mul", f"act{i}", (g, u), (g,)) for i, (g, u) in enumerate(pairs)]
+        graph = Graph(cfg, node_slice(cfg, 0, 1), "f32", 8, buffers, [Segment(ops)])
+        prog = VulkanProgram(be, graph, {}, 2)
+        prog.run_segment(0, 2)
+        prog.run_segment(0, 2)
+        print(f"ran conflict pair {pairs}", flush=True)
 
 
 def main(path: str) -> None:
@@ -36,6 +56,7 @@ def main(path: str) -> None:
             # a cluster node's way: one submission per segment (the network steps between them left out)
             run_graph(runner.program, runner.graph.segments, 3, "all", lambda step, rows: None)
             print(f"ran {be.description} {act}", flush=True)
+    conflicts(model.config, be)
     print("=== CONTROL ===", flush=True)
     kp = be.kp
     mgr = be.manager
