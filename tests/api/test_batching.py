@@ -90,6 +90,7 @@ def test_parallel_streams_on_a_vulkan_node_equal_each_alone(tmp_path, reference)
     server = ApiServer(args, tmp_path / "server.log")
     try:
         server.wait_health(200)
+        assert "backend Vulkan" in server.log()
         bodies = [{"messages": _question(t), "temperature": 0, "max_tokens": MAX_TOKENS} for t in TOPICS[:2]]
         times: list[list[float]] = [[], []]
         results: dict[int, tuple[int, str]] = {}
