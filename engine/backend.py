@@ -17,7 +17,8 @@ class Program(ABC):
 
     @abstractmethod
     def pipe(self, name: str) -> np.ndarray:
-        """Host view (max_batch rows) of a buffer the runner or network uses: tok, pos, x, zq, logits."""
+        """Host view (max_batch rows) of a buffer the runner or network uses: tok, pos, slot, x, zq,
+        logits."""
 
     @abstractmethod
     def run_segment(self, index: int, n_tokens: int) -> None:
