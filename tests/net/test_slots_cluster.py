@@ -41,10 +41,10 @@ def slotted(model, backend, workers=(), n_slots: int = 3) -> Runner:
 
 
 def run_slots(r: Runner) -> list[np.ndarray]:
-    """Prefill every sequence in its slot, then two forward_rows steps of all three; each step's logits."""
-    for seq, slot in zip(SEQS, SLOTS, strict=True):
-        r.forward(seq, 0, "none", slot=slot)
-    steps = []
+    """Prefill every sequence in its slot, then two forward_rows steps of all three; the logits of each
+    sequence's last prompt token, then of each step (3 rows each)."""
+    last = [r.forward(seq, 0, "last", slot=slot) for seq, slot in zip(SEQS, SLOTS, strict=True)]
+    steps = [np.stack(last)]
     for step in range(2):
         tokens = [nxt[step] for nxt in NEXT]
         positions = [len(seq) + step for seq in SEQS]  # 5, 2, 7, then 6, 3, 8
@@ -61,7 +61,7 @@ def test_forward_rows_match_one_node_and_each_sequence_alone(pool, model, backen
     one = slotted(model, backend)
     want = run_slots(one)
     alone_runner = slotted(model, backend, n_slots=1)
-    alone = [alone_runner.forward(seq + nxt, 0, "all")[-2:] for seq, nxt in zip(SEQS, NEXT, strict=True)]
+    alone = [alone_runner.forward(seq + nxt, 0, "all")[-3:] for seq, nxt in zip(SEQS, NEXT, strict=True)]
     workers = pool.get(n_nodes - 1)
     marks = [w.mark() for w in workers]
     r = slotted(model, backend, workers)
@@ -71,7 +71,7 @@ def test_forward_rows_match_one_node_and_each_sequence_alone(pool, model, backen
         r.close()
     for w, m in zip(workers, marks, strict=True):
         w.wait_for(r"🛑 Stop: 7 forward passes", m)  # prefills of 2 + 1 + 2 passes, then 2 batched steps
-    for step in range(2):
+    for step in range(3):  # the prefills' last rows ("last" mode), then the two batched steps
         assert got[step].shape == (3, TINY8["vocab"])
         assert close_to(got[step], want[step])
         for i in range(3):
