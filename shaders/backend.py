@@ -230,6 +230,7 @@ class VulkanProgram(Program):
         self.kv_rows = graph.n_slots * graph.max_seq_len  # per layer: slot s owns rows s*max_seq_len..
         layer_bytes = self.kv_rows * self.kv_width * KV_TYPES[graph.kv_type]
         self.layers_per_kv = max(1, min(cfg.n_layers, be.buffer_limit // max(layer_bytes, 1)))
+        self.att_chunk = attention_chunk(be.tuning, graph.max_seq_len)
         self._check_memory(max_batch)
         self._precompile()
 
@@ -244,7 +245,6 @@ class VulkanProgram(Program):
             [self._storage(kv_words, "value cache") for _ in kv_chunks], self.layers_per_kv
         )
         self.kv_cache_bytes = 2 * len(kv_chunks) * kv_words * 4
-        self.att_chunk = attention_chunk(self.be.tuning, graph.max_seq_len)
         self.att_partials = self._storage(self._partial_words(max_batch), "attention partials")
 
         factors = weights.get("rope_freqs.weight")
@@ -295,8 +295,12 @@ class VulkanProgram(Program):
     def _partial_words(self, max_batch: int) -> int:
         """Floats of attention.comp's chunk records: head_dim + 2 per (row, query head, chunk)."""
         g = self.graph
-        chunks = _ceil(g.max_seq_len, attention_chunk(self.be.tuning, g.max_seq_len))
-        return max_batch * max(g.slice.n_heads, 1) * chunks * (g.config.head_dim + 2)
+        return (
+            max_batch
+            * max(g.slice.n_heads, 1)
+            * _ceil(g.max_seq_len, self.att_chunk)
+            * (g.config.head_dim + 2)
+        )
 
     def _tensor(self, init: np.ndarray, host: bool, what: str):
         kind = self.kp.TensorTypes.host if host else self.kp.TensorTypes.storage
@@ -623,7 +627,8 @@ def _kv_store(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
 
 
 ATTENTION_COMBINE: ShaderKey = ("attention_combine", ())
-ATTENTION_HEADS = 8  # query heads per attention workgroup (attention.comp's per-lane accumulators)
+ATTENTION_HEADS = 8  # most query heads per attention workgroup (attention.comp's per-lane accumulators)
+ATTENTION_QUERIES = 1024  # most floats of those heads' queries in shared memory
 ATTENTION_TILE = 2048  # floats of key rows one tiled attention block stages in shared memory
 
 
@@ -638,7 +643,7 @@ def _attention(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
     p, m = op.params, prog.be.tuning
     (kc, i), (vc, _) = prog.k_cache.at(p["layer"]), prog.v_cache.at(p["layer"])
     nh, nkv, hd, group, seq = p["n_heads"], p["n_kv_heads"], p["head_dim"], p["group"], prog.graph.max_seq_len
-    heads = max(1, min(group, ATTENTION_HEADS, ATTENTION_TILE // 2 // hd))
+    heads = max(1, min(group, ATTENTION_HEADS, ATTENTION_QUERIES // hd))
     if m.split:
         wg = min(m.reduce_wg, prog.be.max_wg, max(32, 1 << (hd - 1).bit_length()))
         block = min(32, _pow2_floor(ATTENTION_TILE // hd))
