@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -66,24 +67,29 @@ class CpuProgram(Program):
         for step in self.segments[index]:
             step(n_tokens)
 
-    # ---- op binding: one closure per op, no lookups at run time ----
+    # ---- op binding: one closure per op (or per fused run of ops), no lookups at run time ----
     def _bind_ops(self, ops: list[Op]) -> list[Step]:
         """Steps of a segment: adjacent matmuls of one input (q/k/v, gate/up) share one step, which a
-        decode pass runs as one kernel launch."""
-        steps: list[Step] = []
+        decode pass runs as one kernel launch; so do the runs of ops in FUSIONS. A None binding (the merge of
+        a single node's partial sums, added at to_pipe) is no step."""
+        steps: list[Step | None] = []
         i = 0
         while i < len(ops):
             j = i + 1
-            if ops[i].kind == "matmul":
+            fused = next((f for f in FUSIONS if f.matches(ops, i)), None)
+            if fused is not None:
+                j = i + len(fused.kinds)
+                steps.append(fused.bind(self, ops[i:j]))
+            elif ops[i].kind == "matmul":
                 while j < len(ops) and ops[j].kind == "matmul" and ops[j].inputs == ops[i].inputs:
                     j += 1
                 steps.append(self._matmuls(ops[i:j]))
             else:
                 steps.append(self._bind(ops[i]))
             i = j
-        return steps
+        return [step for step in steps if step is not None]
 
-    def _bind(self, op: Op) -> Step:
+    def _bind(self, op: Op) -> Step | None:
         binder = BINDERS.get(op.kind)
         if binder is None:
             raise ValueError(f"CPU backend has no kernel for op kind {op.kind!r}")
@@ -91,6 +97,32 @@ class CpuProgram(Program):
         ins = [self.bufs[i] for i in op.inputs]
         outs = [self.bufs[o] for o in op.outputs]
         return binder(self, op, w, ins, outs)
+
+    @property
+    def _single_f32_node(self) -> bool:
+        """One node with f32 partial sums: to_pipe adds them to x itself and merge_add has nothing left."""
+        return self.graph.slice.n_nodes == 1 and self.bufs["zq"].dtype == np.float32
+
+    # ---- fused runs of ops (FUSIONS): one kernel launch, the same arithmetic as the ops one by one ----
+    def _rmsnorm_q80(self, ops: list[Op]) -> Step:
+        norm, quant = ops
+        w, b = vector_f32(self.weights[norm.weight]), self.bufs
+        return kernels.bind_rmsnorm_q80(
+            b[norm.inputs[0]], w, norm.params["eps"], b[norm.outputs[0]], b[quant.outputs[0]]
+        )
+
+    def _silu_mul_q80(self, ops: list[Op]) -> Step:
+        silu, quant = ops
+        return kernels.bind_silu_mul_q80(*(self.bufs[n] for n in (*silu.inputs, quant.outputs[0])))
+
+    def _rope_kv_store(self, ops: list[Op]) -> Step:
+        rope_q, _, store = ops
+        b, hd, neox = self.bufs, rope_q.params["head_dim"], rope_q.params["neox"]
+        kc, vc = self.k_cache[store.params["layer"]], self.v_cache[store.params["layer"]]
+        k, v, pos, *slot = (b[n] for n in store.inputs)
+        slots = (slot[0], self.graph.n_slots, self.graph.max_seq_len) if slot else None
+        q = b[rope_q.inputs[0]]
+        return kernels.bind_rope_kv_store(q, k, v, pos[:, 0], self.cos, self.sin, hd, neox, kc, vc, slots)
 
     def _embedding(self, op: Op, w: Weight, ins: list, outs: list) -> Step:
         tok, x = ins[0], outs[0]
@@ -183,6 +215,8 @@ class CpuProgram(Program):
 
     def _to_pipe(self, op: Op, w: None, ins: list, outs: list) -> Step:
         y, zq, slot = ins[0], outs[0], op.params["slot"]
+        if self._single_f32_node:  # x += y now; the merge_add after the (local) sync is then no step
+            return kernels.bind_add(self.bufs["x"], [y])
         width = zq.shape[1] // self.graph.slice.n_nodes
         dst = zq[:, slot * width : (slot + 1) * width]
         if zq.dtype == np.uint8:
@@ -195,16 +229,51 @@ class CpuProgram(Program):
 
         return copy
 
-    def _merge_add(self, op: Op, w: None, ins: list, outs: list) -> Step:
-        """x += every node's slot in node order (the same order everywhere keeps replicas bit-identical)."""
+    def _merge_add(self, op: Op, w: None, ins: list, outs: list) -> Step | None:
+        """x += every node's slot in node order (the same order everywhere keeps replicas bit-identical);
+        nothing on a single f32 node, whose to_pipe added its partial sum already."""
         zq, x = ins[0], outs[0]
+        if self._single_f32_node:
+            return None
         if zq.dtype == np.uint8:
             return kernels.bind_merge_add_q80(x, zq)
         dim, n_slots = x.shape[1], self.graph.slice.n_nodes
         return kernels.bind_add(x, [zq[:, s * dim : (s + 1) * dim] for s in range(n_slots)])
 
 
-BINDERS: dict[str, Callable[..., Step]] = {
+@dataclass(frozen=True)
+class Fusion:
+    """A run of adjacent op kinds that one kernel launch runs when `when(*ops)` holds (each op reads what
+    the one before wrote), bound by `bind(program, ops)`."""
+
+    kinds: tuple[str, ...]
+    when: Callable[..., bool]
+    bind: Callable[[CpuProgram, list[Op]], Step]
+
+    def matches(self, ops: list[Op], i: int) -> bool:
+        run = ops[i : i + len(self.kinds)]
+        return tuple(op.kind for op in run) == self.kinds and self.when(*run)
+
+
+def _feeds(a: Op, b: Op) -> bool:
+    return b.inputs[0] == a.outputs[0]
+
+
+def _rope_pair_stored(rope_q: Op, rope_k: Op, store: Op) -> bool:
+    """Two ropes of one position buffer and one rotation, the second's output the cache's k."""
+    same = rope_q.params == rope_k.params and rope_q.inputs[1] == rope_k.inputs[1] == store.inputs[2]
+    return same and store.inputs[0] == rope_k.outputs[0] != rope_q.outputs[0]
+
+
+FUSIONS = (
+    # the norm before matmuls with Q80 inputs, and the FFN's gating before its down projection
+    Fusion(("rmsnorm", "quantize_q80"), _feeds, CpuProgram._rmsnorm_q80),
+    Fusion(("silu_mul", "quantize_q80"), _feeds, CpuProgram._silu_mul_q80),
+    # RoPE of q and of k by the same positions, then k and v into the cache
+    Fusion(("rope", "rope", "kv_store"), _rope_pair_stored, CpuProgram._rope_kv_store),
+)
+
+BINDERS: dict[str, Callable[..., Step | None]] = {
     "embedding": CpuProgram._embedding,
     "rmsnorm": CpuProgram._rmsnorm,
     "quantize_q80": CpuProgram._quantize_q80,

@@ -1553,21 +1553,26 @@ _MV3 = {(c, q80x): _make_mv3(c, q80x) for c in _LEGACY_CODES for q80x in (False,
 # ---------------------------------------------------------------------------------------------------------
 
 
+@_helper
+def _quantize_row(xr, orow):
+    """One row of float32 values -> its Q80 blocks."""
+    c127 = np.float32(127.0)
+    for k in range(xr.shape[0] // 32):
+        amax = np.float32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(xr[32 * k + j]))
+        d = amax / c127
+        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        o = _Q80_BYTES * k
+        _st_f16(orow, o, d)
+        for j in range(32):
+            orow[o + 2 + j] = np.uint8(np.int64(np.rint(xr[32 * k + j] * inv)) & 255)
+
+
 @_kernel
 def _quantize_q80(x, out):
-    c127 = np.float32(127.0)
     for b in range(x.shape[0]):
-        xr, orow = x[b], out[b]
-        for k in range(x.shape[1] // 32):
-            amax = np.float32(0.0)
-            for j in range(32):
-                amax = max(amax, abs(xr[32 * k + j]))
-            d = amax / c127
-            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-            o = _Q80_BYTES * k
-            _st_f16(orow, o, d)
-            for j in range(32):
-                orow[o + 2 + j] = np.uint8(np.int64(np.rint(xr[32 * k + j] * inv)) & 255)
+        _quantize_row(x[b], out[b])
 
 
 @_kernel
@@ -1640,14 +1645,26 @@ def _expf(x):
     return p * _pow2(n)
 
 
+@_fast_helper
+def _silu_row(g, u):
+    one = np.float32(1.0)
+    for i in range(g.shape[0]):
+        v = g[i]
+        g[i] = v / (one + _expf(-v)) * u[i]
+
+
 @_fast_kernel
 def _silu_mul(gate, up):
-    one = np.float32(1.0)
     for b in range(gate.shape[0]):
-        g, u = gate[b], up[b]
-        for i in range(g.shape[0]):
-            v = g[i]
-            g[i] = v / (one + _expf(-v)) * u[i]
+        _silu_row(gate[b], up[b])
+
+
+@_kernel
+def _silu_mul_q80(gate, up, gate_q):
+    """silu_mul and the Q80 blocks of its result in one launch (the next matmul's input)."""
+    for b in range(gate.shape[0]):
+        _silu_row(gate[b], up[b])
+        _quantize_row(gate[b], gate_q[b])
 
 
 @_fast_kernel
@@ -1658,20 +1675,32 @@ def _add(x, y):
             xr[i] += yr[i]
 
 
-@_fast_kernel
-def _rmsnorm(x, weight, eps, out):
+@_fast_helper
+def _rmsnorm_row(xr, weight, eps, orow):
     """Each group of m = len(weight) consecutive values of a row is normalised on its own (in place works:
     a group is read whole before it is written)."""
     m = weight.shape[0]
+    for g in range(0, xr.shape[0], m):
+        ss = np.float32(0.0)
+        for i in range(m):
+            ss += xr[g + i] * xr[g + i]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(m) + np.float32(eps))
+        for i in range(m):
+            orow[g + i] = weight[i] * (inv * xr[g + i])
+
+
+@_fast_kernel
+def _rmsnorm(x, weight, eps, out):
     for b in range(x.shape[0]):
-        xr, orow = x[b], out[b]
-        for g in range(0, x.shape[1], m):
-            ss = np.float32(0.0)
-            for i in range(m):
-                ss += xr[g + i] * xr[g + i]
-            inv = np.float32(1.0) / np.sqrt(ss / np.float32(m) + np.float32(eps))
-            for i in range(m):
-                orow[g + i] = weight[i] * (inv * xr[g + i])
+        _rmsnorm_row(x[b], weight, eps, out[b])
+
+
+@_kernel
+def _rmsnorm_q80(x, weight, eps, out, out_q):
+    """rmsnorm and the Q80 blocks of its result in one launch (the next matmuls' input)."""
+    for b in range(x.shape[0]):
+        _rmsnorm_row(x[b], weight, eps, out[b])
+        _quantize_row(out[b], out_q[b])
 
 
 @_fast_kernel
@@ -1682,22 +1711,46 @@ def _add_bias(x, bias):
             xr[i] += bias[i]
 
 
+@_helper
+def _rope_row(xr, c, s, head_dim, neox):
+    """Rotate the pairs of every head of one row by the angles whose cosines and sines are c and s."""
+    half = head_dim // 2
+    step, span = (1, half) if neox else (2, 1)
+    for h0 in range(0, xr.shape[0], head_dim):
+        for j in range(half):
+            i0 = h0 + step * j
+            v0, v1 = xr[i0], xr[i0 + span]
+            xr[i0] = v0 * c[j] - v1 * s[j]
+            xr[i0 + span] = v0 * s[j] + v1 * c[j]
+
+
 @_kernel
 def _rope(x, positions, cos, sin, head_dim, neox):
     """Returns the index of the first row whose position lies outside the table, or -1."""
-    half = head_dim // 2
-    step, span = (1, half) if neox else (2, 1)
     for b in range(x.shape[0]):
         p = positions[b]
         if p < 0 or p >= cos.shape[0]:
             return b
-        c, s, xr = cos[p], sin[p], x[b]
-        for h0 in range(0, x.shape[1], head_dim):
-            for j in range(half):
-                i0 = h0 + step * j
-                v0, v1 = xr[i0], xr[i0 + span]
-                xr[i0] = v0 * c[j] - v1 * s[j]
-                xr[i0 + span] = v0 * s[j] + v1 * c[j]
+        _rope_row(x[b], cos[p], sin[p], head_dim, neox)
+    return -1
+
+
+@_kernel
+def _rope_qk_store(q, k, v, positions, base, span, cos, sin, head_dim, neox, k_cache, v_cache):
+    """RoPE of q and k, then k and v into cache row base[b] + position of each batch row, in one launch.
+    Returns the index of the first row whose position lies outside the table or the span of rows from
+    base[b] (of the cache), or -1."""
+    stride = k_cache.strides[0] // k_cache.itemsize
+    for b in range(q.shape[0]):
+        p = positions[b]
+        r = base[b] + p
+        if p < 0 or p >= cos.shape[0] or p >= span or r >= k_cache.shape[0]:
+            return b
+        _rope_row(q[b], cos[p], sin[p], head_dim, neox)
+        _rope_row(k[b], cos[p], sin[p], head_dim, neox)
+        for j in range(k.shape[1]):
+            _st_kv1(k_cache, r * stride + j, k[b, j])
+            _st_kv1(v_cache, r * stride + j, v[b, j])
     return -1
 
 
@@ -2532,6 +2585,68 @@ def bind_silu_mul(gate: np.ndarray, up: np.ndarray) -> Step:
     silu_mul(gate[:0], up[:0])
     rows = _row_views(gate, up)
     return lambda n: _silu_mul(*rows(n))
+
+
+def bind_silu_mul_q80(gate: np.ndarray, up: np.ndarray, gate_q: np.ndarray) -> Step:
+    """silu_mul, then the Q80 blocks of gate into gate_q: one launch."""
+    silu_mul(gate[:0], up[:0])
+    quantize_q80(gate[:0], gate_q[:0])
+    rows = _row_views(gate, up, gate_q)
+    return lambda n: _silu_mul_q80(*rows(n))
+
+
+def bind_rmsnorm_q80(
+    x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray, out_q: np.ndarray
+) -> Step:
+    """rmsnorm into out, then its Q80 blocks into out_q: one launch."""
+    rmsnorm(x[:0], weight, eps, out[:0])
+    quantize_q80(out[:0], out_q[:0])
+    rows, eps = _row_views(x, out, out_q), float(eps)
+
+    def step(n: int) -> None:
+        xv, ov, qv = rows(n)
+        _rmsnorm_q80(xv, weight, eps, ov, qv)
+
+    return step
+
+
+def bind_rope_kv_store(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    positions: np.ndarray,
+    cos: np.ndarray,
+    sin: np.ndarray,
+    head_dim: int,
+    neox: bool,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    slots: tuple[np.ndarray, int, int] | None = None,
+) -> Step:
+    """RoPE of q and k by the rows' positions, then k and v into the cache: one launch. `slots`: (the
+    per-row slot buffer, slots, rows per slot), row r of slot s going to cache row s * rows per slot + r."""
+    rope(q[:0], positions[:0], cos, sin, head_dim, neox)
+    rope(k[:0], positions[:0], cos, sin, head_dim, neox)
+    kv_store(k_cache, v_cache, positions[:0], k[:0], v[:0])
+    rows = _row_views(q, k, v, positions)
+    zeros = np.zeros(q.shape[0], np.int64)
+    span = k_cache.shape[0] if slots is None else slots[2]
+
+    def step(n: int) -> None:
+        qv, kv, vv, pv = rows(n)
+        base = zeros[:n]
+        if slots is not None:
+            s = slots[0][:n, 0]
+            if n and (s.min() < 0 or s.max() >= slots[1]):
+                raise DllamaError(f"a KV slot outside 0..{slots[1] - 1}: {s.tolist()}")
+            base = s.astype(np.int64) * span
+        bad = _rope_qk_store(qv, kv, vv, pv, base, span, cos, sin, head_dim, neox, k_cache, v_cache)
+        if bad >= 0:
+            if not 0 <= pv[bad] < cos.shape[0]:
+                _rope_done(bad, pv, cos)
+            raise DllamaError(f"position {int(pv[bad])} is outside the KV cache ({span} rows)")
+
+    return step
 
 
 def bind_add(x: np.ndarray, ys: list[np.ndarray]) -> Step:

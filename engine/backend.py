@@ -17,8 +17,8 @@ class Program(ABC):
 
     @abstractmethod
     def pipe(self, name: str) -> np.ndarray:
-        """Host view (max_batch rows) of a buffer the runner or network uses: tok, pos, x, zq, logits
-        (x and zq only in a cluster: on one node a backend may keep them device-only)."""
+        """Host view (max_batch rows) of a buffer the runner or network uses: tok, pos, slot, x, zq,
+        logits (x and zq only in a cluster: on one node a backend may keep them device-only)."""
 
     @abstractmethod
     def run_segment(self, index: int, n_tokens: int) -> None:

@@ -120,8 +120,6 @@ class Runner:
             raise DllamaError(f"unknown --kv-cache-type {kv_type!r}: choose one of {', '.join(KV_TYPES)}")
         if not 1 <= n_slots <= max_batch:
             raise DllamaError(f"--parallel must be 1..{max_batch} (got {n_slots})")
-        if n_slots > 1 and workers:
-            raise DllamaError("--parallel above 1 is not supported in a cluster yet: use --parallel 1")
         self.model, self.backend, self.act, self.max_batch = model, backend, act, max_batch
         self.kv_type, self.n_slots = kv_type, n_slots
         self.max_seq_len = min(cfg.context_len, max_seq_len or 4096)
@@ -147,6 +145,7 @@ class Runner:
                 net_timeout or NET_TIMEOUT,
                 log,
                 kv_type,
+                n_slots,
             )
         self.slice = self.slices[0]
         if n_slots > 1:
@@ -180,6 +179,10 @@ class Runner:
         from engine.calibrate import measure_speed
         from net.protocol import available_memory, printable, reported
 
+        for k, c in enumerate(caps, 1):
+            if self.n_slots > 1 and c.get("backend") != "cpu":
+                what = f"the {printable(c.get('backend', '?'), 20)} backend yet (worker {k})"
+                raise DllamaError(f"--parallel above 1 is not supported on {what}: use --parallel 1")
         memory, speeds = zip(*map(reported, caps), strict=True) if caps else ((), ())
         if split == "auto" and None not in speeds:
             measured = [measure_speed(self.backend), *speeds]
@@ -195,7 +198,8 @@ class Runner:
             weights, how = [1.0] * self.n_nodes, "evenly"
         memory = [available_memory(), *memory]
         names = ["the root"] + [f"worker {k}" for k in range(1, self.n_nodes)]
-        self.slices = fit_slices(self.model, weights, memory, self.max_seq_len, names, self.kv_type)
+        kv_rows = self.n_slots * self.max_seq_len  # every slot's KV cache
+        self.slices = fit_slices(self.model, weights, memory, kv_rows, names, self.kv_type)
         devices = [self.backend.description] + [str(c.get("device", "?")) for c in caps]
         self.split_table = [
             {
@@ -206,7 +210,7 @@ class Runner:
                 "kv_heads": list(sl.kv_heads),
                 "ffn_rows": list(sl.ffn if self.model.config.hidden_dim else sl.moe),
                 "vocab_rows": list(sl.vocab),
-                "bytes": slice_bytes(self.model, sl, self.max_seq_len, self.kv_type),
+                "bytes": slice_bytes(self.model, sl, kv_rows, self.kv_type),
             }
             for sl, dev, w in zip(self.slices, devices, weights, strict=True)
         ]
@@ -292,7 +296,7 @@ class Runner:
             sync_s, sent, recv = 0.0, 0, 0
         else:
             sync0, sent0, recv0 = net.totals()
-            with net.forward(int(positions[0]), n, mode):
+            with net.forward(positions, slots, mode):
                 rows = run_graph(p, self.graph.segments, n, mode, net.sync)
             logits = net.logits(rows) if rows else None
             sync1, sent1, recv1 = net.totals()

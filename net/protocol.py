@@ -4,8 +4,10 @@ Every connection opens with a greeting each way: 12 bytes (magic `DLMA`, protoco
 length) and a JSON payload of the node's capabilities. After it come frames with an 8-byte header
 `<type u8, a u8, b u16, c u32>`: `c` is the payload length for the types that carry one (bounded per type),
 while FORWARD packs mode, token count and start position into the header itself, so the per-forward control
-message is 8 bytes like the original's (spec 5.5). Inside a forward pass nodes exchange raw activation rows
-whose sizes every node derives from the session config, so sync traffic carries no framing bytes at all.
+message is 8 bytes like the original's (spec 5.5). A batch of rows at their own positions and KV slots (the
+API's --parallel) goes as FORWARD_ROWS: the same header plus n int32 positions and n int32 slots. Inside a
+forward pass nodes exchange raw activation rows whose sizes every node derives from the session config, so
+sync traffic carries no framing bytes at all.
 What a peer sends is never trusted: JSON is parsed with a depth and a number-length bound, the model config
 is checked by ModelConfig.validate, and every step on the wire has a deadline (`step_time`).
 """
@@ -18,8 +20,11 @@ import math
 import os
 import socket
 import struct
+from collections.abc import Sequence
 from enum import IntEnum
 from typing import Any, NamedTuple
+
+import numpy as np
 
 from engine.backend import Backend
 from engine.config import ModelConfig, RopeScaling
@@ -28,8 +33,9 @@ from engine.graph import ACT_TYPES
 from engine.slicing import KV_TYPES, NodeSlice
 
 MAGIC = b"DLMA"
-# 2: the session config carries the NodeSlice, tensor headers a shape; 3: slice cache; 4: the KV-cache type
-PROTOCOL_VERSION = 4
+# 2: the session config carries the NodeSlice, tensor headers a shape; 3: slice cache; 4: the KV-cache type;
+# 5: KV slots (n_slots in the session config, FORWARD_ROWS)
+PROTOCOL_VERSION = 5
 GREETING = struct.Struct("<4sHBBI")  # magic, version, role, reserved, payload length
 HEADER = struct.Struct("<BBHI")  # type, a, b, c
 GREETING_BOUND = 4096  # bytes of a greeting's JSON payload
@@ -41,6 +47,8 @@ HEARTBEAT_MIN = 0.01  # seconds: the shortest keep-alive interval a worker accep
 JSON_DEPTH = 8  # nesting levels a JSON payload may use (a session config uses 3)
 NUMBER_CHARS = 32  # characters of one JSON number (20 digits hold any 64-bit integer)
 MODES = ("none", "last", "all")  # FORWARD `a`: which logits the root wants back
+MAX_ROWS = 65535  # rows of one forward pass (FORWARD `b` is 16 bits)
+ROW_BYTES = 8  # FORWARD_ROWS payload bytes per row: its int32 position and its int32 KV slot
 
 
 def check_timeout(timeout: float, what: str = "--net-timeout") -> float:
@@ -86,14 +94,21 @@ class Msg(IntEnum):
     TENSOR = 4  # root -> worker: JSON tensor header; exactly the tensor's bytes follow, unframed
     WEIGHTS_DONE = 5  # root -> worker: all tensors sent; OK means compiled and warmed up
     MESH = 6  # root -> worker: connect to the other workers now
-    FORWARD = 7  # root -> worker: a = mode, b = tokens, c = start position; no payload
+    FORWARD = 7  # root -> worker: a = mode, b = tokens, c = start position (KV slot 0); no payload
     PING = 8  # keep-alive while a link is otherwise idle
     STOP = 9  # root -> worker: the session is over; OK once the worker has freed the model
     HAVE = 10  # worker -> root after OK of CONFIG: JSON {"have": [tensor names its slice cache holds]}
+    FORWARD_ROWS = 11  # root -> worker: a = mode, b = rows; payload: b int32 positions, then b int32 KV slots
 
 
 # payload bytes; other types carry none
-BOUNDS = {Msg.ERROR: 4096, Msg.CONFIG: 1 << 16, Msg.TENSOR: 4096, Msg.HAVE: 1 << 18}
+BOUNDS = {
+    Msg.ERROR: 4096,
+    Msg.CONFIG: 1 << 16,
+    Msg.TENSOR: 4096,
+    Msg.HAVE: 1 << 18,
+    Msg.FORWARD_ROWS: ROW_BYTES * MAX_ROWS,
+}
 
 
 class ProtocolError(DllamaError):
@@ -223,6 +238,40 @@ def pack_forward(pos: int, n_tokens: int, mode: str) -> bytes:
     return HEADER.pack(Msg.FORWARD, MODES.index(mode), n_tokens, pos)
 
 
+def pack_forward_rows(positions: Sequence[int], slots: Sequence[int], mode: str) -> bytes:
+    """The control message of a forward pass whose rows have their own positions and KV slots:
+    8 header bytes + 8 per row."""
+    n = len(positions)
+    if not 1 <= n <= MAX_ROWS or len(slots) != n:
+        raise ValueError(f"FORWARD_ROWS takes 1..{MAX_ROWS} rows of one position and one slot each")
+    payload = struct.pack(f"<{2 * n}i", *positions, *slots)
+    return pack_frame(Msg.FORWARD_ROWS, payload, a=MODES.index(mode), b=n)
+
+
+def parse_forward_rows(
+    f: Frame, max_batch: int, max_seq_len: int, n_slots: int, peer: str
+) -> tuple[str, np.ndarray, np.ndarray]:
+    """(mode, positions, slots) of a FORWARD_ROWS frame, each value checked against the session: a
+    known mode, 1..max_batch rows, a payload of exactly 8 bytes per row, positions and slots in range."""
+    n = f.b
+    if f.a >= len(MODES) or not 1 <= n <= max_batch:
+        raise ProtocolError(f"{peer} asked for a forward pass out of range (mode {f.a}, {n} rows)")
+    if len(f.payload) != ROW_BYTES * n:
+        raise ProtocolError(
+            f"{peer} sent a FORWARD_ROWS of {len(f.payload)} bytes for {n} rows (needs {ROW_BYTES * n})"
+        )
+    values = np.frombuffer(f.payload, dtype="<i4")
+    for what, row_values, bound in (("position", values[:n], max_seq_len), ("KV slot", values[n:], n_slots)):
+        bad = np.flatnonzero((row_values < 0) | (row_values >= bound))
+        if bad.size:
+            r = int(bad[0])
+            raise ProtocolError(
+                f"{peer} sent row {r} the {what} {int(row_values[r])}, outside this session's 0..{bound - 1}"
+            )
+    positions, slots = values[:n], values[n:]
+    return MODES[f.a], positions, slots
+
+
 def parse_header(raw: bytes, peer: str) -> tuple[Msg, int, int, int]:
     """(type, a, b, c) of a frame header; unknown types and payloads over their bound are refused."""
     t, a, b, c = HEADER.unpack(raw)
@@ -314,6 +363,7 @@ class SessionConfig:
     act: str
     max_seq_len: int
     max_batch: int
+    n_slots: int  # sequences the KV cache holds, max_seq_len rows each (the API's --parallel)
     kv_type: str  # the KV cache's number format (engine.slicing.KV_TYPES)
     timeout: float  # NET_TIMEOUT of the root
     heartbeat: float  # seconds between the root's keep-alive pings on idle links
@@ -341,6 +391,7 @@ class SessionConfig:
                 act=_str(d["act"]),
                 max_seq_len=_int(d["max_seq_len"]),
                 max_batch=_int(d["max_batch"]),
+                n_slots=_int(d["n_slots"]),
                 kv_type=_str(d["kv_type"]),
                 timeout=_num(d["timeout"]),
                 heartbeat=_num(d["heartbeat"]),
@@ -359,7 +410,8 @@ class SessionConfig:
             and 0 < len(sc.session) <= 64
             and sc.act in ACT_TYPES
             and sc.kv_type in KV_TYPES
-            and 1 <= sc.max_batch <= 65535
+            and 1 <= sc.max_batch <= MAX_ROWS
+            and 1 <= sc.n_slots <= sc.max_batch
             and 1 <= sc.max_seq_len <= sc.model.context_len
             and 0 < sc.timeout <= MAX_NET_TIMEOUT
             and HEARTBEAT_MIN <= sc.heartbeat <= max(1.0, sc.timeout)

@@ -3,7 +3,8 @@
 Set-up, per worker: connect (timeout naming the address), greetings (protocol version, capabilities),
 session config, the worker's weight slices (progress lines on long transfers), then, once every worker has
 compiled and warmed up its graph, the order to build the worker mesh. A forward pass sends each worker the
-8-byte FORWARD message and runs the sync steps of `NodeSync`. Idle links get a PING every `heartbeat`
+8-byte FORWARD message (consecutive positions in KV slot 0), or FORWARD_ROWS with every row's position and
+slot, and runs the sync steps of `NodeSync`. Idle links get a PING every `heartbeat`
 seconds from a background thread so workers can tell a live root from a dead one. Any link failure in a
 forward pass closes every link (the surviving workers go back to waiting for a root) and raises one
 DllamaError naming the worker and what happened.
@@ -42,6 +43,7 @@ from net.protocol import (
     describe,
     error_text,
     pack_forward,
+    pack_forward_rows,
     pack_frame,
     pack_greeting,
     parse_greeting_head,
@@ -71,6 +73,7 @@ class RootCluster:
         timeout: float = NET_TIMEOUT,
         log: Callable[[str], None] = print,
         kv_type: str = "f32",
+        n_slots: int = 1,
     ):
         timeout = check_timeout(timeout)
         self.addresses = [parse_address(a) for a in addresses]
@@ -107,6 +110,7 @@ class RootCluster:
                     act=act,
                     max_seq_len=max_seq_len,
                     max_batch=max_batch,
+                    n_slots=n_slots,
                     kv_type=kv_type,
                     timeout=timeout,
                     heartbeat=self.heartbeat,
@@ -247,8 +251,9 @@ class RootCluster:
 
     # ---- forward passes ----
     @contextmanager
-    def forward(self, pos: int, n_tokens: int, mode: str) -> Iterator[None]:
-        """Hold every link for one forward pass: send FORWARD, let the caller run segments and syncs."""
+    def forward(self, positions: np.ndarray, slots: Sequence[int], mode: str) -> Iterator[None]:
+        """Hold every link for one forward pass: send its control message, let the caller run segments and
+        syncs. Rows at consecutive positions of slot 0 go as the 8-byte FORWARD, others as FORWARD_ROWS."""
         if self.failed or self.closed or self.sync is None:
             raise DllamaError(f"the cluster is down: {self.failed or 'it was closed'}")
         links = list(self.links.values())
@@ -258,7 +263,11 @@ class RootCluster:
             broken = next((link for link in links if link.broken), None)
             if broken is not None:
                 raise PeerError(broken, broken.broken)
-            control = pack_forward(pos, n_tokens, mode)
+            n, pos = len(positions), int(positions[0])
+            if not any(slots) and np.array_equal(positions, np.arange(pos, pos + n)):
+                control = pack_forward(pos, n, mode)
+            else:
+                control = pack_forward_rows([int(p) for p in positions], [int(s) for s in slots], mode)
             exchange([Transfer(link, out=control) for link in links], self.timeout)
             yield
         except PeerError as e:

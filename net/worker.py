@@ -34,6 +34,7 @@ from engine.weight_types import WEIGHT_TYPES, row_bytes
 from engine.weights import Weight, empty_weight
 from net.protocol import (
     GREETING,
+    HEADER,
     MODES,
     NET_TIMEOUT,
     PROTOCOL_VERSION,
@@ -49,6 +50,7 @@ from net.protocol import (
     pack_error,
     pack_frame,
     pack_greeting,
+    parse_forward_rows,
     parse_greeting_head,
     parse_json,
     printable,
@@ -276,19 +278,20 @@ class _Session:
         with self.server._lock:
             self.server._session = sc.session
         cfg = sc.model
-        graph = build_graph(cfg, sc.slice, sc.act, sc.max_seq_len, sc.kv_type)
+        graph = build_graph(cfg, sc.slice, sc.act, sc.max_seq_len, sc.kv_type, sc.n_slots)
         self.log(
             f"⭕ Node {sc.node} of {sc.n_nodes}: {cfg.arch}, dim {cfg.dim}, {cfg.n_layers} layers, "
             f"{graph.slice.n_heads} of {cfg.n_heads} heads, "
             f"{graph.slice.n_kv_heads} of {cfg.n_kv_heads} KV heads, {sc.act} sync"
         )
-        kv_bytes = kv_cache_bytes(cfg, sc.slice, sc.max_seq_len, sc.kv_type)
+        kv_bytes = kv_cache_bytes(cfg, sc.slice, sc.n_slots * sc.max_seq_len, sc.kv_type)
         act_bytes = sc.max_batch * sum(b.row_bytes for b in graph.buffers.values())
         need, free = sc.weight_bytes + kv_bytes + act_bytes, available_memory()
         if free and need > free:
+            slots = f" ({sc.n_slots} KV slots: lower --parallel or --max-seq-len)" if sc.n_slots > 1 else ""
             raise DllamaError(
                 f"not enough memory for node {sc.node}: its slice, KV cache and buffers need "
-                f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB are available"
+                f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB are available{slots}"
             )
         self.root.send(pack_frame(Msg.OK, a=Msg.CONFIG), sc.timeout)
         expected, cache = node_tensors(cfg, sc.slice), self.server.cache
@@ -386,22 +389,35 @@ class _Session:
         """FORWARD after FORWARD until STOP; a root silent for idle_silence() between passes is given up."""
         sync = NodeSync(graph, self.program, self.links, sc.timeout + 1.0)
         pos_pipe = self.program.pipe("pos")
+        slot_pipe = self.program.pipe("slot") if sc.n_slots > 1 else None
         passes = sent = recv = 0
         idle = idle_silence(sc.timeout)
         while True:
             f = self._frame(idle)
-            if f.msg != Msg.FORWARD:
+            if f.msg == Msg.FORWARD:
+                mode, n, pos = f.a, f.b, f.c
+                if mode >= len(MODES) or not 1 <= n <= sc.max_batch or pos + n > sc.max_seq_len:
+                    raise ProtocolError(f"{self.root.name} asked for a forward pass out of range ({n}@{pos})")
+                pos_pipe[:n, 0] = np.arange(pos, pos + n)
+                if slot_pipe is not None:
+                    slot_pipe[:n, 0] = 0
+                mode_name = MODES[mode]
+            elif f.msg == Msg.FORWARD_ROWS:
+                mode_name, positions, slots = parse_forward_rows(
+                    f, sc.max_batch, sc.max_seq_len, sc.n_slots, self.root.name
+                )
+                n = len(positions)
+                pos_pipe[:n, 0] = positions
+                if slot_pipe is not None:
+                    slot_pipe[:n, 0] = slots
+            else:
                 raise ProtocolError(f"{self.root.name} sent {f.msg.name} instead of a forward pass")
-            mode, n, pos = f.a, f.b, f.c
-            if mode >= len(MODES) or not 1 <= n <= sc.max_batch or pos + n > sc.max_seq_len:
-                raise ProtocolError(f"{self.root.name} asked for a forward pass out of range ({n}@{pos})")
             s0 = sum(x.sent for x in self.links.values())
             r0 = sum(x.recv for x in self.links.values())
-            pos_pipe[:n, 0] = np.arange(pos, pos + n)
-            run_graph(self.program, graph.segments, n, MODES[mode], sync)
+            run_graph(self.program, graph.segments, n, mode_name, sync)
             passes += 1
             sent += sum(x.sent for x in self.links.values()) - s0
-            recv += sum(x.recv for x in self.links.values()) - r0 + 8  # + the FORWARD message
+            recv += sum(x.recv for x in self.links.values()) - r0 + HEADER.size + len(f.payload)
             self.summary = (
                 f"{passes} forward passes; sent {sent} B, received {recv} B in them "
                 f"(sync {sync.sync_s:.2f} s)"

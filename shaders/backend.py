@@ -40,11 +40,11 @@ from shaders.weights import (
     row_arrays,
 )
 
-PIPES = ("tok", "pos", "x", "zq", "logits")
+PIPES = ("tok", "pos", "slot", "x", "zq", "logits")
 # Pipes the host touches. Written by it: device-local, copied in at the start of a run that reads them. Read
 # by it: device-local, copied out to host-cached memory at the end of a run that writes them. Exchanged by the
 # network between segments: host-visible in a cluster, device-only on one node.
-STAGED_IN, STAGED_OUT, EXCHANGED = ("tok", "pos"), ("logits",), ("x", "zq")
+STAGED_IN, STAGED_OUT, EXCHANGED = ("tok", "pos", "slot"), ("logits",), ("x", "zq")
 STAGING_WORDS = 1 << 20  # 4 MiB upload chunks: bounds the host memory an upload adds
 BUFFER_LIMIT = 1 << 30  # bytes per multi-layer buffer (kept well inside 32-bit word indexing)
 MAX_GROUPS_X = 65535
@@ -170,7 +170,9 @@ class Tuning:
     for GPUs) or not (each invocation owns one, for CPU implementations), `rows` per group, `batch` rows of
     the batch per pass; with `split`, `matvec_wg` lanes per mat-vec workgroup (one subgroup where the device
     has subgroup arithmetic) and the mat-mat tiles from `matmat_from` batch rows on (0: never).
-    `reduce_wg`: workgroup size of the row-reducing shaders (rmsnorm, attention)."""
+    `reduce_wg`: workgroup size of the row-reducing shaders (rmsnorm, attention). Attention (attention.comp)
+    splits a row's positions into chunks of at least `attn_chunk` positions and at most `attn_chunks` of
+    them; `split` also stages the key rows through shared memory (coalesced reads)."""
 
     split: bool
     rows: int
@@ -178,13 +180,15 @@ class Tuning:
     reduce_wg: int
     matvec_wg: int = 64
     matmat_from: int = 0
+    attn_chunk: int = 64
+    attn_chunks: int = 64
 
     @staticmethod
     def for_device(dev: DeviceInfo) -> Tuning:
         """Wide workgroups on GPUs; on CPU implementations, where idle lanes, barriers and every buffer load
         are expensive, invocations that each own whole rows."""
         if dev.is_cpu:
-            return Tuning(split=False, rows=4, batch=2, reduce_wg=16)
+            return Tuning(split=False, rows=4, batch=2, reduce_wg=16, attn_chunk=256, attn_chunks=4)
         sub = dev.subgroup_size if dev.subgroup_arithmetic and 16 <= dev.subgroup_size <= 64 else 64
         return Tuning(
             split=True,
@@ -301,8 +305,6 @@ class VulkanProgram(Program):
             raise DllamaError(
                 f"the Vulkan attention shader needs an even head_dim <= 256 (got {cfg.head_dim})"
             )
-        if graph.n_slots > 1:
-            raise DllamaError("--parallel above 1 needs the CPU backend for now: use --parallel 1 on Vulkan")
         self.weights = {op.weight: weights[op.weight] for op in graph.ops() if op.weight}
         self.chunks, self.slots = group_weights(self.weights, be.buffer_limit)
         self.host_pipes = frozenset(n for n in EXCHANGED if n in graph.buffers and sl.n_nodes > 1)
@@ -316,8 +318,10 @@ class VulkanProgram(Program):
             and any(op.kind == "to_pipe" for op in graph.ops())
         )
         self.kv_width = sl.n_kv_heads * cfg.head_dim
-        layer_bytes = graph.max_seq_len * self.kv_width * KV_TYPES[graph.kv_type]
+        self.kv_rows = graph.n_slots * graph.max_seq_len  # per layer: slot s owns rows s*max_seq_len..
+        layer_bytes = self.kv_rows * self.kv_width * KV_TYPES[graph.kv_type]
         self.layers_per_kv = max(1, min(cfg.n_layers, be.buffer_limit // max(layer_bytes, 1)))
+        self.att_chunk = attention_chunk(be.tuning, graph.max_seq_len)
         self._check_memory(max_batch)
         self._precompile()
 
@@ -326,13 +330,13 @@ class VulkanProgram(Program):
         for name, spec in graph.buffers.items():
             self._alloc_buffer(name, spec.dtype, spec.width, spec.row_bytes)
         kv_chunks = range(_ceil(cfg.n_layers, self.layers_per_kv))
-        kv_words = self.layers_per_kv * graph.max_seq_len * self.kv_width * KV_TYPES[graph.kv_type] // 4
+        kv_words = self.layers_per_kv * self.kv_rows * self.kv_width * KV_TYPES[graph.kv_type] // 4
         self.k_cache = _Layers([self._storage(kv_words, "key cache") for _ in kv_chunks], self.layers_per_kv)
         self.v_cache = _Layers(
             [self._storage(kv_words, "value cache") for _ in kv_chunks], self.layers_per_kv
         )
         self.kv_cache_bytes = 2 * len(kv_chunks) * kv_words * 4
-        self.scores = self._storage(max_batch * max(sl.n_heads, 1) * graph.max_seq_len, "attention scores")
+        self.att_partials = self._storage(self._partial_words(max_batch), "attention partials")
 
         factors = weights.get("rope_freqs.weight")
         table = array_part(
@@ -366,14 +370,14 @@ class VulkanProgram(Program):
         """Refuse what cannot fit, before allocating: a buffer beyond the binding range, too little device
         memory (device buffers; host-visible pipes live in host memory on a discrete GPU)."""
         g, dev = self.graph, self.be.device
-        kv = self.layers_per_kv * g.max_seq_len * self.kv_width * KV_TYPES[g.kv_type]
+        kv = self.layers_per_kv * self.kv_rows * self.kv_width * KV_TYPES[g.kv_type]
         pipes = [max_batch * spec.row_bytes for name, spec in g.buffers.items() if name in self.host_pipes]
         sizes = [
             max_batch * spec.row_bytes for name, spec in g.buffers.items() if name not in self.host_pipes
         ]
         sizes += [kv] * (2 * _ceil(g.config.n_layers, self.layers_per_kv))
         sizes += [
-            max_batch * max(g.slice.n_heads, 1) * g.max_seq_len * 4,
+            self._partial_words(max_batch) * 4,
             g.max_seq_len * g.config.head_dim * 4,
         ]
         sizes += [4 * w for c in self.chunks for w in c.part_words]
@@ -384,6 +388,16 @@ class VulkanProgram(Program):
                 f"{dev.device_local_bytes / 2**20:.0f} MiB: lower --max-seq-len, use more nodes or the CPU"
             )
         check_device(dev, max(sizes + pipes))
+
+    def _partial_words(self, max_batch: int) -> int:
+        """Floats of attention.comp's chunk records: head_dim + 2 per (row, query head, chunk)."""
+        g = self.graph
+        return (
+            max_batch
+            * max(g.slice.n_heads, 1)
+            * _ceil(g.max_seq_len, self.att_chunk)
+            * (g.config.head_dim + 2)
+        )
 
     def _tensor(self, init: np.ndarray, host: bool, what: str, staged: bool = False):
         """A host-visible buffer (`host`), a device-local one with a host staging copy (`staged`: kp's device
@@ -434,15 +448,20 @@ class VulkanProgram(Program):
     def _precompile(self) -> None:
         """Compile (or load from the cache) every shader variant the graph uses, in parallel."""
         keys = {self._shader_key(op) for op in self.graph.ops()} | {("copy_words", ())}
+        if any(op.kind == "attention" for op in self.graph.ops()):
+            keys.add(ATTENTION_COMBINE)
         with ThreadPoolExecutor(max_workers=4) as pool:
             list(pool.map(lambda k: self.be.shader(*k), sorted(keys)))
 
     def _shader_key(self, op: Op) -> ShaderKey:
         return _impl(op).shader(self, op)
 
-    def _algo(self, op: Op, tensors: list, groups: int, wg: int, spec: list[int]):
-        """The kp algorithm for a shader, buffers and constants; identical ones (other layers) are shared."""
-        name, flags = self._shader_key(op)
+    def _algo(
+        self, op: Op, tensors: list, groups: int, wg: int, spec: list[int], shader: ShaderKey | None = None
+    ):
+        """The kp algorithm for a shader (the op's, unless given), buffers and constants; identical ones
+        (other layers) are shared."""
+        name, flags = shader or self._shader_key(op)
         key = (name, flags, tuple(id(t) for t in tensors), groups, wg, tuple(spec))
         if key not in self._algos:
             spirv_code = self.be.shader(name, flags)
@@ -767,22 +786,55 @@ def _rope(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
     return [_Step(prog._algo(op, tensors, _ceil(rows * width // 2, ELEMENTWISE_WG), ELEMENTWISE_WG, spec))]
 
 
+def _slot_buffer(prog: VulkanProgram) -> object:
+    """The rows' KV slots; with one slot the shaders ignore that binding, which then holds `pos`."""
+    return prog.bufs["slot" if prog.graph.n_slots > 1 else "pos"]
+
+
 def _kv_store(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
     (kc, i), (vc, _) = prog.k_cache.at(op.params["layer"]), prog.v_cache.at(op.params["layer"])
-    tensors = [prog.bufs["k"], prog.bufs["v"], prog.bufs["pos"], kc, vc]
+    tensors = [prog.bufs["k"], prog.bufs["v"], prog.bufs["pos"], kc, vc, _slot_buffer(prog)]
     per_invocation = KV_TYPES["f32"] // KV_TYPES[prog.graph.kv_type]  # values: 2 halves per f16 word
     groups = _ceil(rows * prog.kv_width // per_invocation, ELEMENTWISE_WG)
-    spec = [prog.kv_width, prog.graph.max_seq_len]
+    spec = [prog.kv_width, prog.graph.max_seq_len, prog.graph.n_slots]
     return [_Step(prog._algo(op, tensors, groups, ELEMENTWISE_WG, spec), i)]
 
 
+ATTENTION_COMBINE: ShaderKey = ("attention_combine", ())
+ATTENTION_HEADS = 8  # most query heads per attention workgroup (attention.comp's per-lane accumulators)
+ATTENTION_QUERIES = 1024  # most floats of those heads' queries in shared memory
+ATTENTION_TILE = 2048  # floats of key rows one tiled attention block stages in shared memory
+
+
+def attention_chunk(tuning: Tuning, max_seq: int) -> int:
+    """Positions per attention workgroup: at least the tuning's chunk, few enough chunks to bound the
+    partials buffer (head_dim + 2 floats per row, head and chunk)."""
+    return max(tuning.attn_chunk, _ceil(max_seq, tuning.attn_chunks))
+
+
 def _attention(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
-    p = op.params
+    """Pass 1 over (row, KV head, block of its query heads, chunk of positions), then the per-head merge."""
+    p, m = op.params, prog.be.tuning
     (kc, i), (vc, _) = prog.k_cache.at(p["layer"]), prog.v_cache.at(p["layer"])
-    nh, wg = p["n_heads"], min(128, prog.be.tuning.reduce_wg)
-    spec = [nh, p["n_kv_heads"], p["head_dim"], prog.graph.max_seq_len, p["group"], p["q_offset"]]
-    tensors = [prog.bufs[op.inputs[0]], prog.bufs["pos"], kc, vc, prog.bufs[op.outputs[0]], prog.scores]
-    return [_Step(prog._algo(op, tensors, rows * nh, wg, spec), i)]
+    nh, nkv, hd, group, seq = p["n_heads"], p["n_kv_heads"], p["head_dim"], p["group"], prog.graph.max_seq_len
+    heads = max(1, min(group, ATTENTION_HEADS, ATTENTION_QUERIES // hd))
+    if m.split:
+        wg = min(m.reduce_wg, prog.be.max_wg, max(32, 1 << (hd - 1).bit_length()))
+        block = min(32, _pow2_floor(ATTENTION_TILE // hd))
+    else:
+        wg, block = m.reduce_wg, 64
+    wg = max(wg, _ceil(hd, 4))  # at most 4 value dimensions per lane
+    chunk = prog.att_chunk
+    chunks = _ceil(seq, chunk)
+    spec = [nh, nkv, hd, seq, group, p["q_offset"], prog.graph.n_slots, chunk, heads, block, int(m.split)]
+    tensors = [prog.bufs[op.inputs[0]], prog.bufs["pos"], _slot_buffer(prog), kc, vc, prog.att_partials]
+    groups = rows * nkv * _ceil(group, heads) * chunks
+    merge = [prog.att_partials, prog.bufs["pos"], prog.bufs[op.outputs[0]]]
+    wg2 = min(64, prog.be.max_wg, max(m.reduce_wg, _pow2_floor(hd)))
+    return [
+        _Step(prog._algo(op, tensors, groups, wg, spec), i),
+        _Step(prog._algo(op, merge, rows * nh, wg2, [nh, hd, chunk, chunks], ATTENTION_COMBINE)),
+    ]
 
 
 def _silu_mul(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:

@@ -84,6 +84,33 @@ def _metric(server: ApiServer, name: str) -> float:
     return float(re.search(rf"^dllama_{name} (\S+)$", text, re.M).group(1))
 
 
+def test_parallel_streams_on_a_vulkan_node_equal_each_alone(tmp_path, reference):
+    """--parallel 2 on one Vulkan node: two streams decoded together give the CPU reference's greedy text."""
+    args = ["--backend", "vulkan", "--parallel", "2", "--max-seq-len", "256"]
+    server = ApiServer(args, tmp_path / "server.log")
+    try:
+        server.wait_health(200)
+        assert "backend Vulkan" in server.log()
+        bodies = [{"messages": _question(t), "temperature": 0, "max_tokens": MAX_TOKENS} for t in TOPICS[:2]]
+        times: list[list[float]] = [[], []]
+        results: dict[int, tuple[int, str]] = {}
+        threads = [
+            threading.Thread(target=_stream, args=(server, b, times[i], results, i))
+            for i, b in enumerate(bodies)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        assert max(ts[0] for ts in times) < min(ts[-1] for ts in times), times  # decoded together
+        for i, topic in enumerate(TOPICS[:2]):
+            status, body = results[i]
+            assert status == 200, body
+            assert _text(body) == reference.greedy(reference.chat_ids(_question(topic)), MAX_TOKENS), topic
+    finally:
+        server.stop()
+
+
 def test_extended_conversation_prefills_only_its_new_tokens(batched, reference):
     first = [{"role": "user", "content": "Name a colour of the sky at sunset."}]
     r = batched.post(CHAT, {"messages": first, "temperature": 0, "max_tokens": 6})

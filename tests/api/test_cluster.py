@@ -1,11 +1,13 @@
 """dllama-api as the root of a cluster (root + one worker on loopback): it serves; a worker killed mid-stream
 fails that request with a 503 error event and turns /health to 503; once the worker is back the server
-rebuilds the cluster by itself and serves again, the worker's slice cache sparing it the weights."""
+rebuilds the cluster by itself and serves again, the worker's slice cache sparing it the weights. With
+--parallel 2 two concurrent requests decode together through the worker as they do on one node."""
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 
 import httpx
 import pytest
@@ -73,3 +75,54 @@ def test_cluster_fails_with_503_and_recovers(tmp_path):
         if server is not None:
             server.stop()
         worker.stop()
+
+
+def _two_at_once(server: ApiServer) -> list[str]:
+    """The replies to two chat requests sent at the same time (temperature 0)."""
+    questions = ["What is the capital of France?", "Name three colours of the rainbow."]
+    replies: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        body = {"messages": [{"role": "user", "content": questions[i]}], "temperature": 0, "max_tokens": 16}
+        r = server.post("/v1/chat/completions", body, timeout=300)
+        assert r.status_code == 200, r.text
+        replies[i] = r.json()["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert sorted(replies) == [0, 1]
+    return [replies[0], replies[1]]
+
+
+def _slots(server: ApiServer) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    return float(re.search(r"^dllama_slots_total (\S+)$", text, re.M).group(1))
+
+
+@pytest.mark.slow
+def test_parallel_requests_in_a_cluster_equal_one_node(tmp_path):
+    args = ["--parallel", "2", "--max-seq-len", "256"]
+    single = ApiServer(args, tmp_path / "single.log")
+    try:
+        single.wait_health(200)
+        want = _two_at_once(single)
+    finally:
+        single.stop()
+    worker = Worker(0, tmp_path / "worker.log")
+    server = None
+    try:
+        server = ApiServer(
+            [*args, "--workers", f"127.0.0.1:{worker.port}", "--split", "1,1"], tmp_path / "s.log"
+        )
+        assert server.wait_health(200)["nodes"] == 2
+        assert _slots(server) == 2
+        got = _two_at_once(server)
+    finally:
+        if server is not None:
+            server.stop()
+        worker.stop()
+    assert got == want
+    assert "Paris" in got[0]

@@ -610,3 +610,31 @@ def test_bound_steps_check_positions_on_every_call():
     store(2)
     attend(2)
     assert np.array_equal(kc[1], x[1])
+
+
+def test_fused_rope_kv_store_checks_positions_and_slots():
+    """The fused rope + rope + kv_store step: rotates q and k as two rope steps do, stores k and v in the
+    rows of each row's slot, and raises the unfused steps' errors for a bad position or slot."""
+    cos, sin = K.rope_table(8, 10000.0, False, None, None, 8)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 16)).astype(np.float32) for _ in range(3))
+    pos, slot = np.array([3, 1], np.int32), np.array([[1], [0]], np.int32)
+    kc, vc = np.zeros((2 * 4, 16), np.float32), np.zeros((2 * 4, 16), np.float32)
+    want_q, want_k = q.copy(), k.copy()
+    K.rope(want_q, pos, cos, sin, 8, False)
+    K.rope(want_k, pos, cos, sin, 8, False)
+    step = K.bind_rope_kv_store(q, k, v, pos, cos, sin, 8, False, kc, vc, (slot, 2, 4))
+    step(2)
+    assert np.array_equal(q, want_q) and np.array_equal(k, want_k)
+    assert np.array_equal(kc[4 + 3], want_k[0]) and np.array_equal(vc[4 + 3], v[0])  # slot 1, position 3
+    assert np.array_equal(kc[1], want_k[1]) and np.array_equal(vc[1], v[1])  # slot 0, position 1
+    assert np.count_nonzero(kc.any(axis=1)) == 2
+    pos[0] = 4  # inside the RoPE table (8 positions) but past a slot's 4 rows
+    with pytest.raises(DllamaError, match="position 4 is outside the KV cache"):
+        step(2)
+    pos[0] = 8
+    with pytest.raises(DllamaError, match="position 8 is beyond the RoPE table"):
+        step(2)
+    pos[0], slot[1] = 0, 2
+    with pytest.raises(DllamaError, match="a KV slot outside 0..1"):
+        step(2)

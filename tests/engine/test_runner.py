@@ -11,6 +11,7 @@ from forward_checks import (
     assert_matches,
     check_architecture,
     check_architecture_q80,
+    check_batched_slots,
     check_f16_kv_cache,
     check_llama31_rope_scaling,
     check_m_file,
@@ -134,34 +135,9 @@ def test_f16_kv_cache_matches_the_reference_with_half_keys_and_values(tmp_path, 
     check_f16_kv_cache(tmp_path, backend)
 
 
-SEQS = [TOKENS, [9, 8, 7, 6, 5, 4], [280, 1, 2, 250, 33, 44, 55]]  # three conversations, one KV slot each
-
-
 @pytest.mark.parametrize("wtype", ["f32", "q40"])
 def test_batched_rows_of_mixed_slots_and_positions_match_each_sequence_alone(tmp_path, backend, wtype):
-    model, ref = tiny_model(tmp_path, wtype, "gqa4x2")
-    expected = [ref_forward(ref, s) for s in SEQS]  # float64, each sequence on its own
-    runner = Runner(model, backend, max_seq_len=16, max_batch=4, n_slots=3)
-    slots = [2, 0, 1]  # not in sequence order, so a row that reads the wrong slot fails
-    for seq, slot in zip(SEQS, slots, strict=True):
-        runner.forward(seq[:3], 0, "none", slot=slot)
-    # one pass: two consecutive rows of sequence 0, then one row each of sequences 1 and 2
-    rows = runner.forward_rows([SEQS[0][3], SEQS[0][4], SEQS[1][3], SEQS[2][3]], [3, 4, 3, 3], [2, 2, 0, 1])
-    for got, (s, p) in zip(rows, [(0, 3), (0, 4), (1, 3), (2, 3)], strict=True):
-        assert_matches(got[None], expected[s][p][None])
-    # decode steps of all three together, each at its own position, to each sequence's end
-    pos = [5, 4, 4]
-    while any(p < len(s) for p, s in zip(pos, SEQS, strict=True)):
-        live = [i for i in range(3) if pos[i] < len(SEQS[i])]
-        rows = runner.forward_rows(
-            [SEQS[i][pos[i]] for i in live], [pos[i] for i in live], [slots[i] for i in live]
-        )
-        for got, i in zip(rows, live, strict=True):
-            assert_matches(got[None], expected[i][pos[i]][None])
-            pos[i] += 1
-    assert live == [0]  # the longest sequence ended alone: its last row against the single-slot path
-    alone = Runner(model, backend, max_seq_len=16, max_batch=4).forward(SEQS[0], 0, "all")
-    np.testing.assert_allclose(rows[-1], alone[-1], atol=1e-5, rtol=1e-5)
+    check_batched_slots(tmp_path, backend, wtype)
 
 
 def test_slot_and_parallel_limits_are_clear_errors(tmp_path, backend, monkeypatch):

@@ -211,6 +211,7 @@ def session_config(model, **kw) -> bytes:
         act="f32",
         max_seq_len=64,
         max_batch=4,
+        n_slots=1,
         kv_type="f32",
         timeout=3.0,
         heartbeat=1.0,

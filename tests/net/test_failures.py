@@ -239,6 +239,29 @@ def test_worker_refuses_a_tensor_it_does_not_need(pool, model, backend):
     assert_serves(model, backend, [w])
 
 
+def test_worker_refuses_kv_slots_it_has_no_memory_for(pool, model, backend):
+    """32 KV slots of 2^26 positions: 4.4 TB of node 1's cache (2 layers x K,V x 4 heads x 32 x f32 each),
+    refused before any tensor arrives, saying what to lower."""
+    (w,) = pool.get(1)
+    m = w.mark()
+    config = session_config(model, model_context_len=1 << 26, max_seq_len=1 << 26, max_batch=32, n_slots=32)
+
+    def send_config(c: socket.socket) -> None:
+        read_greeting(c)
+        assert HEADER.unpack(c.recv(HEADER.size, socket.MSG_WAITALL))[0] == Msg.OK
+        c.sendall(pack_frame(Msg.CONFIG, config))
+
+    reply = talk(w.address, pack_greeting(Role.ROOT, {}), send_config)
+    t, _, _, n = HEADER.unpack(reply[: HEADER.size])
+    text = reply[HEADER.size : HEADER.size + n].decode()
+    assert t == Msg.ERROR and "\n" not in text
+    assert text.startswith("not enough memory for node 1: its slice, KV cache and buffers need ")
+    assert text.endswith("GB are available (32 KV slots: lower --parallel or --max-seq-len)")
+    w.wait_for("Session ended: not enough memory for node 1", m)
+    w.wait_for("Waiting for a root", m)
+    assert_serves(model, backend, [w])
+
+
 def test_second_root_is_refused_while_one_is_served(pool, model, backend):
     (w,) = pool.get(1)
     first = root(model, backend, [w])

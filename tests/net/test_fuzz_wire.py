@@ -605,6 +605,22 @@ WORKER_CASES = [
     ("unknown-type", as_root, frame(200), "shut", "unknown message type 200", "type 200"),
     ("ping-payload", as_root, frame(Msg.PING, length=5), "shut", "PING message of 5 bytes", "PING message"),
     ("forward-first", as_root, frame(Msg.FORWARD, a=1, b=1), "shut", "FORWARD where CONFIG was", "FORWARD"),
+    (
+        "forward-rows-first",
+        as_root,
+        frame(Msg.FORWARD_ROWS, bytes(8), a=2, b=1),
+        "shut",
+        "FORWARD_ROWS where CONFIG was",
+        "FORWARD_ROWS",
+    ),
+    (
+        "forward-rows-huge",
+        as_root,
+        frame(Msg.FORWARD_ROWS, length=2**32 - 1),
+        "shut",
+        "FORWARD_ROWS message of 4294967295 bytes, over its 524280-byte bound",
+        "FORWARD_ROWS message",
+    ),
     ("error-first", as_root, frame(Msg.ERROR, BAD_TEXT), "shut", "sent ERROR where CONFIG", "ERROR where"),
     (
         "config-cut",

@@ -18,6 +18,7 @@ from net.protocol import (
     GREETING,
     MAGIC,
     PROTOCOL_VERSION,
+    Frame,
     Msg,
     ProtocolError,
     Role,
@@ -27,8 +28,10 @@ from net.protocol import (
     error_text,
     json_depth,
     pack_forward,
+    pack_forward_rows,
     pack_frame,
     pack_greeting,
+    parse_forward_rows,
     parse_greeting_head,
     parse_header,
     parse_json,
@@ -70,6 +73,48 @@ def test_forward_message_is_eight_bytes():
     assert parse_header(raw, "p") == (Msg.FORWARD, 1, 32, 70000)
 
 
+def test_forward_rows_layout_by_hand():
+    """FORWARD_ROWS: type 11, mode, rows, payload length, then the positions and the slots as int32 LE."""
+    raw = pack_forward_rows([5, 0, 63], [2, 0, 1], "all")
+    want = bytes([11, 2, 3, 0, 24, 0, 0, 0])  # type, mode "all", 3 rows (u16), 24 payload bytes (u32)
+    want += bytes([5, 0, 0, 0, 0, 0, 0, 0, 63, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0])
+    assert raw == want and len(raw) == 8 + 8 * 3
+    msg, a, b, c = parse_header(raw[:8], "p")
+    mode, pos, slots = parse_forward_rows(Frame(msg, a, b, c, raw[8:]), 4, 64, 3, "the root")
+    assert (mode, pos.tolist(), slots.tolist()) == ("all", [5, 0, 63], [2, 0, 1])
+
+
+def _rows(payload: bytes, a: int = 2, b: int = 3) -> Frame:
+    return Frame(Msg.FORWARD_ROWS, a, b, len(payload), payload)
+
+
+@pytest.mark.parametrize(
+    "frame, want",
+    [
+        (_rows(struct.pack("<6i", 0, 1, 2, 0, 3, 1)), "row 1 the KV slot 3, outside this session's 0..2"),
+        (_rows(struct.pack("<6i", 0, 1, 2, 0, -1, 1)), "row 1 the KV slot -1, outside"),
+        (_rows(struct.pack("<6i", 0, 64, 2, 0, 0, 0)), "row 1 the position 64, outside this session's 0..63"),
+        (_rows(struct.pack("<6i", -7, 1, 2, 0, 0, 0)), "row 0 the position -7, outside"),
+        (_rows(struct.pack("<5i", 0, 1, 2, 0, 0)), "FORWARD_ROWS of 20 bytes for 3 rows \\(needs 24\\)"),
+        (_rows(struct.pack("<8i", 0, 1, 2, 3, 0, 0, 0, 0)), "FORWARD_ROWS of 32 bytes for 3 rows"),
+        (_rows(struct.pack("<10i", *range(5), *[0] * 5), b=5), "out of range \\(mode 2, 5 rows\\)"),
+        (_rows(b"", b=0), "out of range \\(mode 2, 0 rows\\)"),
+        (_rows(struct.pack("<6i", 0, 1, 2, 0, 0, 0), a=3), "out of range \\(mode 3, 3 rows\\)"),
+    ],
+)
+def test_forward_rows_out_of_range_are_refused(frame, want):
+    """Every value of a FORWARD_ROWS is checked against the session (4 rows, 64 positions, 3 slots)."""
+    with pytest.raises(ProtocolError, match=want):
+        parse_forward_rows(frame, 4, 64, 3, "the root")
+
+
+def test_forward_rows_payload_bound():
+    """The header bound: 65535 rows of 8 bytes; a longer payload is refused before it is read."""
+    assert parse_header(struct.pack("<BBHI", Msg.FORWARD_ROWS, 2, 1, 8 * 65535), "p")[3] == 8 * 65535
+    with pytest.raises(ProtocolError, match="FORWARD_ROWS message of 524281 bytes, over its 524280-byte"):
+        parse_header(struct.pack("<BBHI", Msg.FORWARD_ROWS, 2, 1, 8 * 65535 + 1), "root")
+
+
 def test_frame_bounds():
     assert parse_header(pack_frame(Msg.CONFIG, b"x" * 100)[:8], "p") == (Msg.CONFIG, 0, 0, 100)
     with pytest.raises(ProtocolError, match="CONFIG message of 65537 bytes, over its 65536-byte bound"):
@@ -98,6 +143,7 @@ def session(**kw) -> SessionConfig:
         peers=[("10.0.0.2", 9990), ("10.0.0.3", 9991)],
         model=CFG,
         slice=node_slice(CFG, 1, 3),
+        n_slots=3,
     )
     return SessionConfig(**{**base, **kw})
 
@@ -105,7 +151,7 @@ def session(**kw) -> SessionConfig:
 def test_session_config_round_trip():
     sc = session()
     back = SessionConfig.from_bytes(sc.to_bytes(), "root")
-    assert back == sc
+    assert back == sc and back.n_slots == 3
     assert back.model.rope_scaling == RopeScaling(8.0, 1.0, 4.0, 8192)
 
 
@@ -120,6 +166,8 @@ def test_session_config_round_trip():
         dict(max_batch=0),
         dict(kv_type="q80"),
         dict(timeout=0.0),
+        dict(n_slots=0),
+        dict(n_slots=33),  # more slots than rows in a batch
     ],
 )
 def test_session_config_out_of_range(bad):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,15 +114,24 @@ def test_forced_subgroups_need_subgroup_arithmetic(vk, monkeypatch):
     assert not shaders.backend.VulkanBackend().subgroups  # by default such a device gets the fallback
 
 
-def test_model_larger_than_device_memory(tmp_path, vk):
-    seq = vk.device.device_local_bytes // 1024 * 2  # about 2 KiB of KV cache and scores per position
+def test_model_larger_than_device_memory(tmp_path, vk, monkeypatch):
+    """576 bytes per position (2 layers of f32 keys and values 2 x 16 wide, the RoPE table): 1.125x the
+    device's memory; a second KV slot (--parallel 2) adds its 512 bytes per position to what is counted."""
+    seq = vk.device.device_local_bytes // 1024 * 2
     model = open_model(write_tiny_gguf(tmp_path / "long.gguf", context=seq))
-    with pytest.raises(DllamaError, match=r"the model needs \d+ MiB of device memory but .* has \d+ MiB"):
-        Runner(model, vk, max_seq_len=seq)
+    monkeypatch.setattr("net.protocol.available_memory", lambda: 0)  # unknown: the host-memory check passes
+    needs = []
+    for n_slots in (1, 2):
+        with pytest.raises(
+            DllamaError, match=r"the model needs \d+ MiB of device memory but .* has \d+ MiB"
+        ) as e:
+            Runner(model, vk, max_seq_len=seq, n_slots=n_slots)
+        needs.append(int(re.search(r"needs (\d+) MiB", str(e.value)).group(1)))
+    assert abs(needs[1] - needs[0] - seq * 512 / 2**20) <= 1
 
 
 def test_buffer_beyond_binding_range(tmp_path, vk):
-    seq = vk.device.max_storage_buffer_range * 3 // 2 // (32 * 4 * 4)  # attention scores: 1.5x the range
+    seq = vk.device.max_storage_buffer_range * 3 // 2 // (32 * 4)  # a layer's keys (2 x 16 f32): 1.5x range
     model = open_model(write_tiny_gguf(tmp_path / "long.gguf", context=seq))
     with pytest.raises(DllamaError, match=r"cannot bind a \d+ MiB buffer \(maxStorageBufferRange"):
         Runner(model, vk, max_seq_len=seq)

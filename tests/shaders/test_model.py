@@ -10,6 +10,7 @@ from forward_checks import (
     assert_matches,
     check_architecture,
     check_architecture_q80,
+    check_batched_slots,
     check_f16_kv_cache,
     check_llama31_rope_scaling,
     check_m_file,
@@ -165,3 +166,9 @@ def test_bf16_and_f16_vectors_are_decoded(tmp_path, vk):
 
 def test_f16_kv_cache_matches_the_reference_with_half_keys_and_values(tmp_path, vk):
     check_f16_kv_cache(tmp_path, vk)
+
+
+@pytest.mark.parametrize("backend", ["vk", "vk_gpu"])
+def test_batched_rows_of_mixed_slots_and_positions_match_each_sequence_alone(request, tmp_path, backend):
+    """--parallel on Vulkan: kv_store and attention use each row's KV slot (device and GPU work splits)."""
+    check_batched_slots(tmp_path, request.getfixturevalue(backend), "q40")

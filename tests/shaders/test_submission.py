@@ -29,11 +29,13 @@ def test_binding_access_reads_readonly_and_writeonly_from_spirv():
     assert attention == {
         0: (True, False),  # q
         1: (True, False),  # pos
-        2: (True, False),  # key cache
-        3: (True, False),  # value cache
-        4: (False, True),  # output, writeonly
-        5: (True, True),  # scores: written, then read back
+        2: (True, False),  # KV slots
+        3: (True, False),  # key cache
+        4: (True, False),  # value cache
+        5: (False, True),  # the chunks' partial results, writeonly
     }
+    combine = vkb.binding_access(spirv("attention_combine"))
+    assert combine == {0: (True, False), 1: (True, False), 2: (False, True)}
     with pytest.raises(DllamaError, match="not a SPIR-V module"):
         vkb.binding_access(b"\0" * 64)
 
@@ -69,24 +71,24 @@ def test_decode_token_on_one_node_is_one_submit_with_shared_barriers(tmp_path, v
     output into x itself and merge_add records nothing), a barrier only before a dispatch that reads what a
     dispatch since the last barrier wrote (or writes what one read):
       embedding (reads tok, just copied in)                                           1 dispatch, 1 barrier
-      attention block: rmsnorm, matmul q, k, v, rope q, k, kv_store, attention, matmul wo, add into x;
-        k and v share q's barrier (they read h, written before it, and write buffers untouched since),
-        rope k shares rope q's                                                         10 dispatches, 7
+      attention block: rmsnorm, matmul q, k, v, rope q, k, kv_store, attention (chunks, then their
+        merge), matmul wo, add into x; k and v share q's barrier (they read h, written before it, and write
+        buffers untouched since), rope k shares rope q's                               11 dispatches, 8
       FFN block: rmsnorm, matmul gate, up, silu_mul, matmul down, add into x; up shares gate's      6, 5
       classifier: rmsnorm, matmul                                                                  2, 2
-    so 1 + 2 * (10 + 6) + 2 = 35 dispatches and 1 + 2 * (7 + 5) + 2 = 27 barriers. Copies: tok and pos in
+    so 1 + 2 * (11 + 6) + 2 = 37 dispatches and 1 + 2 * (8 + 5) + 2 = 29 barriers. Copies: tok and pos in
     (4 bytes each), one row of logits out (288 floats)."""
     model, ref = tiny_model(tmp_path, "q40", "gqa4x2")
     runner = Runner(model, vk, "f32", max_seq_len=16, max_batch=4)
     prog, last = runner.program, len(runner.graph.segments)
     c = prog.counts(0, last, 1)
-    assert (c.dispatches, c.barriers) == (35, 27)
+    assert (c.dispatches, c.barriers) == (37, 29)
     assert (c.transfers, c.transfer_bytes) == (3, 4 + 4 + VOCAB * 4)
     assert c.host_read_bytes == 0
     with pytest.raises(DllamaError, match="the x pipe is device-only on one node"):
         prog.pipe("x")
     prefill = prog.counts(0, last, 4)
-    assert (prefill.barriers, prefill.transfer_bytes) == (27, 4 * (4 + 4 + VOCAB * 4))  # live rows only
+    assert (prefill.barriers, prefill.transfer_bytes) == (29, 4 * (4 + 4 + VOCAB * 4))  # live rows only
 
     cpu = Runner(model, CpuBackend(2), "f32", max_seq_len=16, max_batch=4)
     got, want = [], []
@@ -102,15 +104,15 @@ def test_one_node_fuses_the_residual_add(tmp_path, vk):
     """A cluster node records to_pipe (this node's slot of zq) and merge_add (x += every slot) apart, and
     merge_add starts the next block: node 0 of 2 runs the same token in 4 more dispatches (a merge_add
     before each block but layer 0's attention) and 4 more barriers (each merge_add reads what to_pipe just
-    wrote) than one node's 35 and 27."""
+    wrote) than one node's 37 and 29."""
     model, _ = tiny_model(tmp_path, "q40", "gqa4x2")
     sl = node_slice(model.config, 0, 2)
     graph = build_graph(model.config, sl, "f32", 16)
     node0 = vk.compile(graph, slice_weights(model, sl), 4)
     c = node0.counts(0, len(graph.segments), 1)
-    assert (c.dispatches, c.barriers) == (35 + 4, 27 + 4)
+    assert (c.dispatches, c.barriers) == (37 + 4, 29 + 4)
     one = Runner(model, vk, "f32", max_seq_len=16, max_batch=4).program
-    assert one.counts(0, len(graph.segments), 1).dispatches == 35
+    assert one.counts(0, len(graph.segments), 1).dispatches == 37
 
 
 def test_cluster_node_reads_exchanged_pipes_from_host_memory(tmp_path, vk):

@@ -1,6 +1,6 @@
 """Synchronisation under the Khronos validation layer (synchronization validation on): a full forward pass,
-prefill batches and decode steps, in every tuning and activation type, and dispatch pairs that conflict in
-each way (the backend's barrier placement), with zero hazards and zero errors."""
+prefill batches and decode steps (and rows of two KV slots), in every tuning and activation type, and
+dispatch pairs that conflict in each way (the backend's barrier placement): zero hazards, zero errors."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def test_forward_passes_are_hazard_free(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     engine, _, control = r.stdout.partition("=== CONTROL ===")
-    assert engine.count("ran Vulkan") == 8 and engine.count("ran conflict pair") == 4, r.stdout[-3000:]
+    assert engine.count("ran Vulkan") == 8, r.stdout[-3000:]
+    assert engine.count("slots ran on Vulkan") == 2, r.stdout[-3000:]
+    assert engine.count("ran conflict pair") == 4, r.stdout[-3000:]
     # the layer is live: the deliberate write-after-write between two copies is reported
     assert "SYNC-HAZARD-WRITE-AFTER-WRITE" in control, (
         "the validation layer reported nothing: is it installed?"

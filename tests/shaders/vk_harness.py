@@ -48,6 +48,7 @@ class Ops:
         max_batch: int = 8,
         max_seq: int = 64,
         kv_type: str = "f32",
+        n_slots: int = 1,
     ):
         cfg = cfg or config()
         bufs = {
@@ -55,9 +56,18 @@ class Ops:
             "pos": BufferSpec(1, "i32"),
             "zq": BufferSpec(cfg.dim * n_nodes, act),
         }
+        if n_slots > 1:
+            bufs["slot"] = BufferSpec(1, "i32")
         bufs.update(buffers)
         self.graph = Graph(
-            cfg, node_slice(cfg, 0, n_nodes), act, max_seq, bufs, [Segment(list(ops))], kv_type=kv_type
+            cfg,
+            node_slice(cfg, 0, n_nodes),
+            act,
+            max_seq,
+            bufs,
+            [Segment(list(ops))],
+            kv_type=kv_type,
+            n_slots=n_slots,
         )
         self.be, self.max_batch = be, max_batch
         self.prog = VulkanProgram(be, self.graph, dict(weights or {}), max_batch)
@@ -120,24 +130,32 @@ class Ops:
         dtype = np.int32 if spec.dtype == "i32" else np.float32
         return raw.view(dtype)[: self.max_batch * spec.width].reshape(self.max_batch, spec.width)
 
-    def cache(self, which: str, layer: int) -> np.ndarray:
-        """Key or value cache rows of `layer`: (max_seq, kv_width) float32, or uint16 half bits (f16)."""
+    def _cache_layers(self, which: str, layer: int) -> tuple[object, int, np.ndarray]:
+        """A layer's cache tensor, its index there and the tensor's contents: (layers, n_slots * max_seq,
+        kv_width) float32, or uint16 half bits (f16)."""
         layers = self.prog.k_cache if which == "k" else self.prog.v_cache
         tensor, index = layers.at(layer)
-        seq, kvw = self.graph.max_seq_len, self.prog.kv_width
+        rows, kvw = self.graph.n_slots * self.graph.max_seq_len, self.prog.kv_width
         f16 = self.graph.kv_type == "f16"
-        full = self.read_tensor(tensor, layers.per_chunk * seq * kvw // (2 if f16 else 1))
-        return (full.view(np.uint16) if f16 else full).reshape(layers.per_chunk, seq, kvw)[index]
+        full = self.read_tensor(tensor, layers.per_chunk * rows * kvw // (2 if f16 else 1))
+        return tensor, index, (full.view(np.uint16) if f16 else full).reshape(layers.per_chunk, rows, kvw)
 
-    def write_cache(self, which: str, layer: int, rows: np.ndarray) -> None:
-        """Overwrite the first len(rows) rows of a layer's key or value cache."""
-        layers = self.prog.k_cache if which == "k" else self.prog.v_cache
-        tensor, index = layers.at(layer)
-        seq, kvw = self.graph.max_seq_len, self.prog.kv_width
-        full = self.read_tensor(tensor, layers.per_chunk * seq * kvw).reshape(layers.per_chunk, seq, kvw)
-        full[index, : len(rows)] = rows
-        t = self.be.manager.tensor_t(full.reshape(-1).view(np.uint32).copy(), self.be.kp.TensorTypes.host)
-        self._copy(t, tensor, full.size)
+    def cache(self, which: str, layer: int, slot: int = 0) -> np.ndarray:
+        """Key or value cache rows of `layer` in KV `slot`: (max_seq, kv_width) float32, or uint16 half bits
+        (f16)."""
+        _, index, full = self._cache_layers(which, layer)
+        seq = self.graph.max_seq_len
+        return full[index, slot * seq : (slot + 1) * seq]
+
+    def write_cache(self, which: str, layer: int, rows: np.ndarray, slot: int = 0) -> None:
+        """Overwrite the first len(rows) rows of a layer's key or value cache in KV `slot` (uint16 half bits
+        for an f16 cache)."""
+        tensor, index, full = self._cache_layers(which, layer)
+        r0 = slot * self.graph.max_seq_len
+        full[index, r0 : r0 + len(rows)] = rows
+        words = full.reshape(-1).view(np.uint32).copy()
+        t = self.be.manager.tensor_t(words, self.be.kp.TensorTypes.host)
+        self._copy(t, tensor, words.size)
 
     def run(self, n: int) -> None:
         self.prog.run_segment(0, n)

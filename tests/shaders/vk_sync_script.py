@@ -42,12 +42,13 @@ def main(path: str) -> None:
     model = open_model(path)
     gpu_split = Tuning(split=True, rows=2, batch=2, reduce_wg=128)
     gpu_tiles = Tuning(split=True, rows=2, batch=2, reduce_wg=128, matvec_wg=8, matmat_from=4)  # tiles
-    for be in (
+    backends = (
         VulkanBackend(),
         VulkanBackend(tuning=gpu_split),
         VulkanBackend(tuning=gpu_tiles),
         VulkanBackend(subgroups=False, tuning=gpu_split),
-    ):
+    )
+    for be in backends:
         for act in ("f32", "q80"):
             runner = Runner(model, be, act, max_seq_len=32, max_batch=4)
             runner.forward(TOKENS, 0, "all")  # prefill batches of 4, 4 and 1 tokens
@@ -56,6 +57,12 @@ def main(path: str) -> None:
             # a cluster node's way: one submission per segment (the network steps between them left out)
             run_graph(runner.program, runner.graph.segments, 3, "all", lambda step, rows: None)
             print(f"ran {be.description} {act}", flush=True)
+    for be in backends[:2]:  # --parallel 2: rows of two KV slots in one batch
+        runner = Runner(model, be, "f32", max_seq_len=32, max_batch=4, n_slots=2)
+        runner.forward(TOKENS[:3], 0, "none", slot=1)
+        runner.forward_rows([TOKENS[3], 1, 2], [3, 0, 1], [1, 0, 0])
+        runner.forward_rows([TOKENS[4], 3], [4, 2], [1, 0])
+        print(f"slots ran on {be.description}", flush=True)
     conflicts(model.config, be)
     print("=== CONTROL ===", flush=True)
     kp = be.kp
