@@ -10,7 +10,8 @@ live rows are copied out to host-cached staging at its end, and x and zq are dev
 request: `_record` asks for one only where the dispatch reads or writes a buffer written since the last
 barrier, or writes one read since then, by read/write sets taken from each shader's SPIR-V (`binding_access`);
 submits are ordered by the fence wait after each. `SubmitCounts` says what a recorded run does.
-Every op kind is one entry of `OPS` (its shader variant and its dispatches); `OP_KINDS` names them.
+Every op kind is one entry of `OPS` (its shader variant and its dispatches); `OP_KINDS` names them. Runs of
+adjacent ops in `FUSIONS` are one dispatch of a shader with the ops' own arithmetic (bit-identical results).
 """
 
 from __future__ import annotations
