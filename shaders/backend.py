@@ -1003,7 +1003,8 @@ def _ropes_stored(prog: VulkanProgram, rope_q: Op, rope_k: Op, store: Op) -> boo
     """Two in-place ropes of one position buffer and one rotation, the second's output the cache's k."""
     same = rope_q.params == rope_k.params and rope_q.inputs[1] == rope_k.inputs[1] == store.inputs[2] == "pos"
     in_place = rope_q.inputs[0] == rope_q.outputs[0] and rope_k.inputs[0] == rope_k.outputs[0]
-    return same and in_place and store.inputs[0] == rope_k.outputs[0] != rope_q.outputs[0]
+    widths = prog.width(store.inputs[0]) == prog.width(store.inputs[1]) == prog.kv_width
+    return same and in_place and widths and store.inputs[0] == rope_k.outputs[0] != rope_q.outputs[0]
 
 
 def _rope_kv_store(prog: VulkanProgram, run: _Run, rows: int) -> list[_Step]:
@@ -1022,29 +1023,29 @@ def _rope_kv_store(prog: VulkanProgram, run: _Run, rows: int) -> list[_Step]:
 FUSIONS = (
     # the norm before matmuls with Q80 inputs, and the FFN's gating before its down projection
     _Fusion(
-        ("rmsnorm", "quantize_q80"),
-        _norm_quantized,
-        0,
-        True,
-        lambda p, r: ("rmsnorm_q80", _keep(r)),
-        _rmsnorm_q80,
+        kinds=("rmsnorm", "quantize_q80"),
+        when=_norm_quantized,
+        kept=0,
+        keepable=True,
+        shader=lambda prog, run: ("rmsnorm_q80", _keep(run)),
+        bind=_rmsnorm_q80,
     ),
     _Fusion(
-        ("silu_mul", "quantize_q80"),
-        _silu_quantized,
-        0,
-        True,
-        lambda p, r: ("silu_mul_q80", _keep(r)),
-        _silu_mul_q80,
+        kinds=("silu_mul", "quantize_q80"),
+        when=_silu_quantized,
+        kept=0,
+        keepable=True,
+        shader=lambda prog, run: ("silu_mul_q80", _keep(run)),
+        bind=_silu_mul_q80,
     ),
     # RoPE of q and of k by the same positions, then k and v into the cache (k itself is not rotated)
     _Fusion(
-        ("rope", "rope", "kv_store"),
-        _ropes_stored,
-        1,
-        False,
-        lambda p, r: _by_kv("rope_kv_store")(p, r.ops[2]),
-        _rope_kv_store,
+        kinds=("rope", "rope", "kv_store"),
+        when=_ropes_stored,
+        kept=1,
+        keepable=False,
+        shader=lambda prog, run: _by_kv("rope_kv_store")(prog, run.ops[2]),
+        bind=_rope_kv_store,
     ),
 )
 

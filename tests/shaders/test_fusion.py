@@ -18,9 +18,9 @@ def rand(shape, seed: int, scale: float = 1.0) -> np.ndarray:
     return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
 
 
-def _logits(model, vk, act: str, kv_type: str, n_slots: int) -> list[np.ndarray]:
+def _logits(model, vk, act: str, kv_type: str, n_slots: int) -> tuple[list[np.ndarray], int]:
     """Prefill of 4 tokens (every row's logits), then decode steps: one token, and with slots a batched
-    row per slot at different positions."""
+    row per slot at different positions; and the dispatches of a decode token."""
     runner = Runner(model, vk, act, max_seq_len=16, max_batch=4, kv_type=kv_type, n_slots=n_slots)
     try:
         out = [runner.forward(TOKENS[:4], 0, logits="all")]
@@ -28,30 +28,39 @@ def _logits(model, vk, act: str, kv_type: str, n_slots: int) -> list[np.ndarray]
         if n_slots > 1:
             runner.forward(TOKENS[6:8], 0, slot=1, logits="none")
             out.append(runner.forward_rows([TOKENS[8], TOKENS[1]], [6, 2], [0, 1]))
-        return out
+        return out, runner.program.counts(0, len(runner.graph.segments), 1).dispatches
     finally:
         runner.close()
 
 
 @pytest.mark.parametrize(
-    ("act", "kv_type", "n_slots", "shape"),
+    ("act", "kv_type", "n_slots", "shape", "arch"),
     [
-        ("f32", "f32", 1, "gqa4x2"),
-        ("q80", "f32", 1, "gqa4x2"),
-        ("q80", "f16", 2, "gqa4x2"),
-        ("f32", "f16", 1, "mqa3x1"),
-        ("q80", "f32", 2, "mha5x5"),
+        ("f32", "f32", 1, "gqa4x2", "llama"),
+        ("q80", "f32", 1, "gqa4x2", "llama"),
+        ("q80", "f16", 2, "gqa4x2", "llama"),
+        ("f32", "f16", 1, "mqa3x1", "llama"),
+        ("q80", "f32", 2, "mha5x5", "llama"),
+        ("q80", "f16", 1, "gqa4x2", "qwen3"),
+        ("q80", "f32", 2, "gqa4x2", "qwen3moe"),
     ],
 )
 def test_fused_dispatches_match_the_ops_one_by_one_bit_for_bit(
-    tmp_path, vk, monkeypatch, act, kv_type, n_slots, shape
+    tmp_path, vk, monkeypatch, act, kv_type, n_slots, shape, arch
 ):
     """Prefill and decode, f32 and Q80 activations, f32 and f16 KV caches, one and two KV slots; hidden
-    widths of an odd block count per row (96, 160, 224: the gating's last pair of blocks half live)."""
-    model, _ = tiny_model(tmp_path, "q40", shape)
-    fused = _logits(model, vk, act, kv_type, n_slots)
+    widths of an odd block count per row (96, 160, 224: the gating's last pair of blocks half live); Qwen3's
+    NeoX RoPE after per-head norms, and Qwen3-MoE's gating of the experts' rows."""
+    model, _ = tiny_model(tmp_path, "q40", shape, arch=arch)
+    fused, d_fused = _logits(model, vk, act, kv_type, n_slots)
     monkeypatch.setattr(vkb, "FUSIONS", ())
-    plain = _logits(model, vk, act, kv_type, n_slots)
+    plain, d_plain = _logits(model, vk, act, kv_type, n_slots)
+    # per layer 2 (the ropes and the store); with Q80 also the gating's quantisation and, over whole pairs of
+    # blocks per row (dim 64, not 160), the norms' (one in MoE layers, where the router reads the FFN
+    # norm's f32 output and h is quantised after it) and the final norm's
+    pairs = model.config.dim % 64 == 0
+    per_layer = 2 if act == "f32" else 3 + pairs * (1 if arch == "qwen3moe" else 2)
+    assert d_plain - d_fused == model.config.n_layers * per_layer + (act == "q80" and pairs)
     assert len(fused) == len(plain)
     for a, b in zip(fused, plain, strict=True):
         assert np.array_equal(a, b)
