@@ -1,5 +1,5 @@
-"""Fixtures of the cluster tests: a session-wide pool of worker processes (all killed at the end) and the
-8-KV-head tiny model in every weight type."""
+"""Fixtures of the cluster tests: a session-wide pool of worker processes (all killed at the end), the
+8-KV-head tiny model in every weight type, and the root's one-thread CPU backend and f32 tiny model."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # netutil imports by p
 
 from netutil import TINY8, WorkerPool  # noqa: E402
 from tinymodel import write_tiny_gguf  # noqa: E402
+
+from cpu_fallback.backend import CpuBackend  # noqa: E402
+from engine.model_file import open_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +32,15 @@ def tiny8_paths(tmp_path_factory) -> dict[str, Path]:
         wt: write_tiny_gguf(d / f"tiny8-{wt}.gguf", wtype=wt, seed=3, **TINY8)
         for wt in ("f32", "f16", "bf16", "q80", "q40", "q41")
     }
+
+
+@pytest.fixture(scope="module")
+def backend() -> CpuBackend:
+    """The root's backend in the cluster tests: one CPU thread (workers are separate processes)."""
+    return CpuBackend(1)
+
+
+@pytest.fixture(scope="module")
+def model(tiny8_paths):
+    """The f32 8-KV-head tiny model, opened."""
+    return open_model(tiny8_paths["f32"])

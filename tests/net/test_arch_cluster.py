@@ -11,7 +11,6 @@ from netutil import greedy, ref_forward_nodes
 from reference import load_ref_model, ref_forward
 from tinymodel import write_tiny_gguf, write_tiny_m
 
-from cpu_fallback.backend import CpuBackend
 from engine.model_file import open_model
 from engine.runner import Runner
 
@@ -35,11 +34,6 @@ M_FILES = {  # .m weight types have 32-value blocks
         arch="qwen3moe", head_dim=32, n_experts=4, n_active_experts=2, moe_hidden_dim=160, wtype="q80"
     ),
 }
-
-
-@pytest.fixture(scope="module")
-def backend() -> CpuBackend:
-    return CpuBackend(1)
 
 
 def cluster(model, backend, act: str, workers) -> Runner:

@@ -9,17 +9,11 @@ import pytest
 from netutil import TINY8, greedy, ref_forward_nodes
 from reference import load_ref_model, ref_forward
 
-from cpu_fallback.backend import CpuBackend
 from engine.model_file import open_model
 from engine.runner import ForwardStats, Runner
 
 TOKENS = [5, 17, 200, 3, 99, 42, 7, 150, 11]  # 9 tokens: batches of 4, 4, 1 with max_batch 4
 WTYPES = ["f32", "f16", "bf16", "q80", "q40", "q41"]
-
-
-@pytest.fixture(scope="module")
-def backend() -> CpuBackend:
-    return CpuBackend(1)
 
 
 def cluster(model, backend, act: str, workers, max_batch: int = 4) -> Runner:

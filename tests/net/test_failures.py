@@ -15,7 +15,6 @@ import pytest
 from netutil import TOKENS, assert_serves, root, session_config
 from tinymodel import write_tiny_gguf
 
-from cpu_fallback.backend import CpuBackend
 from engine.errors import DllamaError
 from engine.model_file import open_model
 from engine.runner import Runner
@@ -29,16 +28,6 @@ from net.protocol import (
     pack_frame,
     pack_greeting,
 )
-
-
-@pytest.fixture(scope="module")
-def backend() -> CpuBackend:
-    return CpuBackend(1)
-
-
-@pytest.fixture(scope="module")
-def model(tiny8_paths):
-    return open_model(tiny8_paths["f32"])
 
 
 @contextmanager

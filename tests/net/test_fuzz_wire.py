@@ -28,9 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pytest
 from netutil import ROOT, TOKENS, WorkerProc, assert_serves, root, session_config
 
-from cpu_fallback.backend import CpuBackend
 from engine.errors import DllamaError
-from engine.model_file import open_model
 from net.protocol import GREETING, HEADER, MAGIC, PROTOCOL_VERSION, Msg, Role
 
 SEED = 10
@@ -113,16 +111,6 @@ def error_texts(reply: bytes) -> list[str]:
 
 def assert_one_line(text: str) -> None:
     assert "\n" not in text and "\r" not in text and "\x1b" not in text, repr(text)
-
-
-@pytest.fixture(scope="module")
-def backend() -> CpuBackend:
-    return CpuBackend(1)
-
-
-@pytest.fixture(scope="module")
-def model(tiny8_paths):
-    return open_model(tiny8_paths["f32"])
 
 
 @pytest.fixture(scope="module")

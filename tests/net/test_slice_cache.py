@@ -12,17 +12,11 @@ import pytest
 from netutil import ROOT, TINY8, TOKENS, WorkerProc, root
 from tinymodel import write_tiny_gguf
 
-from cpu_fallback.backend import CpuBackend
 from engine.errors import DllamaError
 from engine.model_file import open_model
 from engine.runner import Runner
 from engine.slicing import node_tensors, plan_slices, slice_weights
 from net.slice_cache import SliceCache, model_identity, parse_size, slice_key
-
-
-@pytest.fixture(scope="module")
-def backend() -> CpuBackend:
-    return CpuBackend(1)
 
 
 @pytest.fixture(scope="module")

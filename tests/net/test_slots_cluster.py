@@ -13,25 +13,13 @@ import numpy as np
 import pytest
 from netutil import TINY8, assert_serves
 
-from cpu_fallback.backend import CpuBackend
 from engine.errors import DllamaError
-from engine.model_file import open_model
 from engine.runner import ForwardStats, Runner
 from net.protocol import GREETING, HEADER, Msg, Role, error_text, pack_frame, pack_greeting
 
 SEQS = [[5, 17, 200, 3, 99], [42, 7], [150, 11, 8, 60, 1, 2, 9]]  # three prompts (the last: chunks of 4 + 3)
 SLOTS = [2, 0, 1]  # the slot of each
 NEXT = [[31, 64], [12, 250], [77, 4]]  # each sequence's tokens of two batched decode steps
-
-
-@pytest.fixture(scope="module")
-def backend() -> CpuBackend:
-    return CpuBackend(1)
-
-
-@pytest.fixture(scope="module")
-def model(tiny8_paths):
-    return open_model(tiny8_paths["f32"])
 
 
 def slotted(model, backend, workers=(), n_slots: int = 3) -> Runner:

@@ -10,15 +10,9 @@ import sys
 import pytest
 from netutil import ROOT, TOKENS, greedy
 
-from cpu_fallback.backend import CpuBackend
 from engine.model_file import open_model
 from engine.runner import Runner
 from engine.slicing import plan_slices
-
-
-@pytest.fixture(scope="module")
-def backend() -> CpuBackend:
-    return CpuBackend(1)
 
 
 def run(model, backend, workers, split=None):
