@@ -192,9 +192,18 @@ class Tuning:
     @staticmethod
     def for_device(dev: DeviceInfo) -> Tuning:
         """Wide workgroups on GPUs; on CPU implementations, where idle lanes, barriers and every buffer load
-        are expensive, invocations that each own whole rows."""
+        are expensive, invocations that each own whole rows; integer dot products where the device has them
+        (on lavapipe as fast as the float form or faster)."""
         if dev.is_cpu:
-            return Tuning(split=False, rows=4, batch=2, reduce_wg=16, attn_chunk=256, attn_chunks=4)
+            return Tuning(
+                split=False,
+                rows=4,
+                batch=2,
+                reduce_wg=16,
+                attn_chunk=256,
+                attn_chunks=4,
+                int_dot=dev.integer_dot,
+            )
         sub = dev.subgroup_size if dev.subgroup_arithmetic and 16 <= dev.subgroup_size <= 64 else 64
         return Tuning(
             split=True,
@@ -203,6 +212,7 @@ class Tuning:
             reduce_wg=min(256, _pow2_floor(dev.max_workgroup_invocations)),
             matvec_wg=sub,
             matmat_from=MATMAT_FROM,
+            int_dot=dev.integer_dot,
         )
 
 
