@@ -148,7 +148,7 @@ class Runner:
                 n_slots,
             )
         self.slice = self.slices[0]
-        if n_slots > 1:
+        if n_slots > 1 and backend.name == "cpu":  # a Vulkan program checks its device memory itself
             from net.protocol import available_memory
 
             need = kv_cache_bytes(cfg, self.slice, n_slots * self.max_seq_len, kv_type)

@@ -10,7 +10,8 @@ live rows are copied out to host-cached staging at its end, and x and zq are dev
 request: `_record` asks for one only where the dispatch reads or writes a buffer written since the last
 barrier, or writes one read since then, by read/write sets taken from each shader's SPIR-V (`binding_access`);
 submits are ordered by the fence wait after each. `SubmitCounts` says what a recorded run does.
-Every op kind is one entry of `OPS` (its shader variant and its dispatches); `OP_KINDS` names them.
+Every op kind is one entry of `OPS` (its shader variant and its dispatches); `OP_KINDS` names them. Runs of
+adjacent ops in `FUSIONS` are one dispatch of a shader with the ops' own arithmetic (bit-identical results).
 """
 
 from __future__ import annotations
@@ -342,6 +343,7 @@ class VulkanProgram(Program):
         self.layers_per_kv = max(1, min(cfg.n_layers, be.buffer_limit // max(layer_bytes, 1)))
         self.att_chunk = attention_chunk(be.tuning, graph.max_seq_len)
         self._check_memory(max_batch)
+        self.runs = self._fuse()
         self._precompile()
 
         self.bufs: dict[str, object] = {}
@@ -463,10 +465,40 @@ class VulkanProgram(Program):
                 release_file_pages(a)
         return tensors
 
+    # ---- fused runs of ops (FUSIONS) ----
+    def _fuse(self) -> list[list[_Run]]:
+        """Each segment's ops as runs: a run of FUSIONS where its conditions hold (one dispatch) or one op."""
+        flat = list(self.graph.ops())
+        runs, at = [], 0
+        for seg in self.graph.segments:
+            ops, i, seg_runs = seg.ops, 0, []
+            while i < len(ops):
+                run = next(filter(None, (f.match(self, ops, i, flat, at + i) for f in FUSIONS)), None)
+                run = run or _Run((ops[i],))
+                seg_runs.append(run)
+                i += len(run.ops)
+            runs.append(seg_runs)
+            at += len(ops)
+        return runs
+
+    def read_later(self, flat: list[Op], stop: int, buffer: str) -> bool:
+        """Whether an op after flat[:stop] reads `buffer` before one overwrites it, the graph replayed from
+        its start again after its end (pipes always: the host or the network reads them)."""
+        if buffer in PIPES:
+            return True
+        for op in flat[stop:] + flat[:stop]:
+            if buffer in op.inputs:
+                return True
+            if buffer in op.outputs:
+                return False
+        return False
+
     # ---- shaders ----
     def _precompile(self) -> None:
         """Compile (or load from the cache) every shader variant the graph uses, in parallel."""
-        keys = {self._shader_key(op) for op in self.graph.ops()} | {("copy_words", ())}
+        keys = {run.fusion.shader(self, run) for seg in self.runs for run in seg if run.fusion}
+        keys |= {self._shader_key(run.ops[0]) for seg in self.runs for run in seg if not run.fusion}
+        keys.add(("copy_words", ()))
         if any(op.kind == "attention" for op in self.graph.ops()):
             keys.add(ATTENTION_COMBINE)
         with ThreadPoolExecutor(max_workers=4) as pool:
@@ -476,11 +508,12 @@ class VulkanProgram(Program):
         return _impl(op).shader(self, op)
 
     def shader_variant(self, op_name: str) -> ShaderKey:
-        """The shader and macro flags the graph op named `op_name` runs with (e.g. a matmul's INT_DOT)."""
-        op = next((o for o in self.graph.ops() if o.name == op_name), None)
-        if op is None:
-            raise DllamaError(f"the graph has no op named {op_name!r}")
-        return self._shader_key(op)
+        """The shader and macro flags the graph op named `op_name` runs with (e.g. a matmul's INT_DOT; the
+        fusion's shader for an op of a fused run)."""
+        for run in (run for seg in self.runs for run in seg):
+            if any(op.name == op_name for op in run.ops):
+                return run.fusion.shader(self, run) if run.fusion else self._shader_key(run.ops[0])
+        raise DllamaError(f"the graph has no op named {op_name!r}")
 
     def _algo(
         self, op: Op, tensors: list, groups: int, wg: int, spec: list[int], shader: ShaderKey | None = None
@@ -513,6 +546,10 @@ class VulkanProgram(Program):
         even an empty workgroup costs microseconds.
         """
         return _impl(op).bind(self, op, rows)
+
+    def _bind_run(self, run: _Run, rows: int) -> list[_Step]:
+        """A fused run's one dispatch, or its single op's dispatches."""
+        return run.fusion.bind(self, run, rows) if run.fusion else self._bind(run.ops[0], rows)
 
     def width(self, buffer: str) -> int:
         return self.graph.buffers[buffer].width
@@ -584,10 +621,7 @@ class VulkanProgram(Program):
         counts = self.recorded[(start, stop, n_tokens)] = SubmitCounts()
         rows = 1 if n_tokens == 1 else self.max_batch
         steps = [
-            step
-            for i in range(start, stop)
-            for op in self.graph.segments[i].ops
-            for step in self._bind(op, rows)
+            step for i in range(start, stop) for run in self.runs[i] for step in self._bind_run(run, rows)
         ]
         accesses = [self._access[id(step.algo)] for step in steps]
         read_any = {id(t) for reads, _ in accesses for t in reads}
@@ -924,6 +958,128 @@ OPS: dict[str, _OpImpl] = {
     "merge_add": _OpImpl(_by_pipe("merge_add_f32", "merge_add_q80"), _merge_add),
 }
 OP_KINDS = frozenset(OPS)  # the op kinds this backend implements
+
+
+# ---- fused runs of adjacent ops: one shader with the same arithmetic, in the same order, as the ops ----
+@dataclass(frozen=True)
+class _Run:
+    """Ops recorded together: one op, or a run of a fusion; `keep`: the fusion's intermediate f32 result
+    (the `kept` op's output) is read by a later op, so the fused shader writes it too."""
+
+    ops: tuple[Op, ...]
+    fusion: _Fusion | None = None
+    keep: bool = False
+
+
+@dataclass(frozen=True)
+class _Fusion:
+    """Adjacent op kinds one dispatch runs when `when(prog, *ops)` holds: `kept` indexes the op whose output
+    is an intermediate result, which the shader writes only when a later op reads it (never, unless
+    `keepable`: then a later reader prevents the fusion); `shader` and `bind` as in `_OpImpl`, for the run."""
+
+    kinds: tuple[str, ...]
+    when: Callable[..., bool]
+    kept: int
+    keepable: bool
+    shader: Callable[[VulkanProgram, _Run], ShaderKey]
+    bind: Callable[[VulkanProgram, _Run, int], list[_Step]]
+
+    def match(self, prog: VulkanProgram, ops: list[Op], i: int, flat: list[Op], at: int) -> _Run | None:
+        """The run of this fusion starting at ops[i] (flat[at] in the whole graph), or None."""
+        run = tuple(ops[i : i + len(self.kinds)])
+        if tuple(op.kind for op in run) != self.kinds or not self.when(prog, *run):
+            return None
+        keep = prog.read_later(flat, at + len(run), run[self.kept].outputs[0])
+        return _Run(run, self, keep) if keep <= self.keepable else None
+
+
+def _norm_quantized(prog: VulkanProgram, norm: Op, quant: Op) -> bool:
+    """quant takes the norm's output, a whole-row norm over whole pairs of blocks (a workgroup per row owns
+    its rows' words: 17 per pair)."""
+    width = prog.width(norm.inputs[0])
+    whole = prog.weights[norm.weight].cols == width and width % (2 * BLOCK) == 0
+    return quant.inputs[0] == norm.outputs[0] and whole
+
+
+def _silu_quantized(prog: VulkanProgram, silu: Op, quant: Op) -> bool:
+    same = prog.width(silu.inputs[1]) == prog.width(silu.inputs[0])
+    return quant.inputs[0] == silu.outputs[0] and same
+
+
+def _keep(run: _Run) -> tuple[str, ...]:
+    return ("KEEP_F32",) if run.keep else ()
+
+
+def _rmsnorm_q80(prog: VulkanProgram, run: _Run, rows: int) -> list[_Step]:
+    """rmsnorm's workgroup per token (its size, hence its reduction order), writing the Q80 blocks."""
+    norm, quant = run.ops
+    width = prog.width(norm.inputs[0])
+    parts, i = _vector(prog, norm, width, "rmsnorm")
+    eps = int(np.float32(norm.params["eps"]).view(np.uint32))
+    wg = min(prog.be.tuning.reduce_wg, _pow2_floor(width))
+    names = (norm.inputs[0], quant.outputs[0])
+    tensors = [*_tensors(prog, names), *parts, *_tensors(prog, norm.outputs if run.keep else ())]
+    shader = run.fusion.shader(prog, run)
+    return [_Step(prog._algo(norm, tensors, rows, wg, [width, eps], shader), i)]
+
+
+def _silu_mul_q80(prog: VulkanProgram, run: _Run, rows: int) -> list[_Step]:
+    silu, quant = run.ops
+    width = prog.width(silu.inputs[0])
+    tensors = _tensors(prog, (*silu.inputs[:2], quant.outputs[0]))
+    groups = _ceil(_ceil(rows * width // BLOCK, 2), 64)
+    return [_Step(prog._algo(silu, tensors, groups, 64, [width], run.fusion.shader(prog, run)))]
+
+
+def _ropes_stored(prog: VulkanProgram, rope_q: Op, rope_k: Op, store: Op) -> bool:
+    """Two in-place ropes of one position buffer and one rotation, the second's output the cache's k."""
+    same = rope_q.params == rope_k.params and rope_q.inputs[1] == rope_k.inputs[1] == store.inputs[2] == "pos"
+    in_place = rope_q.inputs[0] == rope_q.outputs[0] and rope_k.inputs[0] == rope_k.outputs[0]
+    widths = prog.width(store.inputs[0]) == prog.width(store.inputs[1]) == prog.kv_width
+    return same and in_place and widths and store.inputs[0] == rope_k.outputs[0] != rope_q.outputs[0]
+
+
+def _rope_kv_store(prog: VulkanProgram, run: _Run, rows: int) -> list[_Step]:
+    """One invocation per pair of q values and per two k values of each row."""
+    rope_q, _, store = run.ops
+    (kc, i), (vc, _) = prog.k_cache.at(store.params["layer"]), prog.v_cache.at(store.params["layer"])
+    q, k, v = (prog.bufs[n] for n in (rope_q.inputs[0], *store.inputs[:2]))
+    tensors = [q, k, v, prog.bufs["pos"], prog.rope, kc, vc, _slot_buffer(prog)]
+    qw, p, g = prog.width(rope_q.inputs[0]), rope_q.params, prog.graph
+    spec = [qw, prog.kv_width, p["head_dim"], int(p["neox"]), g.max_seq_len, g.n_slots]
+    groups = _ceil(rows * (qw + prog.kv_width) // 2, ELEMENTWISE_WG)
+    shader = run.fusion.shader(prog, run)
+    return [_Step(prog._algo(store, tensors, groups, ELEMENTWISE_WG, spec, shader), i)]
+
+
+FUSIONS = (
+    # the norm before matmuls with Q80 inputs, and the FFN's gating before its down projection
+    _Fusion(
+        kinds=("rmsnorm", "quantize_q80"),
+        when=_norm_quantized,
+        kept=0,
+        keepable=True,
+        shader=lambda prog, run: ("rmsnorm_q80", _keep(run)),
+        bind=_rmsnorm_q80,
+    ),
+    _Fusion(
+        kinds=("silu_mul", "quantize_q80"),
+        when=_silu_quantized,
+        kept=0,
+        keepable=True,
+        shader=lambda prog, run: ("silu_mul_q80", _keep(run)),
+        bind=_silu_mul_q80,
+    ),
+    # RoPE of q and of k by the same positions, then k and v into the cache (k itself is not rotated)
+    _Fusion(
+        kinds=("rope", "rope", "kv_store"),
+        when=_ropes_stored,
+        kept=1,
+        keepable=False,
+        shader=lambda prog, run: _by_kv("rope_kv_store")(prog, run.ops[2]),
+        bind=_rope_kv_store,
+    ),
+)
 
 
 def _impl(op: Op) -> _OpImpl:

@@ -1,11 +1,14 @@
 // The 6-bit scale and minimum of sub-block i (0..7) of a Q4_K / Q5_K super-block, from its 12 packed bytes
-// (bytes 4..15 of the super-block: words 1..3 of its first uvec4). For i < 4: sc = s[i] & 63, mn = s[i+4] &
-// 63; for i >= 4 the low four bits come from s[i+4] and the top two from the spare bits of s[i-4] / s[i].
-uint scale_byte(uvec4 head, uint i) { return (head[1u + (i >> 2)] >> (8u * (i & 3u))) & 0xFFu; }
-
-uvec2 scale_min(uvec4 head, uint i) {
-    if (i < 4u) return uvec2(scale_byte(head, i) & 63u, scale_byte(head, i + 4u) & 63u);
-    uint s = scale_byte(head, i + 4u);
-    uint sc = (s & 15u) | ((scale_byte(head, i - 4u) >> 6) << 4);
-    return uvec2(sc, (s >> 4) | ((scale_byte(head, i) >> 6) << 4));
+// s[0..11] (bytes 4..15 of the super-block): lo, mid and hi are their words s[0..3], s[4..7], s[8..11]. For
+// i < 4: sc = s[i] & 63, mn = s[i+4] & 63; for i >= 4 the low four bits come from s[i+4] and the top two
+// from the spare bits of s[i-4] / s[i]. hi is only read for i >= 4, so a mat-vec lane of a sub-block i < 4
+// may pass anything there.
+uvec2 scale_min_words(uint lo, uint mid, uint hi, uint i) {
+    uint sh = 8u * (i & 3u), a = (lo >> sh) & 0xFFu, b = (mid >> sh) & 0xFFu;
+    if (i < 4u) return uvec2(a & 63u, b & 63u);
+    uint s = (hi >> sh) & 0xFFu;
+    return uvec2((s & 15u) | ((a >> 6) << 4), (s >> 4) | ((b >> 6) << 4));
 }
+
+// The same from the super-block's first uvec4 (fp16 d and dmin, then the 12 scale bytes).
+uvec2 scale_min(uvec4 head, uint i) { return scale_min_words(head.y, head.z, head.w, i); }

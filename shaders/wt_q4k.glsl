@@ -17,9 +17,21 @@ WBlock load_block(uint r, uint j) {
                   -dm.y * float(sm.y));
 }
 
-vec4 wvec(WBlock b, uint k) {
-    uint w = (k < 4u ? b.q0[k] : b.q1[k - 4u]) >> b.shift;
-    return vec4(uvec4(w, w >> 8, w >> 16, w >> 24) & 0xFu);
-}
+// The four values of a code word already shifted to its nibbles.
+vec4 q4k_vals(uint w) { return vec4(uvec4(w, w >> 8, w >> 16, w >> 24) & 0xFu); }
+
+vec4 wvec(WBlock b, uint k) { return q4k_vals((k < 4u ? b.q0[k] : b.q1[k - 4u]) >> b.shift); }
 float wscale(WBlock b) { return b.d; }
 float wmin(WBlock b) { return b.m; }
+
+// A mat-vec lane's quarter k of block j: its one code word (word k of chunk i / 2; the 8 lanes of a block
+// read 32 neighbouring bytes) and the head's d/dmin word and scale words, not the whole block.
+#define HAS_WPART
+vec4 wpart(uint r, uint j, uint k, out float d, out float m) {
+    uint o = 9u * (r * NS + (j >> 3)), i = j & 7u;
+    vec2 dm = unpackHalf2x16(wk[o].x);
+    uvec2 sm = scale_min_words(wk[o].y, wk[o].z, i >= 4u ? wk[o].w : 0u, i);
+    d = dm.x * float(sm.x);
+    m = -dm.y * float(sm.y);
+    return q4k_vals(wk[o + 1u + 2u * (i >> 1) + (k >> 2)][k & 3u] >> (4u * (i & 1u)));
+}

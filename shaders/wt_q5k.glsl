@@ -17,11 +17,27 @@ WBlock load_block(uint r, uint j) {
                   dm.x * float(sm.x), -dm.y * float(sm.y));
 }
 
+// The four values of a code word and a high-bit word already shifted to their nibbles and fifth bits.
+vec4 q5k_vals(uint w, uint h) {
+    return vec4((uvec4(w, w >> 8, w >> 16, w >> 24) & 0xFu) | ((uvec4(h, h >> 8, h >> 16, h >> 24) & 1u) << 4));
+}
+
 vec4 wvec(WBlock b, uint k) {
     uint w = (k < 4u ? b.q0[k] : b.q1[k - 4u]) >> b.shift;
-    uint h = (k < 4u ? b.h0[k] : b.h1[k - 4u]) >> b.bit;
-    uvec4 q = (uvec4(w, w >> 8, w >> 16, w >> 24) & 0xFu) | ((uvec4(h, h >> 8, h >> 16, h >> 24) & 1u) << 4);
-    return vec4(q);
+    return q5k_vals(w, (k < 4u ? b.h0[k] : b.h1[k - 4u]) >> b.bit);
 }
 float wscale(WBlock b) { return b.d; }
 float wmin(WBlock b) { return b.m; }
+
+// A mat-vec lane's quarter k of block j: one code word, the high-bit word k (shared by the 8 blocks of the
+// super-block) and the head's d/dmin word and scale words, not the whole block.
+#define HAS_WPART
+vec4 wpart(uint r, uint j, uint k, out float d, out float m) {
+    uint o = 11u * (r * NS + (j >> 3)), i = j & 7u;
+    vec2 dm = unpackHalf2x16(wk[o].x);
+    uvec2 sm = scale_min_words(wk[o].y, wk[o].z, i >= 4u ? wk[o].w : 0u, i);
+    d = dm.x * float(sm.x);
+    m = -dm.y * float(sm.y);
+    uint w = wk[o + 3u + 2u * (i >> 1) + (k >> 2)][k & 3u] >> (4u * (i & 1u));
+    return q5k_vals(w, wk[o + 1u + (k >> 2)][k & 3u] >> i);
+}

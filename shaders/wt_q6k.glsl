@@ -18,10 +18,29 @@ WBlock load_block(uint r, uint j) {
     return WBlock(wk[lo], wk[lo + 1u], wk[ho], wk[ho + 1u], 4u * (t >> 1), 2u * t, sc, d);
 }
 
+// The four values of a code word and a high-bit word already shifted to their nibbles and bit pairs, times
+// their 16-value scale.
+vec4 q6k_vals(uint w, uint h, float sc) {
+    uvec4 q = (uvec4(w, w >> 8, w >> 16, w >> 24) & 0xFu) | ((uvec4(h, h >> 8, h >> 16, h >> 24) & 3u) << 4);
+    return (vec4(q) - 32.0) * sc;
+}
+
 vec4 wvec(WBlock b, uint k) {
     uint w = (k < 4u ? b.l0[k] : b.l1[k - 4u]) >> b.lshift;
     uint h = (k < 4u ? b.h0[k] : b.h1[k - 4u]) >> b.hshift;
-    uvec4 q = (uvec4(w, w >> 8, w >> 16, w >> 24) & 0xFu) | ((uvec4(h, h >> 8, h >> 16, h >> 24) & 3u) << 4);
-    return (vec4(q) - 32.0) * (k < 4u ? b.sc.x : b.sc.y);
+    return q6k_vals(w, h, k < 4u ? b.sc.x : b.sc.y);
 }
 float wscale(WBlock b) { return b.d; }
+
+// A mat-vec lane's quarter k of block j: one ql word, one qh word, the scale word holding its scale byte
+// 8h + 2t + k / 4 and the d word, not the whole block.
+#define HAS_WPART
+vec4 wpart(uint r, uint j, uint k, out float d, out float m) {
+    uint s = j >> 3, o = 13u * (r * NS + s), h = (j >> 2) & 1u, t = j & 3u, e = k >> 2, c = k & 3u;
+    uint w = wk[o + 4u * h + 2u * (t & 1u) + e][c] >> (4u * (t >> 1));
+    uint hb = wk[o + 8u + 2u * h + e][c] >> (2u * t);
+    uint sw = wk[o + 12u][2u * h + (t >> 1)] >> (16u * (t & 1u) + 8u * e);
+    d = half_at(wd[r * NSH + (s >> 1)], s & 1u);
+    m = 0.0;
+    return q6k_vals(w, hb, float(int(sw << 24) >> 24));
+}

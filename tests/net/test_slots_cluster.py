@@ -166,12 +166,14 @@ def test_a_refusing_worker_serves_the_next_root(pool, model, backend):
     (w,) = pool.get(1)
     r = slotted(model, backend, [w])
     link = r.cluster.links[1]
+    m = w.mark()
     try:
         with link.lock:
             link.send(rows_frame(struct.pack("<2i", 0, 9), 1), 1.0)
             assert link.read_frame(5.0, total=5.0).msg == Msg.ERROR
     finally:
         r.close()
+    w.wait_for("Waiting for a root", m)  # the refused session has ended (else a new root finds it busy)
     assert_serves(model, backend, [w])
 
 

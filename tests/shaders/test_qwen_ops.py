@@ -168,7 +168,7 @@ def test_moe_matmul_every_type(vk, wtype):
 
 @pytest.mark.parametrize("per_slot", [False, True])
 @pytest.mark.parametrize("act", ["f32", "q80"])
-@pytest.mark.parametrize("wtype", ["q40", "q4k", "q6k"])
+@pytest.mark.parametrize("wtype", ["q40", "q4k", "q5k", "q6k"])
 def test_moe_matmul(any_vk, wtype, act, per_slot):
     """Shared and per-slot inputs, f32 and Q80 activations, in every tuning."""
     run_moe_matmul(any_vk, wtype, act, per_slot)

@@ -71,24 +71,24 @@ def test_decode_token_on_one_node_is_one_submit_with_shared_barriers(tmp_path, v
     output into x itself and merge_add records nothing), a barrier only before a dispatch that reads what a
     dispatch since the last barrier wrote (or writes what one read):
       embedding (reads tok, just copied in)                                           1 dispatch, 1 barrier
-      attention block: rmsnorm, matmul q, k, v, rope q, k, kv_store, attention (chunks, then their
-        merge), matmul wo, add into x; k and v share q's barrier (they read h, written before it, and write
-        buffers untouched since), rope k shares rope q's                               11 dispatches, 8
+      attention block: rmsnorm, matmul q, k, v, rope q + rope k + kv_store (one fused dispatch), attention
+        (chunks, then their merge), matmul wo, add into x; k and v share q's barrier (they read h, written
+        before it, and write buffers untouched since)                                   9 dispatches, 7
       FFN block: rmsnorm, matmul gate, up, silu_mul, matmul down, add into x; up shares gate's      6, 5
       classifier: rmsnorm, matmul                                                                  2, 2
-    so 1 + 2 * (11 + 6) + 2 = 37 dispatches and 1 + 2 * (8 + 5) + 2 = 29 barriers. Copies: tok and pos in
+    so 1 + 2 * (9 + 6) + 2 = 33 dispatches and 1 + 2 * (7 + 5) + 2 = 27 barriers. Copies: tok and pos in
     (4 bytes each), one row of logits out (288 floats)."""
     model, ref = tiny_model(tmp_path, "q40", "gqa4x2")
     runner = Runner(model, vk, "f32", max_seq_len=16, max_batch=4)
     prog, last = runner.program, len(runner.graph.segments)
     c = prog.counts(0, last, 1)
-    assert (c.dispatches, c.barriers) == (37, 29)
+    assert (c.dispatches, c.barriers) == (33, 27)
     assert (c.transfers, c.transfer_bytes) == (3, 4 + 4 + VOCAB * 4)
     assert c.host_read_bytes == 0
     with pytest.raises(DllamaError, match="the x pipe is device-only on one node"):
         prog.pipe("x")
     prefill = prog.counts(0, last, 4)
-    assert (prefill.barriers, prefill.transfer_bytes) == (29, 4 * (4 + 4 + VOCAB * 4))  # live rows only
+    assert (prefill.barriers, prefill.transfer_bytes) == (27, 4 * (4 + 4 + VOCAB * 4))  # live rows only
 
     cpu = Runner(model, CpuBackend(2), "f32", max_seq_len=16, max_batch=4)
     got, want = [], []
@@ -104,15 +104,37 @@ def test_one_node_fuses_the_residual_add(tmp_path, vk):
     """A cluster node records to_pipe (this node's slot of zq) and merge_add (x += every slot) apart, and
     merge_add starts the next block: node 0 of 2 runs the same token in 4 more dispatches (a merge_add
     before each block but layer 0's attention) and 4 more barriers (each merge_add reads what to_pipe just
-    wrote) than one node's 37 and 29."""
+    wrote) than one node's 33 and 27."""
     model, _ = tiny_model(tmp_path, "q40", "gqa4x2")
     sl = node_slice(model.config, 0, 2)
     graph = build_graph(model.config, sl, "f32", 16)
     node0 = vk.compile(graph, slice_weights(model, sl), 4)
     c = node0.counts(0, len(graph.segments), 1)
-    assert (c.dispatches, c.barriers) == (37 + 4, 29 + 4)
+    assert (c.dispatches, c.barriers) == (33 + 4, 27 + 4)
     one = Runner(model, vk, "f32", max_seq_len=16, max_batch=4).program
-    assert one.counts(0, len(graph.segments), 1).dispatches == 37
+    assert one.counts(0, len(graph.segments), 1).dispatches == 33
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_runs_save_dispatches_and_barriers_per_decode_token(tmp_path, vk, monkeypatch, fused):
+    """Q80 activations, one node, counted by hand from the op list, unfused (FUSIONS emptied) and fused:
+      embedding                                                                                     1, 1
+      attention block: rmsnorm, quantize h, matmul q, k, v (one barrier), rope q, rope k (one), kv_store,
+        attention (2), quantize att, matmul wo, add into x                                         13, 10
+        fused: rmsnorm + quantize, q, k, v, rope q + rope k + kv_store, attention (2), quantize,
+        wo, add                                                                                     10, 8
+      FFN block: rmsnorm, quantize h, matmul gate, up (one barrier), silu_mul, quantize gate, down, add 8, 7
+        fused: rmsnorm + quantize, gate, up, silu_mul + quantize, down, add                          6, 5
+      classifier: rmsnorm, quantize h, matmul                                                        3, 3
+        fused: rmsnorm + quantize, matmul                                                            2, 2
+    unfused 1 + 2 * (13 + 8) + 3 = 46 dispatches, 1 + 2 * (10 + 7) + 3 = 38 barriers; fused 1 + 2 * (10 + 6)
+    + 2 = 35 and 1 + 2 * (8 + 5) + 2 = 29: 11 dispatches and 9 barriers fewer per token."""
+    if not fused:
+        monkeypatch.setattr(vkb, "FUSIONS", ())
+    model, _ = tiny_model(tmp_path, "q40", "gqa4x2")
+    runner = Runner(model, vk, "q80", max_seq_len=16, max_batch=4)
+    c = runner.program.counts(0, len(runner.graph.segments), 1)
+    assert (c.dispatches, c.barriers) == ((35, 29) if fused else (46, 38))
 
 
 def test_cluster_node_reads_exchanged_pipes_from_host_memory(tmp_path, vk):
