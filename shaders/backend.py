@@ -29,6 +29,7 @@ from engine.errors import DllamaError
 from engine.files import release_file_pages
 from engine.graph import Graph, Op
 from engine.slicing import KV_TYPES
+from engine.weight_types import weight_type
 from engine.weights import BLOCK, Weight, vector_f32
 from shaders.compile import spirv
 from shaders.devices import DeviceInfo, check_device, list_devices, pick_device
@@ -73,6 +74,8 @@ def import_kompute():
         kp.OpTensorSyncLocal.__init__.__doc__ or ""
     ):
         raise DllamaError(f"kp {version} predates dllama's barrier placement: run tools/setup.sh to rebuild")
+    if not hasattr(kp.Manager, "enabled_features"):
+        raise DllamaError(f"kp {version} predates dllama's device features: run tools/setup.sh to rebuild")
     return kp
 
 
@@ -173,7 +176,9 @@ class Tuning:
     has subgroup arithmetic) and the mat-mat tiles from `matmat_from` batch rows on (0: never).
     `reduce_wg`: workgroup size of the row-reducing shaders (rmsnorm, attention). Attention (attention.comp)
     splits a row's positions into chunks of at least `attn_chunk` positions and at most `attn_chunks` of
-    them; `split` also stages the key rows through shared memory (coalesced reads)."""
+    them; `split` also stages the key rows through shared memory (coalesced reads). `int_dot`: the mat-vec
+    paths of 32-value block weights times Q80 activations use packed 4x8 integer dot products (INT_DOT)
+    where the device was created with them; False keeps the float form."""
 
     split: bool
     rows: int
@@ -183,13 +188,23 @@ class Tuning:
     matmat_from: int = 0
     attn_chunk: int = 64
     attn_chunks: int = 64
+    int_dot: bool = True
 
     @staticmethod
     def for_device(dev: DeviceInfo) -> Tuning:
         """Wide workgroups on GPUs; on CPU implementations, where idle lanes, barriers and every buffer load
-        are expensive, invocations that each own whole rows."""
+        are expensive, invocations that each own whole rows; integer dot products where the device has them
+        (on lavapipe as fast as the float form or faster)."""
         if dev.is_cpu:
-            return Tuning(split=False, rows=4, batch=2, reduce_wg=16, attn_chunk=256, attn_chunks=4)
+            return Tuning(
+                split=False,
+                rows=4,
+                batch=2,
+                reduce_wg=16,
+                attn_chunk=256,
+                attn_chunks=4,
+                int_dot=dev.integer_dot,
+            )
         sub = dev.subgroup_size if dev.subgroup_arithmetic and 16 <= dev.subgroup_size <= 64 else 64
         return Tuning(
             split=True,
@@ -198,6 +213,7 @@ class Tuning:
             reduce_wg=min(256, _pow2_floor(dev.max_workgroup_invocations)),
             matvec_wg=sub,
             matmat_from=MATMAT_FROM,
+            int_dot=dev.integer_dot,
         )
 
 
@@ -234,13 +250,16 @@ class VulkanBackend(Backend):
             and self.device.subgroup_size >= 8
         )
         self.buffer_limit = min(BUFFER_LIMIT, self.device.max_storage_buffer_range)
+        # kp enables VK_KHR_shader_integer_dot_product's feature where the device has it, and says so
+        self.int_dot = self.tuning.int_dot and "shaderIntegerDotProduct" in self.manager.enabled_features
         reduce = f"subgroups of {self.device.subgroup_size}" if self.subgroups else "shared-memory reductions"
         kind = "CPU emulation" if self.device.is_cpu else self.device.kind
-        self.description = f"Vulkan {self.device.name} ({kind}; {reduce})"
+        dots = "; integer dot products" if self.int_dot else ""
+        self.description = f"Vulkan {self.device.name} ({kind}; {reduce}{dots})"
 
     def shader(self, name: str, flags: tuple[str, ...] = ()) -> bytes:
         """SPIR-V of a shader in this backend's variant (subgroups or not) with an op's macro flags
-        (ACT_Q80: Q80 matmul activations; MOE: expert stacks)."""
+        (ACT_Q80: Q80 matmul activations; INT_DOT: their packed integer dot products; MOE: expert stacks)."""
         defines: dict[str, int | str] = dict.fromkeys(flags, 1)
         if self.subgroups:
             defines["USE_SUBGROUPS"] = 1
@@ -487,6 +506,14 @@ class VulkanProgram(Program):
 
     def _shader_key(self, op: Op) -> ShaderKey:
         return _impl(op).shader(self, op)
+
+    def shader_variant(self, op_name: str) -> ShaderKey:
+        """The shader and macro flags the graph op named `op_name` runs with (e.g. a matmul's INT_DOT; the
+        fusion's shader for an op of a fused run)."""
+        for run in (run for seg in self.runs for run in seg):
+            if any(op.name == op_name for op in run.ops):
+                return run.fusion.shader(self, run) if run.fusion else self._shader_key(run.ops[0])
+        raise DllamaError(f"the graph has no op named {op_name!r}")
 
     def _algo(
         self, op: Op, tensors: list, groups: int, wg: int, spec: list[int], shader: ShaderKey | None = None
@@ -742,8 +769,13 @@ def _add_bias(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
 
 
 def _matmul_shader(prog: VulkanProgram, op: Op) -> ShaderKey:
-    name = f"matmul_{prog.weights[op.weight].dtype}"
-    return name, ("ACT_Q80",) if prog.is_q80(op.inputs[0]) else ()
+    """matmul_<type>; Q80 activations add ACT_Q80, and INT_DOT for 32-value block weights on a device with
+    packed integer dot products (their mat-vec paths; the mat-mat tiles stay float)."""
+    wt = weight_type(prog.weights[op.weight].dtype)
+    name = f"matmul_{wt.name}"
+    if not prog.is_q80(op.inputs[0]):
+        return name, ()
+    return name, ("ACT_Q80", "INT_DOT") if prog.be.int_dot and wt.block_values == BLOCK else ("ACT_Q80",)
 
 
 def _moe_matmul_shader(prog: VulkanProgram, op: Op) -> ShaderKey:

@@ -9,6 +9,17 @@
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_ballot : require
 #endif
+#ifdef INT_DOT
+#extension GL_EXT_spirv_intrinsics : require
+// The dot product of a and b read as four signed bytes each: OpSDot (SPV_KHR_integer_dot_product; capabilities
+// DotProduct 6019 and DotProductInput4x8BitPacked 6018; format operand 0, PackedVectorFormat4x8Bit), declared
+// through GL_EXT_spirv_intrinsics: glslang 13 has no GL_EXT_integer_dot_product (dotPacked4x8EXT). A block's
+// sum stays far inside int32 (|sum| <= 32 * 128 * 128), so the plain add needs no saturating OpSDotAccSat,
+// which lavapipe runs slower.
+spirv_instruction(extensions = ["SPV_KHR_integer_dot_product"], capabilities = [6019, 6018], id = 4450)
+int sdot4x8(uint a, uint b, spirv_literal int packed_format);
+int idot4(uint a, uint b, int acc) { return acc + sdot4x8(a, b, 0); }
+#endif
 
 layout(local_size_x_id = 0) in;
 

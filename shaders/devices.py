@@ -22,6 +22,9 @@ _ST_APPLICATION_INFO = 0
 _ST_INSTANCE_CREATE_INFO = 1
 _ST_PROPERTIES_2 = 1000059001
 _ST_SUBGROUP_PROPERTIES = 1000094000
+_ST_FEATURES_2 = 1000059000
+_ST_INTEGER_DOT_FEATURES = 1000280000
+INTEGER_DOT_EXTENSION = b"VK_KHR_shader_integer_dot_product"
 _VK_RESULTS = {
     -1: "out of host memory",
     -2: "out of device memory",
@@ -47,6 +50,7 @@ class DeviceInfo:
     subgroup_arithmetic: bool
     subgroup_ballot: bool
     device_local_bytes: int
+    integer_dot: bool = False  # VK_KHR_shader_integer_dot_product with shaderIntegerDotProduct
 
     @property
     def is_cpu(self) -> bool:
@@ -149,6 +153,26 @@ class _SubgroupProperties(ctypes.Structure):
     ]
 
 
+class _Features2(ctypes.Structure):
+    _fields_ = [
+        ("sType", ctypes.c_int),
+        ("pNext", ctypes.c_void_p),
+        ("features", ctypes.c_uint32 * 55),  # VkPhysicalDeviceFeatures: 55 VkBool32
+    ]
+
+
+class _IntegerDotFeatures(ctypes.Structure):
+    _fields_ = [
+        ("sType", ctypes.c_int),
+        ("pNext", ctypes.c_void_p),
+        ("shaderIntegerDotProduct", ctypes.c_uint32),
+    ]
+
+
+class _ExtensionProperties(ctypes.Structure):
+    _fields_ = [("extensionName", ctypes.c_char * 256), ("specVersion", ctypes.c_uint32)]
+
+
 class _MemoryHeap(ctypes.Structure):
     _fields_ = [("size", ctypes.c_uint64), ("flags", ctypes.c_uint32)]
 
@@ -192,6 +216,21 @@ def list_devices(loader: str = LOADER) -> list[DeviceInfo]:
         vk.vkDestroyInstance(instance, None)
 
 
+def _integer_dot(vk: ctypes.CDLL, handle: ctypes.c_void_p) -> bool:
+    """Whether the device has VK_KHR_shader_integer_dot_product and its shaderIntegerDotProduct feature
+    (what the patched kp then enables, so that the INT_DOT matmul shaders may run)."""
+    count = ctypes.c_uint32()
+    vk.vkEnumerateDeviceExtensionProperties(handle, None, ctypes.byref(count), None)
+    exts = (_ExtensionProperties * count.value)()
+    vk.vkEnumerateDeviceExtensionProperties(handle, None, ctypes.byref(count), exts)
+    if INTEGER_DOT_EXTENSION not in {e.extensionName for e in exts[: count.value]}:
+        return False
+    dot = _IntegerDotFeatures(_ST_INTEGER_DOT_FEATURES, None, 0)
+    features = _Features2(_ST_FEATURES_2, ctypes.cast(ctypes.pointer(dot), ctypes.c_void_p))
+    vk.vkGetPhysicalDeviceFeatures2(handle, ctypes.byref(features))
+    return bool(dot.shaderIntegerDotProduct)
+
+
 def _describe(vk: ctypes.CDLL, index: int, handle: ctypes.c_void_p) -> DeviceInfo:
     sub = _SubgroupProperties(_ST_SUBGROUP_PROPERTIES, None)
     props = _Properties2(_ST_PROPERTIES_2, ctypes.cast(ctypes.pointer(sub), ctypes.c_void_p))
@@ -217,6 +256,7 @@ def _describe(vk: ctypes.CDLL, index: int, handle: ctypes.c_void_p) -> DeviceInf
         subgroup_arithmetic=bool(sub.supportedOperations & _SUBGROUP_ARITHMETIC and compute),
         subgroup_ballot=bool(sub.supportedOperations & _SUBGROUP_BALLOT and compute),
         device_local_bytes=max(local, default=0),
+        integer_dot=_integer_dot(vk, handle),
     )
 
 

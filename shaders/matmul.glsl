@@ -8,6 +8,11 @@
 // block is loaded once for the TB batch rows.
 // ACT_Q80: x is Q80 blocks (34 bytes: fp16 d, 32 int8); the block dot product is done on the integer
 // values, d_w * d_x * sum(q_w * q_x) [+ m_w * d_x * sum(q_x)], as distributed-llama's Q80 kernels do.
+// INT_DOT (with ACT_Q80, 32-value block weights whose wt_<type>.glsl has wcodes, on a device created with
+// shaderIntegerDotProduct): the mat-vec paths keep both sides' codes packed 4 per word and sum a block in
+// int32 with 8 packed 4x8 dot products (exact), less W_OFFSET * sum(q_x) for Q4_0/Q5_0; the block is then
+// (d_w * d_x) * s [+ (m_w * d_x) * sum(q_x)], as the CPU backend's integer kernels compute it. With SPLIT = 1
+// a lane takes whole blocks (j = t, t + WG, ...) so that each block's sum stays one exact integer.
 // MOE (moe_matmul): the weight is a stack of EXPERTS matrices per layer and the batch rows are the n * SLOTS
 // (token, slot) pairs: pair q = b * SLOTS + s multiplies expert moe_idx[q] by x row b (or row q when x holds
 // one input per slot) into y row q, i.e. y[b, s * OUT_ROWS + OUT0 + r]. Pairs use different experts, so TB
@@ -58,6 +63,56 @@ uint weight_base(uint q) {
 #endif
 }
 
+#ifdef INT_DOT
+struct XBlock { uint v[8]; float d; int sum; };
+
+// The x block j of batch row b as packed codes, with their sum where the weight type needs it (SHARE_X: see
+// the float load_xblock below).
+XBlock load_xblock(uint b, uint j) {
+    XBlock x;
+    uint off = (b * NB + j) * 34u;
+    x.d = half_at(xq[off >> 2], off & 2u);
+#ifdef SHARE_X
+    uint mine = LOAD_U32_2A(xq, off + 2u + 4u * (gl_SubgroupInvocationID & 7u));
+    for (uint k = 0u; k < 8u; k++) x.v[k] = subgroupBroadcast(mine, k);
+#else
+    for (uint k = 0u; k < 8u; k++) x.v[k] = LOAD_U32_2A(xq, off + 2u + 4u * k);
+#endif
+    x.sum = 0;
+#if defined(HAS_MIN) || defined(W_OFFSET)
+    for (uint k = 0u; k < 8u; k++) x.sum = idot4(x.v[k], 0x01010101u, x.sum);
+#endif
+    return x;
+}
+
+// A weight block as packed codes (wcodes) with its scale d and minimum m.
+struct WDec { uint v[8]; float d; float m; };
+
+WDec decode(WBlock w) {
+    WDec o;
+    for (uint k = 0u; k < 8u; k++) o.v[k] = wcodes(w, k);
+    o.d = wscale(w);
+#ifdef HAS_MIN
+    o.m = wmin(w);
+#else
+    o.m = 0.0;
+#endif
+    return o;
+}
+
+float block_dot(WDec w, XBlock x) {
+    int s = 0;
+    for (uint k = 0u; k < 8u; k++) s = idot4(w.v[k], x.v[k], s);
+#ifdef W_OFFSET
+    s -= W_OFFSET * x.sum;
+#endif
+#ifdef HAS_MIN
+    return (w.d * x.d) * float(s) + (w.m * x.d) * float(x.sum);
+#else
+    return (w.d * x.d) * float(s);
+#endif
+}
+#else
 struct XBlock { vec4 v[8]; float d; float sum; };
 
 // The x block j of batch row b. SHARE_X (CPU implementations with SPLIT = 0, whose lanes all walk the same
@@ -123,6 +178,8 @@ float block_dot(WDec w, XBlock x) {
 #endif
 }
 
+#endif
+
 // Quarter k (values 4k..4k+3) of the weight block j of row r, with its scale d and minimum m. Types whose
 // blocks are large define HAS_WPART and load only that quarter; the others decode the whole block.
 #ifndef HAS_WPART
@@ -175,6 +232,20 @@ void matvec_split() {
     for (uint b0 = 0u; b0 < nq; b0 += TB) {
         uint nb = min(TB, nq - b0), base = weight_base(b0);
         vec4 acc[4] = vec4[4](vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0));   // [row][batch row]
+#ifdef INT_DOT
+        for (uint j = t; j < NB; j += gl_WorkGroupSize.x) {
+            XBlock xb[4];
+            for (uint c = 0u; c < TB; c++) {
+                if (c < nb) xb[c] = load_xblock(x_row(b0 + c), j);
+            }
+            for (uint i = 0u; i < R; i++) {
+                WDec w = decode(load_block(base + min(row0 + i, pc.rows - 1u), j));
+                for (uint c = 0u; c < TB; c++) {
+                    if (c < nb) acc[i][c] += block_dot(w, xb[c]);
+                }
+            }
+        }
+#else
         for (uint p = t; p < NB * 8u; p += gl_WorkGroupSize.x) {
             uint j = p >> 3, k = p & 7u;
             vec4 xv[4];
@@ -190,6 +261,7 @@ void matvec_split() {
                 }
             }
         }
+#endif
         for (uint i = 0u; i < R; i++) {
             vec4 tot = mv_sum4(acc[i]);
             if (t == 0u && row0 + i < pc.rows) {

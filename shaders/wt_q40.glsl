@@ -15,3 +15,6 @@ vec4 wvec(WBlock b, uint k) {
     return vec4(uvec4(w, w >> 8, w >> 16, w >> 24) & 0xFu) - 8.0;
 }
 float wscale(WBlock b) { return b.d; }
+// INT_DOT: the codes of values 4k..4k+3, a byte each (0..15); value = d * (code - W_OFFSET).
+#define W_OFFSET 8
+uint wcodes(WBlock b, uint k) { return (b.q[k & 3u] >> (4u * (k >> 2))) & 0x0F0F0F0Fu; }

@@ -18,3 +18,5 @@ vec4 wvec(WBlock b, uint k) {
 }
 float wscale(WBlock b) { return b.dm.x; }
 float wmin(WBlock b) { return b.dm.y; }
+// INT_DOT: the codes of values 4k..4k+3, a byte each (0..15); value = d * code + m.
+uint wcodes(WBlock b, uint k) { return (b.q[k & 3u] >> (4u * (k >> 2))) & 0x0F0F0F0Fu; }

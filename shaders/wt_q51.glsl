@@ -20,3 +20,9 @@ vec4 wvec(WBlock b, uint k) {
 }
 float wscale(WBlock b) { return b.dm.x; }
 float wmin(WBlock b) { return b.dm.y; }
+// INT_DOT: the codes of values 4k..4k+3, a byte each (0..31: nibble | fifth bit << 4); value = d * code + m.
+uint wcodes(WBlock b, uint k) {
+    uint h = b.h >> (4u * k);
+    uint hi = ((h & 1u) << 4) | ((h & 2u) << 11) | ((h & 4u) << 18) | ((h & 8u) << 25);
+    return ((b.q[k & 3u] >> (4u * (k >> 2))) & 0x0F0F0F0Fu) | hi;
+}

@@ -12,3 +12,5 @@ WBlock load_block(uint r, uint j) {
 
 vec4 wvec(WBlock b, uint k) { return i8x4(k < 4u ? b.q0[k] : b.q1[k - 4u]); }
 float wscale(WBlock b) { return b.d; }
+// INT_DOT: the signed codes of values 4k..4k+3, a byte each; value = d * code.
+uint wcodes(WBlock b, uint k) { return k < 4u ? b.q0[k] : b.q1[k - 4u]; }

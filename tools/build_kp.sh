@@ -10,8 +10,10 @@
 # live rows), OpTensorSyncLocal's host-read barrier sits on the staging buffer the host reads, staging memory
 # is host-cached where the device has such memory, a shader-write -> host-read barrier is added for host
 # tensors, instances are Vulkan 1.2 (the shaders are SPIR-V 1.5), and Sequence.eval() releases the GIL while it
-# waits on its fence (a cluster node's network threads run meanwhile). Validation layers are left to
-# VK_INSTANCE_LAYERS, not always loaded.
+# waits on its fence (a cluster node's network threads run meanwhile). The Manager creates its device with
+# VK_KHR_shader_integer_dot_product and the shaderIntegerDotProduct feature (a pNext feature chain) where the
+# device has them, for the INT_DOT matmul shaders, and reports what it enabled (Manager.enabled_extensions,
+# enabled_features). Validation layers are left to VK_INSTANCE_LAYERS, not always loaded.
 # pybind11 comes from PyPI, pinned: before 2.12 it reads numpy's dtype struct directly, and under numpy 2 kp's
 # Tensor.data() then returns arrays whose stride is 0 (every element aliasing the first).
 # The wheel's version carries a hash of the patch, the build flags and pybind11's version, so changing any

@@ -1,5 +1,7 @@
 """Shader benchmark: µs, GB/s and GFLOP/s of every Vulkan shader at the embedded model's and Llama 3.1 8B's
 shapes (one decode token), next to the same op on the CPU backend and to the device's measured copy bandwidth.
+On a device with packed integer dot products, 32-value block weights times Q80 activations are timed in both
+forms: `matmul_<type>/q80` the float one, `matmul_<type>/q80-idot` the INT_DOT one (what the device runs).
 
 Each case compiles a one-op graph with the backend's own buffers, weight packing and grids, records the
 dispatch K times in one sequence (K sized so an eval lasts a few ms, amortising submission) and reports the
@@ -9,6 +11,7 @@ median over repeats after warm-up. Random weights are generated directly in thei
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -40,6 +43,7 @@ from shaders.weights import weight_parts
 
 WTYPES = tuple(WEIGHT_TYPES)  # every weight type of the registry
 Q80_ACT_WTYPES = tuple(t for t in WTYPES if weight_type(t).quantized)
+INT_DOT_WTYPES = tuple(t for t in Q80_ACT_WTYPES if weight_type(t).block_values == 32)  # INT_DOT shaders
 # fp16 fields (byte offset -> value) of a random block: small scales, negative minimums
 HALF_FIELDS = {
     "q40": {0: 0.01},
@@ -104,6 +108,7 @@ class Case:
     max_seq: int = 16
     pos: int = 0
     matmul: bool = False
+    int_dot: bool = False  # a Q80 matmul in the INT_DOT form (else the float form)
 
 
 def _rand(rng: np.random.Generator, shape, scale: float = 1.0) -> np.ndarray:
@@ -129,10 +134,10 @@ def _q80(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def matmul_case(shape: Shape, wtype: str, act: str, rng: np.random.Generator) -> Case:
-    """The FFN down projection (dim x hidden), the largest per-layer matrix, with f32 or Q80 activations.
-    Its rows (hidden values) are whole K-quant super-blocks at both shapes, which the dim-long rows of the
-    up projection are not for SmolLM2 (576)."""
+def matmul_case(shape: Shape, wtype: str, act: str, rng: np.random.Generator, int_dot: bool = False) -> Case:
+    """The FFN down projection (dim x hidden), the largest per-layer matrix, with f32 or Q80 activations
+    (`int_dot`: the INT_DOT shader). Its rows (hidden values) are whole K-quant super-blocks at both shapes,
+    which the dim-long rows of the up projection are not for SmolLM2 (576)."""
     rows, cols = shape.dim, shape.hidden
     w = random_weight("blk.0.ffn_down.weight", wtype, rows, cols, rng)
     x = _rand(rng, (1, cols))
@@ -150,7 +155,7 @@ def matmul_case(shape: Shape, wtype: str, act: str, rng: np.random.Generator) ->
             kernels.matmul(w.data, wtype, x, out)
 
     return Case(
-        f"matmul_{wtype}" + ("/q80" if act == "q80" else ""),
+        f"matmul_{wtype}" + ("/q80" if act == "q80" else "") + ("-idot" if int_dot else ""),
         shape,
         f"{rows}x{cols}",
         Op("matmul", "mm", (xin,), ("y",), w.name),
@@ -161,6 +166,7 @@ def matmul_case(shape: Shape, wtype: str, act: str, rng: np.random.Generator) ->
         {w.name: w},
         act,
         matmul=True,
+        int_dot=int_dot,
     )
 
 
@@ -293,11 +299,16 @@ def embedding_case(shape: Shape, rng: np.random.Generator) -> Case:
     )
 
 
-def build_cases(shape: Shape, positions: list[int], seed: int = 0) -> list[Callable[[], Case]]:
-    """Every benchmarked shader at `shape`, as builders (a case's weights exist only while it runs)."""
+def build_cases(
+    shape: Shape, positions: list[int], seed: int = 0, int_dot: bool = False
+) -> list[Callable[[], Case]]:
+    """Every benchmarked shader at `shape`, as builders (a case's weights exist only while it runs); with
+    `int_dot` the INT_DOT matmuls beside the float ones."""
     rng = np.random.default_rng(seed)
     builders: list[Callable[[], Case]] = [lambda t=t: matmul_case(shape, t, "f32", rng) for t in WTYPES]
     builders += [lambda t=t: matmul_case(shape, t, "q80", rng) for t in Q80_ACT_WTYPES]
+    if int_dot:
+        builders += [lambda t=t: matmul_case(shape, t, "q80", rng, True) for t in INT_DOT_WTYPES]
     builders += [
         lambda: rmsnorm_case(shape, rng),
         lambda: rope_case(shape, rng),
@@ -312,10 +323,16 @@ def build_cases(shape: Shape, positions: list[int], seed: int = 0) -> list[Calla
 
 
 class Bench:
-    """Times cases on one Vulkan backend."""
+    """Times cases on one Vulkan backend; where it uses INT_DOT, the float form's cases run on a second
+    backend of the same device and tuning with int_dot off."""
 
     def __init__(self, be: VulkanBackend, repeats: int):
         self.be, self.kp, self.repeats = be, be.kp, repeats
+        self.float_be = be
+        if be.int_dot:
+            self.float_be = VulkanBackend(
+                be.device.index, be.subgroups, dataclasses.replace(be.tuning, int_dot=False)
+            )
 
     def _copy_algo(self, src, dst, words: int):
         spec = np.array([256], np.uint32)
@@ -371,7 +388,11 @@ class Bench:
         bufs = {"tok": BufferSpec(1, "i32"), "pos": BufferSpec(1, "i32"), "zq": BufferSpec(cfg.dim, case.act)}
         bufs.update(case.buffers)
         graph = Graph(cfg, node_slice(cfg, 0, 1), case.act, case.max_seq, bufs, [Segment([case.op])])
-        prog = VulkanProgram(self.be, graph, case.weights, 1)
+        prog = VulkanProgram(self.be if case.int_dot else self.float_be, graph, case.weights, 1)
+        if case.matmul and ("INT_DOT" in prog.shader_variant(case.op.name)[1]) != case.int_dot:
+            raise DllamaError(
+                f"{case.shader} did not compile to the {'INT_DOT' if case.int_dot else 'float'} form"
+            )
         rng = np.random.default_rng(1)
         for name, spec in bufs.items():
             if spec.dtype == "i32":
@@ -438,7 +459,7 @@ def device_label(be: VulkanBackend) -> str:
 def matmul_variant(be: VulkanBackend) -> dict:
     """The matmul work split chosen for the device (specialization constants) and the mat-mat tile."""
     tile = {"rows": MATMAT_ROWS, "batch": MATMAT_BATCH, "workgroup": MATMAT_WG}
-    return {**asdict(be.tuning), "subgroups": be.subgroups, "matmat_tile": tile}
+    return {**asdict(be.tuning), "int_dot": be.int_dot, "subgroups": be.subgroups, "matmat_tile": tile}
 
 
 def result(case: Case, gpu_s: float, cpu_s: float, copy_gbps: float) -> dict:
@@ -532,7 +553,7 @@ def run(quick: bool, gpu_index: int | None, repeats: int | None, progress: bool 
     plan = [(SMOLLM2, [256] if quick else [64, 512, 4095])]
     if not quick:
         plan.append((LLAMA8B, [64, 512, 4095]))
-    builders = [b for shape, pos in plan for b in build_cases(shape, pos)]
+    builders = [b for shape, pos in plan for b in build_cases(shape, pos, int_dot=be.int_dot)]
     console = Console(stderr=True)
     results, skipped = [], []
     with Progress(

@@ -1,6 +1,8 @@
 """Synchronisation under the Khronos validation layer (synchronization validation on): a full forward pass,
 prefill batches and decode steps (and rows of two KV slots), in every tuning and activation type, and
-dispatch pairs that conflict in each way (the backend's barrier placement): zero hazards, zero errors."""
+dispatch pairs that conflict in each way (the backend's barrier placement): zero hazards, zero errors (a
+shader capability such as the INT_DOT matmuls' integer dot products used without its device feature enabled
+is an error too)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import sys
 from pathlib import Path
 
 from tinymodel import write_tiny_gguf
+
+from shaders.devices import list_devices
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = """khronos_validation.report_flags = error,warn,perf
@@ -43,6 +47,8 @@ def test_forward_passes_are_hazard_free(tmp_path):
     assert engine.count("ran Vulkan") == 8, r.stdout[-3000:]
     assert engine.count("slots ran on Vulkan") == 2, r.stdout[-3000:]
     assert engine.count("ran conflict pair") == 4, r.stdout[-3000:]
+    if list_devices()[0].integer_dot:  # the q41 model's Q80 matmuls ran the INT_DOT shaders (lavapipe)
+        assert engine.count("integer dot products) q80") == 4, r.stdout[-3000:]
     # the layer is live: the deliberate write-after-write between two copies is reported
     assert "SYNC-HAZARD-WRITE-AFTER-WRITE" in control, (
         "the validation layer reported nothing: is it installed?"
