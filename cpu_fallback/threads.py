@@ -3,7 +3,9 @@
 A parallel launch wakes the OpenMP pool: cheap when its cores are idle and its threads spin briefly before
 sleeping (GOMP_SPINCOUNT=1000, set in cpu_fallback/__init__.py), but beside another busy program a helper
 thread costs a decode step more than it brings. So a decode step runs with all threads or with one,
-whichever recent steps found faster (docs/BENCHMARKS.md has the figures).
+whichever recent steps found faster (docs/BENCHMARKS.md has the figures). The first trial comes after a few
+steps, so a generation beside a busy program leaves the slow count at once; a trial that confirms the count
+in use doubles the wait before the next, and one whose first step is clearly slower ends there.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-PROBE_EVERY = 32  # decode steps between trials of the other thread count
-PROBE_STEPS = 3  # steps of each trial
+FIRST_TRIAL = 3  # decode steps before the first trial of the other thread count
+PROBE_STEPS = 3  # steps of a trial
+PROBE_EVERY = 32  # steps between trials after a switch ...
+PROBE_MAX = 512  # ... doubled by every trial that keeps the count, up to this
+GIVE_UP = 1.25  # a trial step this much slower than the count in use ends the trial at once
 HISTORY = 8  # recent step times kept per thread count
 
 
 class ThreadGovernor:
-    """Runs decode steps with `n_threads` or 1 thread: every PROBE_EVERY steps the other count runs
-    PROBE_STEPS steps, then the count with the lower median of its recent step times is kept."""
+    """Runs decode steps with `n_threads` or 1 thread, trying the other count now and then (see above) and
+    keeping the one with the lower median step time."""
 
     def __init__(
         self,
@@ -31,7 +36,11 @@ class ThreadGovernor:
         self.choices = (n_threads, 1) if n_threads > 1 else (1,)
         self.set_threads, self.clock = set_threads, clock
         self.times = {c: deque(maxlen=HISTORY) for c in self.choices}
-        self.current, self.steps = 0, 0
+        self.current = 0
+        self.interval = PROBE_EVERY
+        self.until_trial = FIRST_TRIAL  # steps with the count in use before the next trial
+        self.trial: list[float] = []  # this trial's step times, while one runs
+        self.in_trial = False
 
     @property
     def threads(self) -> int:
@@ -43,17 +52,32 @@ class ThreadGovernor:
         if len(self.choices) == 1:
             step()
             return
-        phase = self.steps % PROBE_EVERY
-        trial = phase >= PROBE_EVERY - PROBE_STEPS
-        n = self.choices[1 - self.current] if trial else self.choices[self.current]
+        n = self.choices[1 - self.current] if self.in_trial else self.threads
         self.set_threads(n)
         try:
             t0 = self.clock()
             step()
-            self.times[n].append(self.clock() - t0)
+            dt = self.clock() - t0
         finally:
             self.set_threads(self.choices[0])
-        self.steps += 1
-        if phase == PROBE_EVERY - 1:
-            medians = [statistics.median(self.times[c]) for c in self.choices]
-            self.current = medians.index(min(medians))
+        if not self.in_trial:
+            self.times[n].append(dt)
+            self.until_trial -= 1
+            self.in_trial = self.until_trial <= 0
+            return
+        self.trial.append(dt)
+        usual = statistics.median(self.times[self.threads])
+        if len(self.trial) == PROBE_STEPS or dt > GIVE_UP * usual:
+            self._decide(statistics.median(self.trial) < usual)
+
+    def _decide(self, other_faster: bool) -> None:
+        """End a trial: switch to the other count if it was faster, else wait twice as long for the next."""
+        other = self.choices[1 - self.current]
+        if other_faster:
+            self.times[other].clear()
+            self.times[other].extend(self.trial)
+            self.current = 1 - self.current
+            self.interval = PROBE_EVERY
+        else:
+            self.interval = min(2 * self.interval, PROBE_MAX)
+        self.trial, self.in_trial, self.until_trial = [], False, self.interval
