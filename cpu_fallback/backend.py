@@ -50,7 +50,6 @@ class CpuProgram(Program):
         )
         self.att_scratch = np.zeros((max_batch * max(graph.slice.n_heads, 1), graph.max_seq_len), np.float32)
         self.segments: list[list[Step]] = [self._bind_ops(seg.ops) for seg in graph.segments]
-        kernels.compile_parallel_attention(graph.kv_type)
         self.governor = ThreadGovernor(n_threads, kernels.set_threads)
 
     def pipe(self, name: str) -> np.ndarray:
