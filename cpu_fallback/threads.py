@@ -39,8 +39,7 @@ class ThreadGovernor:
         self.current = 0
         self.interval = PROBE_EVERY
         self.until_trial = FIRST_TRIAL  # steps with the count in use before the next trial
-        self.trial: list[float] = []  # this trial's step times, while one runs
-        self.in_trial = False
+        self.trial: list[float] = []  # this trial's step times, while one runs (until_trial is 0)
 
     @property
     def threads(self) -> int:
@@ -52,7 +51,8 @@ class ThreadGovernor:
         if len(self.choices) == 1:
             step()
             return
-        n = self.choices[1 - self.current] if self.in_trial else self.threads
+        in_trial = self.until_trial == 0
+        n = self.choices[1 - self.current] if in_trial else self.threads
         self.set_threads(n)
         try:
             t0 = self.clock()
@@ -60,10 +60,9 @@ class ThreadGovernor:
             dt = self.clock() - t0
         finally:
             self.set_threads(self.choices[0])
-        if not self.in_trial:
+        if not in_trial:
             self.times[n].append(dt)
             self.until_trial -= 1
-            self.in_trial = self.until_trial <= 0
             return
         self.trial.append(dt)
         usual = statistics.median(self.times[self.threads])
@@ -80,4 +79,4 @@ class ThreadGovernor:
             self.interval = PROBE_EVERY
         else:
             self.interval = min(2 * self.interval, PROBE_MAX)
-        self.trial, self.in_trial, self.until_trial = [], False, self.interval
+        self.trial, self.until_trial = [], self.interval
