@@ -10,5 +10,10 @@ uvec2 scale_min_words(uint lo, uint mid, uint hi, uint i) {
     return uvec2((s & 15u) | ((a >> 6) << 4), (s >> 4) | ((b >> 6) << 4));
 }
 
-// The same from the super-block's first uvec4 (fp16 d and dmin, then the 12 scale bytes).
-uvec2 scale_min(uvec4 head, uint i) { return scale_min_words(head.y, head.z, head.w, i); }
+// Sub-block i's scale and minimum as values: (d * sc, -dmin * mn), from the head's fp16 d/dmin word dm and
+// its scale words (as for scale_min_words).
+vec2 scale_min_values(uint dm, uint lo, uint mid, uint hi, uint i) {
+    vec2 f = unpackHalf2x16(dm);
+    uvec2 sm = scale_min_words(lo, mid, hi, i);
+    return vec2(f.x * float(sm.x), -f.y * float(sm.y));
+}

@@ -11,10 +11,9 @@ struct WBlock { uvec4 q0; uvec4 q1; uvec4 h0; uvec4 h1; uint shift; uint bit; fl
 WBlock load_block(uint r, uint j) {
     uint o = 11u * (r * NS + (j >> 3)), i = j & 7u, c = i >> 1;
     uvec4 head = wk[o];
-    vec2 dm = unpackHalf2x16(head.x);
-    uvec2 sm = scale_min(head, i);
-    return WBlock(wk[o + 3u + 2u * c], wk[o + 4u + 2u * c], wk[o + 1u], wk[o + 2u], 4u * (i & 1u), i,
-                  dm.x * float(sm.x), -dm.y * float(sm.y));
+    vec2 dm = scale_min_values(head.x, head.y, head.z, head.w, i);
+    return WBlock(wk[o + 3u + 2u * c], wk[o + 4u + 2u * c], wk[o + 1u], wk[o + 2u], 4u * (i & 1u), i, dm.x,
+                  dm.y);
 }
 
 // The four values of a code word and a high-bit word already shifted to their nibbles and fifth bits.
@@ -34,10 +33,9 @@ float wmin(WBlock b) { return b.m; }
 #define HAS_WPART
 vec4 wpart(uint r, uint j, uint k, out float d, out float m) {
     uint o = 11u * (r * NS + (j >> 3)), i = j & 7u;
-    vec2 dm = unpackHalf2x16(wk[o].x);
-    uvec2 sm = scale_min_words(wk[o].y, wk[o].z, i >= 4u ? wk[o].w : 0u, i);
-    d = dm.x * float(sm.x);
-    m = -dm.y * float(sm.y);
+    vec2 dm = scale_min_values(wk[o].x, wk[o].y, wk[o].z, i >= 4u ? wk[o].w : 0u, i);
+    d = dm.x;
+    m = dm.y;
     uint w = wk[o + 3u + 2u * (i >> 1) + (k >> 2)][k & 3u] >> (4u * (i & 1u));
     return q5k_vals(w, wk[o + 1u + (k >> 2)][k & 3u] >> i);
 }
