@@ -12,7 +12,7 @@ from cpu_fallback import kernels
 from cpu_fallback.threads import ThreadGovernor
 from engine.backend import Backend, Program
 from engine.errors import DllamaError
-from engine.graph import Graph, Op
+from engine.graph import Graph, Op, ropes_then_store
 from engine.weights import Weight, vector_f32
 
 Step = Callable[[int], None]
@@ -258,18 +258,12 @@ def _feeds(a: Op, b: Op) -> bool:
     return b.inputs[0] == a.outputs[0]
 
 
-def _rope_pair_stored(rope_q: Op, rope_k: Op, store: Op) -> bool:
-    """Two ropes of one position buffer and one rotation, the second's output the cache's k."""
-    same = rope_q.params == rope_k.params and rope_q.inputs[1] == rope_k.inputs[1] == store.inputs[2]
-    return same and store.inputs[0] == rope_k.outputs[0] != rope_q.outputs[0]
-
-
 FUSIONS = (
     # the norm before matmuls with Q80 inputs, and the FFN's gating before its down projection
     Fusion(("rmsnorm", "quantize_q80"), _feeds, CpuProgram._rmsnorm_q80),
     Fusion(("silu_mul", "quantize_q80"), _feeds, CpuProgram._silu_mul_q80),
     # RoPE of q and of k by the same positions, then k and v into the cache
-    Fusion(("rope", "rope", "kv_store"), _rope_pair_stored, CpuProgram._rope_kv_store),
+    Fusion(("rope", "rope", "kv_store"), ropes_then_store, CpuProgram._rope_kv_store),
 )
 
 BINDERS: dict[str, Callable[..., Step | None]] = {

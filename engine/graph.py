@@ -91,6 +91,13 @@ class Graph:
         return [op for seg in self.segments for op in seg.ops]
 
 
+def ropes_then_store(rope_q: Op, rope_k: Op, store: Op) -> bool:
+    """rope q and rope k by one position buffer and one rotation, then kv_store of the rotated k: the run a
+    backend may record as one kernel (each layer's attention block has it)."""
+    same = rope_q.params == rope_k.params and rope_q.inputs[1] == rope_k.inputs[1] == store.inputs[2]
+    return same and store.inputs[0] == rope_k.outputs[0] != rope_q.outputs[0]
+
+
 class Builder:
     """Appends ops to the current segment; inserts the Q80 quantisation of matmul inputs when act is q80."""
 

@@ -27,7 +27,7 @@ from engine.backend import Backend, Program
 from engine.config import ModelConfig
 from engine.errors import DllamaError
 from engine.files import release_file_pages
-from engine.graph import Graph, Op
+from engine.graph import Graph, Op, ropes_then_store
 from engine.slicing import KV_TYPES
 from engine.weight_types import weight_type
 from engine.weights import BLOCK, Weight, vector_f32
@@ -1032,11 +1032,11 @@ def _silu_mul_q80(prog: VulkanProgram, run: _Run, rows: int) -> list[_Step]:
 
 
 def _ropes_stored(prog: VulkanProgram, rope_q: Op, rope_k: Op, store: Op) -> bool:
-    """Two in-place ropes of one position buffer and one rotation, the second's output the cache's k."""
-    same = rope_q.params == rope_k.params and rope_q.inputs[1] == rope_k.inputs[1] == store.inputs[2] == "pos"
+    """The graph's rope/rope/kv_store run, in place, on the pos pipe, with k and v of the cache's width."""
     in_place = rope_q.inputs[0] == rope_q.outputs[0] and rope_k.inputs[0] == rope_k.outputs[0]
     widths = prog.width(store.inputs[0]) == prog.width(store.inputs[1]) == prog.kv_width
-    return same and in_place and widths and store.inputs[0] == rope_k.outputs[0] != rope_q.outputs[0]
+    on_pos = store.inputs[2] == "pos"
+    return ropes_then_store(rope_q, rope_k, store) and on_pos and in_place and widths
 
 
 def _rope_kv_store(prog: VulkanProgram, run: _Run, rows: int) -> list[_Step]:
