@@ -199,7 +199,10 @@ class Runner:
         memory = [available_memory(), *memory]
         names = ["the root"] + [f"worker {k}" for k in range(1, self.n_nodes)]
         kv_rows = self.n_slots * self.max_seq_len  # every slot's KV cache
-        self.slices = fit_slices(self.model, weights, memory, kv_rows, names, self.kv_type)
+        # in host memory on a CPU node; a Vulkan program checks its cache against device memory
+        backends = [self.backend.name] + [c.get("backend") for c in caps]
+        host_kv = [kv_rows if b == "cpu" else 0 for b in backends]
+        self.slices = fit_slices(self.model, weights, memory, host_kv, names, self.kv_type)
         devices = [self.backend.description] + [str(c.get("device", "?")) for c in caps]
         self.split_table = [
             {

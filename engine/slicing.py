@@ -179,16 +179,16 @@ def fit_slices(
     model: Model,
     speeds: Sequence[float],
     memory: Sequence[int],
-    max_seq_len: int,
+    kv_rows: Sequence[int],
     names: Sequence[str],
     kv_type: str = "f32",
 ) -> list[NodeSlice]:
-    """Slices in proportion to `speeds` that fit every node's `memory` (bytes, 0 = unknown): a node short of
-    memory gets a smaller share; a model the nodes cannot hold is refused naming the node."""
+    """Slices in proportion to `speeds` whose weights and `kv_rows` cache positions fit each node's `memory`
+    (bytes, 0 = unknown): a node short of memory gets a smaller share; a model they cannot hold is refused."""
     n, weights = len(speeds), [float(s) for s in speeds]
     for _ in range(64):
         slices = plan_slices(model, n, weights)
-        need = [slice_bytes(model, sl, max_seq_len, kv_type) for sl in slices]
+        need = [slice_bytes(model, sl, rows, kv_type) for sl, rows in zip(slices, kv_rows, strict=True)]
         over = [k for k in range(n) if memory[k] and need[k] > memory[k]]
         if not over:
             return slices
@@ -196,7 +196,8 @@ def fit_slices(
             weights[k] *= 0.9 * memory[k] / need[k]
     k = over[0]
     raise DllamaError(
-        f"the model does not fit: {names[k]} needs {need[k] / 1e9:.2f} GB for its slice and KV cache but has "
+        f"the model does not fit: {names[k]} needs {need[k] / 1e9:.2f} GB for its slice"
+        f"{' and KV cache' if kv_rows[k] else ''} but has "
         f"{memory[k] / 1e9:.2f} GB free; add nodes, lower --max-seq-len or free memory there"
     )
 

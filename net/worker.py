@@ -284,14 +284,19 @@ class _Session:
             f"{graph.slice.n_heads} of {cfg.n_heads} heads, "
             f"{graph.slice.n_kv_heads} of {cfg.n_kv_heads} KV heads, {sc.act} sync"
         )
-        kv_bytes = kv_cache_bytes(cfg, sc.slice, sc.n_slots * sc.max_seq_len, sc.kv_type)
-        act_bytes = sc.max_batch * sum(b.row_bytes for b in graph.buffers.values())
-        need, free = sc.weight_bytes + kv_bytes + act_bytes, available_memory()
+        on_host = self.server.backend.name == "cpu"  # a Vulkan program checks its cache and buffers itself
+        need, held = sc.weight_bytes, "its slice needs"
+        if on_host:
+            need += kv_cache_bytes(cfg, sc.slice, sc.n_slots * sc.max_seq_len, sc.kv_type)
+            need += sc.max_batch * sum(b.row_bytes for b in graph.buffers.values())
+            held = "its slice, KV cache and buffers need"
+        free = available_memory()
         if free and need > free:
-            slots = f" ({sc.n_slots} KV slots: lower --parallel or --max-seq-len)" if sc.n_slots > 1 else ""
+            many = on_host and sc.n_slots > 1
+            slots = f" ({sc.n_slots} KV slots: lower --parallel or --max-seq-len)" if many else ""
             raise DllamaError(
-                f"not enough memory for node {sc.node}: its slice, KV cache and buffers need "
-                f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB are available{slots}"
+                f"not enough memory for node {sc.node}: {held} {need / 1e9:.2f} GB, "
+                f"{free / 1e9:.2f} GB are available{slots}"
             )
         self.root.send(pack_frame(Msg.OK, a=Msg.CONFIG), sc.timeout)
         expected, cache = node_tensors(cfg, sc.slice), self.server.cache

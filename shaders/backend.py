@@ -404,9 +404,10 @@ class VulkanProgram(Program):
         sizes += [4 * w for c in self.chunks for w in c.part_words]
         total = self.device_bytes = sum(sizes)
         if total > dev.device_local_bytes:
+            lower = "--parallel or --max-seq-len" if g.n_slots > 1 else "--max-seq-len"
             raise DllamaError(
                 f"the model needs {total / 2**20:.0f} MiB of device memory but {dev.name} has "
-                f"{dev.device_local_bytes / 2**20:.0f} MiB: lower --max-seq-len, use more nodes or the CPU"
+                f"{dev.device_local_bytes / 2**20:.0f} MiB: lower {lower}, use more nodes or the CPU"
             )
         check_device(dev, max(sizes + pipes))
 

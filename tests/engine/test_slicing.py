@@ -111,12 +111,16 @@ def test_memory_caps_a_node_share_and_a_model_that_cannot_fit_is_refused(tmp_pat
     even = plan_slices(model, 2)
     need = [slice_bytes(model, sl, 64) for sl in even]
     names = ["the root", "worker 1"]
-    assert fit_slices(model, [1, 1], [0, 0], 64, names) == even  # unknown memory: no cap
-    short = fit_slices(model, [1, 1], [0, int(need[1] * 0.7)], 64, names)
+    assert fit_slices(model, [1, 1], [0, 0], [64, 64], names) == even  # unknown memory: no cap
+    short = fit_slices(model, [1, 1], [0, int(need[1] * 0.7)], [64, 64], names)
     assert slice_bytes(model, short[1], 64) <= need[1] * 0.7 < need[1]
     assert short[1].ffn[1] - short[1].ffn[0] < even[1].ffn[1] - even[1].ffn[0]
     with pytest.raises(DllamaError, match="does not fit: worker 1 needs .* GB for its slice and KV cache"):
-        fit_slices(model, [1, 1], [0, 1000], 64, names)
+        fit_slices(model, [1, 1], [0, 1000], [64, 64], names)
+    held = slice_bytes(model, even[1], 0)  # a Vulkan node: its KV cache is on the device, not in this memory
+    assert fit_slices(model, [1, 1], [0, held], [64, 0], names) == even
+    with pytest.raises(DllamaError, match=r"does not fit: worker 1 needs .* GB for its slice but has"):
+        fit_slices(model, [1, 1], [0, 1000], [64, 0], names)
 
 
 def test_slice_bytes_counts_every_held_tensor_and_the_kv_cache(tmp_path):

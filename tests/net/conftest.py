@@ -1,5 +1,6 @@
 """Fixtures of the cluster tests: a session-wide pool of worker processes (all killed at the end), the
-8-KV-head tiny model in every weight type, and the root's one-thread CPU backend and f32 tiny model."""
+8-KV-head tiny model in every weight type, the root's one-thread CPU backend and f32 tiny model, a Vulkan
+backend."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from netutil import TINY8, WorkerPool  # noqa: E402
 from tinymodel import write_tiny_gguf  # noqa: E402
 
 from cpu_fallback.backend import CpuBackend  # noqa: E402
+from engine.errors import DllamaError  # noqa: E402
+from engine.loader import make_backend  # noqa: E402
 from engine.model_file import open_model  # noqa: E402
 
 
@@ -44,3 +47,12 @@ def backend() -> CpuBackend:
 def model(tiny8_paths):
     """The f32 8-KV-head tiny model, opened."""
     return open_model(tiny8_paths["f32"])
+
+
+@pytest.fixture(scope="module")
+def vulkan():
+    """A Vulkan backend (lavapipe in CI); skips the test where no device is usable."""
+    try:
+        return make_backend("vulkan", None)
+    except DllamaError as e:
+        pytest.skip(f"no usable Vulkan device: {e}")

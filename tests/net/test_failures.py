@@ -4,6 +4,7 @@ with a message naming the peer, and every surviving worker serves the next root.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import threading
@@ -18,6 +19,7 @@ from tinymodel import write_tiny_gguf
 from engine.errors import DllamaError
 from engine.model_file import open_model
 from engine.runner import Runner
+from engine.slicing import kv_cache_bytes, node_slice, slice_weights
 from net.protocol import (
     GREETING,
     HEADER,
@@ -247,6 +249,48 @@ def test_worker_refuses_kv_slots_it_has_no_memory_for(pool, model, backend):
     assert text.startswith("not enough memory for node 1: its slice, KV cache and buffers need ")
     assert text.endswith("GB are available (32 KV slots: lower --parallel or --max-seq-len)")
     w.wait_for("Session ended: not enough memory for node 1", m)
+    w.wait_for("Waiting for a root", m)
+    assert_serves(model, backend, [w])
+
+
+def test_a_vulkan_worker_checks_kv_slots_against_device_memory(pool, model, backend, vulkan):
+    """The same 4.4 TB of KV slots on a Vulkan worker: its host holds only the slice (the OK), and the
+    program refuses the slots against device memory in one line once it compiles, naming --parallel."""
+    (w,) = pool.get(1, backend="vulkan")
+    m = w.mark()
+    sl = node_slice(model.config, 1, 2)
+    weights = {n: t for n, t in slice_weights(model, sl).items() if n != "token_embd.weight"}
+    config = session_config(
+        model,
+        model_context_len=1 << 26,
+        max_seq_len=1 << 26,
+        max_batch=32,
+        n_slots=32,
+        weight_bytes=sum(t.nbytes for t in weights.values()),
+    )
+
+    def config_then_weights(c: socket.socket) -> None:
+        read_greeting(c)
+        assert HEADER.unpack(c.recv(HEADER.size, socket.MSG_WAITALL))[0] == Msg.OK
+        c.sendall(pack_frame(Msg.CONFIG, config))
+        assert HEADER.unpack(c.recv(HEADER.size, socket.MSG_WAITALL))[:2] == (Msg.OK, Msg.CONFIG)
+        have = HEADER.unpack(c.recv(HEADER.size, socket.MSG_WAITALL))
+        assert have[0] == Msg.HAVE and c.recv(have[3], socket.MSG_WAITALL) == b'{"have": []}'
+        for name, t in weights.items():
+            header = {"name": name, "dtype": t.dtype, "shape": list(t.shape)}
+            c.sendall(pack_frame(Msg.TENSOR, json.dumps(header).encode()) + t.data.tobytes())
+        c.sendall(pack_frame(Msg.WEIGHTS_DONE))
+
+    reply = talk(w.address, pack_greeting(Role.ROOT, {}), config_then_weights)
+    while HEADER.unpack(reply[: HEADER.size])[0] == Msg.PING:  # the keep-alive while it compiles
+        reply = reply[HEADER.size :]
+    t, _, _, n = HEADER.unpack(reply[: HEADER.size])
+    text = reply[HEADER.size : HEADER.size + n].decode()
+    assert t == Msg.ERROR and "\n" not in text
+    need = int(re.match(r"the model needs (\d+) MiB of device memory but .* has \d+ MiB", text).group(1))
+    assert need >= 32 * kv_cache_bytes(model.config, sl, 1 << 26) // 2**20  # every slot's rows
+    assert text.endswith(": lower --parallel or --max-seq-len, use more nodes or the CPU")
+    w.wait_for("Session ended: the model needs", m)
     w.wait_for("Waiting for a root", m)
     assert_serves(model, backend, [w])
 

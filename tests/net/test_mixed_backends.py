@@ -9,20 +9,10 @@ from netutil import greedy, ref_forward_nodes
 from reference import load_ref_model
 
 from cpu_fallback.backend import CpuBackend
-from engine.errors import DllamaError
-from engine.loader import make_backend
 from engine.model_file import open_model
 from engine.runner import Runner
 
 TOKENS = [5, 17, 200, 3, 99, 42, 7, 150, 11]
-
-
-@pytest.fixture(scope="module")
-def vulkan():
-    try:
-        return make_backend("vulkan", None)
-    except DllamaError as e:
-        pytest.skip(f"no usable Vulkan device: {e}")
 
 
 @pytest.mark.parametrize("wtype, act", [("f32", "f32"), ("q40", "f32"), ("q40", "q80")])
