@@ -179,10 +179,6 @@ class Runner:
         from engine.calibrate import measure_speed
         from net.protocol import available_memory, printable, reported
 
-        for k, c in enumerate(caps, 1):
-            if self.n_slots > 1 and c.get("backend") != "cpu":
-                what = f"the {printable(c.get('backend', '?'), 20)} backend yet (worker {k})"
-                raise DllamaError(f"--parallel above 1 is not supported on {what}: use --parallel 1")
         memory, speeds = zip(*map(reported, caps), strict=True) if caps else ((), ())
         if split == "auto" and None not in speeds:
             measured = [measure_speed(self.backend), *speeds]

@@ -89,11 +89,6 @@ def serve(opts: ServerOptions) -> None:
         raise DllamaError(
             f"unknown --chat-template {opts.chat_template!r} (built-in: {', '.join(BUILTIN_TEMPLATES)})"
         )
-    if slot_count(opts) > 1 and opts.workers and opts.backend != "cpu":  # workers are checked as they greet
-        raise DllamaError(
-            f"--parallel above 1 is not supported on the {opts.backend} backend in a cluster yet: "
-            "use --parallel 1 or --backend cpu"
-        )
     if opts.queue_size < 0:
         raise DllamaError(f"--queue-size must be at least 0 (got {opts.queue_size})")
     for flag, seconds in (("--request-timeout", opts.request_timeout), ("--keep-alive", opts.keep_alive)):
