@@ -5,14 +5,18 @@ the bytes of FORWARD_ROWS; bad FORWARD_ROWS payloads refused by a live worker in
 from __future__ import annotations
 
 import re
+import socket
 import struct
+import threading
 
 import numpy as np
 import pytest
 from netutil import TINY8, assert_serves
 
+from engine.errors import DllamaError
 from engine.runner import ForwardStats, Runner
-from net.protocol import Msg, error_text
+from engine.slicing import kv_cache_bytes, plan_slices, slice_bytes
+from net.protocol import GREETING, HEADER, Msg, Role, error_text, pack_frame, pack_greeting
 
 SEQS = [[5, 17, 200, 3, 99], [42, 7], [150, 11, 8, 60, 1, 2, 9]]  # three prompts (the last: chunks of 4 + 3)
 SLOTS = [2, 0, 1]  # the slot of each
@@ -196,3 +200,42 @@ def test_vulkan_nodes_run_the_slots_as_one_cpu_node(pool, model, backend, one_no
         assert same_rows(got[step], want[step]), step
         for i in range(3):
             assert same_rows(got[step][i], alone[i][step]), (step, i)
+
+
+def split_with_fake_worker(model, backend, caps: dict) -> list[str]:
+    """The root's log up to its failure on a worker that greets with `caps`, then hangs up at the config."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def fake_worker() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            conn.settimeout(10)
+            head = conn.recv(GREETING.size, socket.MSG_WAITALL)
+            conn.recv(int.from_bytes(head[8:12], "little"), socket.MSG_WAITALL)
+            conn.sendall(pack_greeting(Role.WORKER, caps) + pack_frame(Msg.OK, a=Msg.OK))
+            conn.recv(HEADER.size, socket.MSG_WAITALL)  # the session config: the split is made
+
+    t = threading.Thread(target=fake_worker, daemon=True)
+    t.start()
+    lines: list[str] = []
+    address = f"127.0.0.1:{srv.getsockname()[1]}"
+    with pytest.raises(DllamaError):
+        Runner(model, backend, "f32", 64, 4, workers=[address], log=lines.append, n_slots=3)
+    t.join(10)
+    srv.close()
+    return lines
+
+
+def test_the_split_counts_a_vulkan_workers_slots_against_the_device_not_its_host(model, backend):
+    """A worker with room for its even share of the weights but not for 3 slots of KV cache: as a CPU node
+    the root gives it less, as a Vulkan node (the cache on the device) the even split."""
+    even = plan_slices(model, 2)[1]
+    kv = kv_cache_bytes(model.config, even, 3 * 64)
+    memory = slice_bytes(model, even, 0) + kv // 2
+    ffn = {}
+    for kind in ("cpu", "vulkan"):
+        lines = split_with_fake_worker(model, backend, {"backend": kind, "device": "fake", "memory": memory})
+        row = next(ln for ln in lines if ln.split()[:1] == ["1"])  # the split table's row of node 1
+        ffn[kind] = tuple(map(int, row.split()[-2].split("-")))
+    assert ffn["vulkan"] == even.ffn
+    assert ffn["cpu"][1] - ffn["cpu"][0] < even.ffn[1] - even.ffn[0]
