@@ -785,27 +785,38 @@ def _moe_matmul_shader(prog: VulkanProgram, op: Op) -> ShaderKey:
 
 
 def _matmul_steps(
-    prog: VulkanProgram, op: Op, tensors: list, batch: int, extra: list[int], matmat: bool
+    prog: VulkanProgram,
+    op: Op,
+    tensors: list,
+    batch: int,
+    extra: list[int],
+    matmat: bool,
+    fused: tuple[list[tuple[list, Piece]], ShaderKey] | None = None,
 ) -> list[_Step]:
     """One dispatch per piece of the weight (its rows of the output); `tensors` precede the weight's
-    buffers, `extra` constants follow COLS, R, SPLIT, TB (`batch`), OUT_ROWS, OUT0, MT; `matmat`: tiles."""
+    buffers, `extra` constants follow COLS, R, SPLIT, TB (`batch`), OUT_ROWS, OUT0, MT; `matmat`: tiles;
+    `fused`: a fused run's shader with its buffers for each piece in place of the weight's."""
     w, m = prog.weights[op.weight], prog.be.tuning
+    pieces, shader = fused or (prog._weight(op.weight), None)
     if matmat:
         wg, rows, mt = MATMAT_WG, MATMAT_ROWS, MATMAT_BATCH
     else:
         wg, rows, mt = (min(prog.be.max_wg, m.matvec_wg) if m.split else 64), m.rows, 0
     steps = []
-    for parts, piece in prog._weight(op.weight):
+    for parts, piece in pieces:
         groups = _ceil(piece.rows, rows) if m.split else _ceil(piece.rows, rows * wg)
         spec = [w.cols, m.rows, int(m.split), batch, w.rows, piece.row0, mt, *extra]
-        steps.append(_Step(prog._algo(op, [*tensors, *parts], groups, wg, spec), piece.index, piece.rows))
+        algo = prog._algo(op, [*tensors, *parts], groups, wg, spec, shader)
+        steps.append(_Step(algo, piece.index, piece.rows))
     return steps
 
 
-def _matmul(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
+def _matmul(
+    prog: VulkanProgram, op: Op, rows: int, fused: tuple[list[tuple[list, Piece]], ShaderKey] | None = None
+) -> list[_Step]:
     m = prog.be.tuning
     matmat = m.split and 0 < m.matmat_from <= rows
-    return _matmul_steps(prog, op, _tensors(prog, op.inputs + op.outputs), m.batch, [], matmat)
+    return _matmul_steps(prog, op, _tensors(prog, op.inputs + op.outputs), m.batch, [], matmat, fused)
 
 
 def _moe_matmul(prog: VulkanProgram, op: Op, rows: int) -> list[_Step]:
@@ -1032,6 +1043,35 @@ def _silu_mul_q80(prog: VulkanProgram, run: _Run, rows: int) -> list[_Step]:
     return [_Step(prog._algo(silu, tensors, groups, 64, [width], run.fusion.shader(prog, run)))]
 
 
+def _gate_up_gated(prog: VulkanProgram, gate: Op, up: Op, silu: Op) -> bool:
+    """gate and up multiply one x by weights of one type, shape and row pieces (a dispatch per piece binds
+    both) into outputs of one width, and silu_mul gates gate's output by up's in place. The Q80 mat-vec
+    paths' integer dot products (INT_DOT) fuse too: the shader is the matmul's, with a second weight."""
+    wg, wu = prog.weights[gate.weight], prog.weights[up.weight]
+    (g,), (u,) = gate.outputs, up.outputs
+    same_x = gate.inputs == up.inputs and len(gate.inputs) == 1 and gate.inputs[0] not in (g, u)
+    same_w = (wg.dtype, wg.shape) == (wu.dtype, wu.shape) and not wg.experts
+    gated = silu.inputs == (g, u) and silu.outputs == (g,) and g != u and prog.width(g) == prog.width(u)
+    pieces = [[(p.index, p.row0, p.rows) for p in prog.slots[op.weight]] for op in (gate, up)]
+    return same_x and same_w and gated and pieces[0] == pieces[1]
+
+
+def _gate_up_shader(prog: VulkanProgram, run: _Run) -> ShaderKey:
+    name, flags = _matmul_shader(prog, run.ops[0])
+    return name, (*flags, "GATE_UP")
+
+
+def _gate_up_silu(prog: VulkanProgram, run: _Run, rows: int) -> list[_Step]:
+    """The gate matmul's dispatches (mat-vec or mat-mat as it would run), the up weight's piece bound after
+    each of the gate's."""
+    gate, up, _ = run.ops
+    pieces = [
+        ([*g, *u], piece)
+        for (g, piece), (u, _) in zip(prog._weight(gate.weight), prog._weight(up.weight), strict=True)
+    ]
+    return _matmul(prog, gate, rows, (pieces, run.fusion.shader(prog, run)))
+
+
 def _ropes_stored(prog: VulkanProgram, rope_q: Op, rope_k: Op, store: Op) -> bool:
     """The graph's rope/rope/kv_store run, in place, on the pos pipe, with k and v of the cache's width."""
     in_place = rope_q.inputs[0] == rope_q.outputs[0] and rope_k.inputs[0] == rope_k.outputs[0]
@@ -1054,7 +1094,17 @@ def _rope_kv_store(prog: VulkanProgram, run: _Run, rows: int) -> list[_Step]:
 
 
 FUSIONS = (
-    # the norm before matmuls with Q80 inputs, and the FFN's gating before its down projection
+    # the FFN's gate and up projections of one input and their gating (Q80 activations: then quantised apart)
+    _Fusion(
+        kinds=("matmul", "matmul", "silu_mul"),
+        when=_gate_up_gated,
+        kept=1,
+        keepable=False,
+        shader=_gate_up_shader,
+        bind=_gate_up_silu,
+    ),
+    # the norm before matmuls with Q80 inputs, and the FFN's gating before its down projection (where the
+    # gate and up matmuls stay apart)
     _Fusion(
         kinds=("rmsnorm", "quantize_q80"),
         when=_norm_quantized,

@@ -17,6 +17,10 @@
 // (token, slot) pairs: pair q = b * SLOTS + s multiplies expert moe_idx[q] by x row b (or row q when x holds
 // one input per slot) into y row q, i.e. y[b, s * OUT_ROWS + OUT0 + r]. Pairs use different experts, so TB
 // is 1 there.
+// GATE_UP (matmul): the FFN's gate and up projections of one x in one dispatch. The up weight, of the gate's
+// type and shape, is bound after the gate's buffers (weights_up.glsl: load_block_up, wpart_up); each row's two
+// products are summed exactly as two matmul dispatches sum them, and y gets silu(gate) * up as silu_mul.comp
+// computes it.
 layout(constant_id = 2) const uint R = 1;       // output rows per row group (1..4)
 layout(constant_id = 3) const uint SPLIT = 1;   // 1: a workgroup shares a row group; 0: an invocation owns one
 layout(constant_id = 4) const uint TB = 1;      // batch rows per pass (1..4)
@@ -28,6 +32,9 @@ layout(constant_id = 6) const uint OUT0 = 0;
 layout(constant_id = 7) const uint MT = 0;
 const uint TR = 16u;
 shared vec4 wsh[MT > 0u ? TR * 8u : 1u];
+#ifdef GATE_UP
+shared vec4 wshu[MT > 0u ? TR * 8u : 1u];
+#endif
 shared vec4 xsh[MT > 0u ? MT * 9u : 1u];   // rows padded to 9 vec4 against bank conflicts
 
 #ifdef ACT_Q80
@@ -183,8 +190,7 @@ float block_dot(WDec w, XBlock x) {
 // Quarter k (values 4k..4k+3) of the weight block j of row r, with its scale d and minimum m. Types whose
 // blocks are large define HAS_WPART and load only that quarter; the others decode the whole block.
 #ifndef HAS_WPART
-vec4 wpart(uint r, uint j, uint k, out float d, out float m) {
-    WBlock b = load_block(r, j);
+vec4 block_part(WBlock b, uint k, out float d, out float m) {
     d = wscale(b);
 #ifdef HAS_MIN
     m = wmin(b);
@@ -193,7 +199,23 @@ vec4 wpart(uint r, uint j, uint k, out float d, out float m) {
 #endif
     return wvec(b, k);
 }
+
+vec4 wpart(uint r, uint j, uint k, out float d, out float m) { return block_part(load_block(r, j), k, d, m); }
+#ifdef GATE_UP
+vec4 wpart_up(uint r, uint j, uint k, out float d, out float m) {
+    return block_part(load_block_up(r, j), k, d, m);
+}
 #endif
+#endif
+
+// Output r of batch row (or pair) q from its sum g: g, or with GATE_UP silu(g) * u (u: the up weight's sum).
+void put(uint q, uint r, float g, float u) {
+#ifdef GATE_UP
+    y[q * OUT_ROWS + OUT0 + r] = g / (1.0 + exp(-g)) * u;
+#else
+    y[q * OUT_ROWS + OUT0 + r] = g;
+#endif
+}
 
 // Quarter k of the x block j of batch row b and its scale.
 vec4 xpart(uint b, uint j, uint k, out float d) {
@@ -232,6 +254,7 @@ void matvec_split() {
     for (uint b0 = 0u; b0 < nq; b0 += TB) {
         uint nb = min(TB, nq - b0), base = weight_base(b0);
         vec4 acc[4] = vec4[4](vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0));   // [row][batch row]
+        vec4 accu[4] = acc;   // GATE_UP: the up weight's
 #ifdef INT_DOT
         for (uint j = t; j < NB; j += gl_WorkGroupSize.x) {
             XBlock xb[4];
@@ -239,10 +262,17 @@ void matvec_split() {
                 if (c < nb) xb[c] = load_xblock(x_row(b0 + c), j);
             }
             for (uint i = 0u; i < R; i++) {
-                WDec w = decode(load_block(base + min(row0 + i, pc.rows - 1u), j));
+                uint r = base + min(row0 + i, pc.rows - 1u);
+                WDec w = decode(load_block(r, j));
                 for (uint c = 0u; c < TB; c++) {
                     if (c < nb) acc[i][c] += block_dot(w, xb[c]);
                 }
+#ifdef GATE_UP
+                WDec u = decode(load_block_up(r, j));
+                for (uint c = 0u; c < TB; c++) {
+                    if (c < nb) accu[i][c] += block_dot(u, xb[c]);
+                }
+#endif
             }
         }
 #else
@@ -255,17 +285,27 @@ void matvec_split() {
             }
             for (uint i = 0u; i < R; i++) {
                 float d, m;
-                vec4 wv = wpart(base + min(row0 + i, pc.rows - 1u), j, k, d, m);
+                uint r = base + min(row0 + i, pc.rows - 1u);
+                vec4 wv = wpart(r, j, k, d, m);
                 for (uint c = 0u; c < TB; c++) {
                     if (c < nb) acc[i][c] += part_dot(wv, d, m, xv[c], xd[c]);
                 }
+#ifdef GATE_UP
+                wv = wpart_up(r, j, k, d, m);
+                for (uint c = 0u; c < TB; c++) {
+                    if (c < nb) accu[i][c] += part_dot(wv, d, m, xv[c], xd[c]);
+                }
+#endif
             }
         }
 #endif
         for (uint i = 0u; i < R; i++) {
-            vec4 tot = mv_sum4(acc[i]);
+            vec4 tot = mv_sum4(acc[i]), totu = tot;
+#ifdef GATE_UP
+            totu = mv_sum4(accu[i]);
+#endif
             if (t == 0u && row0 + i < pc.rows) {
-                for (uint c = 0u; c < nb; c++) y[(b0 + c) * OUT_ROWS + OUT0 + row0 + i] = tot[c];
+                for (uint c = 0u; c < nb; c++) put(b0 + c, row0 + i, tot[c], totu[c]);
             }
         }
     }
@@ -279,13 +319,18 @@ void matmat() {
     if (row0 >= pc.rows) return;
     uint c = t % MT, per = TR * MT / wg;
     for (uint b0 = 0u; b0 < pc.n; b0 += MT) {
-        float acc[16];
-        for (uint i = 0u; i < per; i++) acc[i] = 0.0;
+        float acc[16], accu[16];   // accu: GATE_UP's up weight
+        for (uint i = 0u; i < per; i++) acc[i] = accu[i] = 0.0;
         for (uint j = 0u; j < NB; j++) {
             for (uint p = t; p < TR * 8u; p += wg) {
                 float d, m;
-                vec4 wv = wpart(pc.aux * pc.rows + min(row0 + (p >> 3), pc.rows - 1u), j, p & 7u, d, m);
+                uint r = pc.aux * pc.rows + min(row0 + (p >> 3), pc.rows - 1u);
+                vec4 wv = wpart(r, j, p & 7u, d, m);
                 wsh[p] = d * wv + m;
+#ifdef GATE_UP
+                wv = wpart_up(r, j, p & 7u, d, m);
+                wshu[p] = d * wv + m;
+#endif
             }
             for (uint p = t; p < MT * 8u; p += wg) {
                 uint b = b0 + (p >> 3);
@@ -299,12 +344,17 @@ void matmat() {
                 float s = 0.0;
                 for (uint k = 0u; k < 8u; k++) s += dot(wsh[r * 8u + k], xsh[c * 9u + k]);
                 acc[i] += s;
+#ifdef GATE_UP
+                s = 0.0;
+                for (uint k = 0u; k < 8u; k++) s += dot(wshu[r * 8u + k], xsh[c * 9u + k]);
+                accu[i] += s;
+#endif
             }
             barrier();
         }
         for (uint i = 0u; i < per; i++) {
             uint r = row0 + t / MT + i * (wg / MT);
-            if (r < pc.rows && b0 + c < pc.n) y[(b0 + c) * OUT_ROWS + OUT0 + r] = acc[i];
+            if (r < pc.rows && b0 + c < pc.n) put(b0 + c, r, acc[i], accu[i]);
         }
     }
 }
@@ -332,21 +382,29 @@ void main() {
     for (uint b0 = 0u; b0 < nq; b0 += TB) {
         uint nb = min(TB, nq - b0), base = weight_base(b0);
         vec4 acc[4] = vec4[4](vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0));   // [row][batch row]
+        vec4 accu[4] = acc;   // GATE_UP: the up weight's
         for (uint j = 0u; j < NB; j++) {
             XBlock xb[4];
             for (uint c = 0u; c < TB; c++) {
                 if (c < nb) xb[c] = load_xblock(x_row(b0 + c), j);
             }
             for (uint i = 0u; i < R; i++) {
-                WDec w = decode(load_block(base + min(row0 + i, pc.rows - 1u), j));
+                uint r = base + min(row0 + i, pc.rows - 1u);
+                WDec w = decode(load_block(r, j));
                 for (uint c = 0u; c < TB; c++) {
                     if (c < nb) acc[i][c] += block_dot(w, xb[c]);
                 }
+#ifdef GATE_UP
+                WDec u = decode(load_block_up(r, j));
+                for (uint c = 0u; c < TB; c++) {
+                    if (c < nb) accu[i][c] += block_dot(u, xb[c]);
+                }
+#endif
             }
         }
         for (uint i = 0u; i < R; i++) {
             if (live && row0 + i < pc.rows) {
-                for (uint c = 0u; c < nb; c++) y[(b0 + c) * OUT_ROWS + OUT0 + row0 + i] = acc[i][c];
+                for (uint c = 0u; c < nb; c++) put(b0 + c, row0 + i, acc[i][c], accu[i][c]);
             }
         }
     }

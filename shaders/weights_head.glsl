@@ -13,3 +13,5 @@ const uint NSH = (NS + 1u) / 2u;     // words per row of fp16 super-block scales
 #else
 #define WBIND 2
 #endif
+// The weight's buffer and loader names in wt_<type>.glsl (weights_up.glsl renames a second weight's).
+#define WN(name) name

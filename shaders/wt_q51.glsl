@@ -2,17 +2,10 @@
 // bytes of every block (one uvec4), one word per block holding its fp16 scale d (low half) and minimum m
 // (high half), and the 32 fifth bits (one word per block, bit i for value i). Byte j holds value j (low
 // nibble) and value j + 16 (high nibble); value = d * q + m.
+#ifndef WEIGHT_UP
 #define HAS_MIN
-layout(std430, binding = WBIND) readonly buffer WQ { uvec4 wq[]; };
-layout(std430, binding = WBIND + 1) readonly buffer WD { uint wdm[]; };
-layout(std430, binding = WBIND + 2) readonly buffer WH { uint wh[]; };
-
+#define WPARTS 3
 struct WBlock { uvec4 q; uint h; vec2 dm; };
-
-WBlock load_block(uint r, uint j) {
-    uint i = r * NB + j;
-    return WBlock(wq[i], wh[i], unpackHalf2x16(wdm[i]));
-}
 
 vec4 wvec(WBlock b, uint k) {
     uint w = b.q[k & 3u] >> (4u * (k >> 2)), h = b.h >> (4u * k);
@@ -25,4 +18,13 @@ uint wcodes(WBlock b, uint k) {
     uint h = b.h >> (4u * k);
     uint hi = ((h & 1u) << 4) | ((h & 2u) << 11) | ((h & 4u) << 18) | ((h & 8u) << 25);
     return ((b.q[k & 3u] >> (4u * (k >> 2))) & 0x0F0F0F0Fu) | hi;
+}
+#endif
+layout(std430, binding = WBIND) readonly buffer WN(WQ) { uvec4 WN(wq)[]; };
+layout(std430, binding = WBIND + 1) readonly buffer WN(WD) { uint WN(wdm)[]; };
+layout(std430, binding = WBIND + 2) readonly buffer WN(WH) { uint WN(wh)[]; };
+
+WBlock WN(load_block)(uint r, uint j) {
+    uint i = r * NB + j;
+    return WBlock(WN(wq)[i], WN(wh)[i], unpackHalf2x16(WN(wdm)[i]));
 }

@@ -2,19 +2,11 @@
 // bits, 128 nibble bytes), uploaded as they are: 11 uvec4 each (head, 2 of high bits, 8 of nibbles). Block i
 // (32 values) of the 8 reads chunk i / 2 of the nibbles as Q4_K does, and bit i of high byte l is the fifth
 // bit of its value l; value = d * sc_i * q - dmin * mn_i.
+#ifndef WEIGHT_UP
 #define HAS_MIN
+#define WPARTS 1
 #include "kquant.glsl"
-layout(std430, binding = WBIND) readonly buffer W { uvec4 wk[]; };
-
 struct WBlock { uvec4 q0; uvec4 q1; uvec4 h0; uvec4 h1; uint shift; uint bit; float d; float m; };
-
-WBlock load_block(uint r, uint j) {
-    uint o = 11u * (r * NS + (j >> 3)), i = j & 7u, c = i >> 1;
-    uvec4 head = wk[o];
-    vec2 dm = scale_min_values(head.x, head.y, head.z, head.w, i);
-    return WBlock(wk[o + 3u + 2u * c], wk[o + 4u + 2u * c], wk[o + 1u], wk[o + 2u], 4u * (i & 1u), i, dm.x,
-                  dm.y);
-}
 
 // The four values of a code word and a high-bit word already shifted to their nibbles and fifth bits.
 vec4 q5k_vals(uint w, uint h) {
@@ -27,15 +19,25 @@ vec4 wvec(WBlock b, uint k) {
 }
 float wscale(WBlock b) { return b.d; }
 float wmin(WBlock b) { return b.m; }
+#define HAS_WPART
+#endif
+layout(std430, binding = WBIND) readonly buffer WN(W) { uvec4 WN(wk)[]; };
+
+WBlock WN(load_block)(uint r, uint j) {
+    uint o = 11u * (r * NS + (j >> 3)), i = j & 7u, c = i >> 1;
+    uvec4 head = WN(wk)[o];
+    vec2 dm = scale_min_values(head.x, head.y, head.z, head.w, i);
+    return WBlock(WN(wk)[o + 3u + 2u * c], WN(wk)[o + 4u + 2u * c], WN(wk)[o + 1u], WN(wk)[o + 2u], 4u * (i & 1u),
+                  i, dm.x, dm.y);
+}
 
 // A mat-vec lane's quarter k of block j: one code word, the high-bit word k (shared by the 8 blocks of the
 // super-block) and the head's d/dmin word and scale words, not the whole block.
-#define HAS_WPART
-vec4 wpart(uint r, uint j, uint k, out float d, out float m) {
+vec4 WN(wpart)(uint r, uint j, uint k, out float d, out float m) {
     uint o = 11u * (r * NS + (j >> 3)), i = j & 7u;
-    vec2 dm = scale_min_values(wk[o].x, wk[o].y, wk[o].z, i >= 4u ? wk[o].w : 0u, i);
+    vec2 dm = scale_min_values(WN(wk)[o].x, WN(wk)[o].y, WN(wk)[o].z, i >= 4u ? WN(wk)[o].w : 0u, i);
     d = dm.x;
     m = dm.y;
-    uint w = wk[o + 3u + 2u * (i >> 1) + (k >> 2)][k & 3u] >> (4u * (i & 1u));
-    return q5k_vals(w, wk[o + 1u + (k >> 2)][k & 3u] >> i);
+    uint w = WN(wk)[o + 3u + 2u * (i >> 1) + (k >> 2)][k & 3u] >> (4u * (i & 1u));
+    return q5k_vals(w, WN(wk)[o + 1u + (k >> 2)][k & 3u] >> i);
 }

@@ -5,22 +5,31 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from blocks import random_weight
 from forward_checks import TOKENS, tiny_model
+from tinymodel import write_tiny_gguf
 from vk_harness import Ops, config
 
 from engine.graph import BufferSpec, Op
+from engine.model_file import open_model
 from engine.runner import Runner
 from engine.weights import Weight
 from shaders import backend as vkb
+from shaders.backend import Tuning, VulkanBackend
+from shaders.weights import matrix_parts
+
+GATE_UP = next(f for f in vkb.FUSIONS if f.kinds == ("matmul", "matmul", "silu_mul"))
 
 
 def rand(shape, seed: int, scale: float = 1.0) -> np.ndarray:
     return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
 
 
-def _logits(model, vk, act: str, kv_type: str, n_slots: int) -> tuple[list[np.ndarray], int]:
+def _logits(
+    model, vk, act: str, kv_type: str = "f32", n_slots: int = 1, runs: list | None = None
+) -> tuple[list[np.ndarray], int]:
     """Prefill of 4 tokens (every row's logits), then decode steps: one token, and with slots a batched
-    row per slot at different positions; and the dispatches of a decode token."""
+    row per slot at different positions; and the dispatches of a decode token (`runs` gets the runs)."""
     runner = Runner(model, vk, act, max_seq_len=16, max_batch=4, kv_type=kv_type, n_slots=n_slots)
     try:
         out = [runner.forward(TOKENS[:4], 0, logits="all")]
@@ -28,6 +37,8 @@ def _logits(model, vk, act: str, kv_type: str, n_slots: int) -> tuple[list[np.nd
         if n_slots > 1:
             runner.forward(TOKENS[6:8], 0, slot=1, logits="none")
             out.append(runner.forward_rows([TOKENS[8], TOKENS[1]], [6, 2], [0, 1]))
+        if runs is not None:
+            runs += [run for seg in runner.program.runs for run in seg]
         return out, runner.program.counts(0, len(runner.graph.segments), 1).dispatches
     finally:
         runner.close()
@@ -55,15 +66,119 @@ def test_fused_dispatches_match_the_ops_one_by_one_bit_for_bit(
     fused, d_fused = _logits(model, vk, act, kv_type, n_slots)
     monkeypatch.setattr(vkb, "FUSIONS", ())
     plain, d_plain = _logits(model, vk, act, kv_type, n_slots)
-    # per layer 2 (the ropes and the store); with Q80 also the gating's quantisation and, over whole pairs of
-    # blocks per row (dim 64, not 160), the norms' (one in MoE layers, where the router reads the FFN
-    # norm's f32 output and h is quantised after it) and the final norm's
-    pairs = model.config.dim % 64 == 0
-    per_layer = 2 if act == "f32" else 3 + pairs * (1 if arch == "qwen3moe" else 2)
-    assert d_plain - d_fused == model.config.n_layers * per_layer + (act == "q80" and pairs)
+    # per layer 2 (the ropes and the store); dense FFNs 2 more (gate, up and silu_mul as one; with Q80 the
+    # gating's quantisation stays apart), MoE ones with Q80 1 (the gating's quantisation); with Q80 also, over
+    # whole pairs of blocks per row (dim 64, not 160), the norms' (one in MoE layers, where the router reads
+    # the FFN norm's f32 output and h is quantised after it) and the final norm's
+    pairs, moe, q80 = model.config.dim % 64 == 0, arch == "qwen3moe", act == "q80"
+    per_layer = 2 + (0 if moe else 2) + q80 * (moe + pairs * (1 if moe else 2))
+    assert d_plain - d_fused == model.config.n_layers * per_layer + (q80 and pairs)
     assert len(fused) == len(plain)
     for a, b in zip(fused, plain, strict=True):
         assert np.array_equal(a, b)
+
+
+FFN_TYPES = ["f32", "f16", "q40", "q80", "q4k", "q6k"]
+
+
+def _ffn_model(tmp_path, gate: str, up: str):
+    """gqa4x2's layers at dim 256 (one K-quant super-block per row), q40 but for these FFN gate and up
+    weight types."""
+    path = write_tiny_gguf(
+        tmp_path / f"ffn-{gate}-{up}.gguf",
+        dim=256,
+        n_heads=4,
+        n_kv_heads=2,
+        wtype="q40",
+        seed=3,
+        types={"ffn_gate": gate, "ffn_up": up},
+    )
+    return open_model(path)
+
+
+@pytest.mark.parametrize("act", ["f32", "q80"])
+@pytest.mark.parametrize("wtype", FFN_TYPES)
+def test_gate_up_and_gating_are_one_dispatch(tmp_path, vk, monkeypatch, wtype, act):
+    """Each layer's gate and up matmuls and silu_mul run as one dispatch: per decode token 2 dispatches
+    fewer per layer than without that fusion (3 -> 1), with Q80 activations 1 (gate, up, silu_mul +
+    quantize_q80 -> the fused dispatch, then quantize_q80 apart); the same logits bit for bit."""
+    model = _ffn_model(tmp_path, wtype, wtype)
+    runs: list = []
+    fused, d_fused = _logits(model, vk, act, runs=runs)
+    assert sum(run.fusion is GATE_UP for run in runs) == model.config.n_layers
+    monkeypatch.setattr(vkb, "FUSIONS", tuple(f for f in vkb.FUSIONS if f is not GATE_UP))
+    plain, d_plain = _logits(model, vk, act)
+    assert d_plain - d_fused == model.config.n_layers * (2 if act == "f32" else 1)
+    for a, b in zip(fused, plain, strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_gate_and_up_of_different_types_stay_apart(tmp_path, vk):
+    """A K-quant mix may give gate and up different types: then the three ops keep their own dispatches."""
+    runs: list = []
+    _logits(_ffn_model(tmp_path, "q4k", "q6k"), vk, "f32", runs=runs)
+    assert not any(run.fusion is GATE_UP for run in runs)
+    assert sum(run.ops[0].kind == "silu_mul" for run in runs) == 2
+
+
+MATMAT = Tuning(split=True, rows=2, batch=2, reduce_wg=64, matvec_wg=8, matmat_from=2)
+
+
+@pytest.fixture(scope="module")
+def matmat_vk() -> VulkanBackend:
+    """The GPU split with the mat-mat tiles from 2 batch rows on."""
+    return VulkanBackend(subgroups=True, tuning=MATMAT)
+
+
+@pytest.fixture(params=["device", "gpu-split", "shared-memory", "matmat"])
+def path_vk(request) -> VulkanBackend:
+    """any_vk's three tunings and the mat-mat one."""
+    if request.param == "matmat":
+        return request.getfixturevalue("matmat_vk")
+    return request.getfixturevalue(
+        {"device": "vk", "gpu-split": "vk_gpu", "shared-memory": "vk_plain"}[request.param]
+    )
+
+
+@pytest.mark.parametrize("act", ["f32", "q80"])
+@pytest.mark.parametrize("wtype", FFN_TYPES)
+def test_gate_up_fused_in_every_matmul_path(path_vk, monkeypatch, wtype, act):
+    """gate, up and silu_mul alone, in each tuning's mat-vec path (decode grid, 1 row; prefill grid, 3
+    rows; the device's integer dot products for Q80 activations where it has them) and in the mat-mat
+    tiles, 37 rows (no multiple of a row group or tile) cut into pieces of 16 rows for the 32-value block
+    types: the same gated values bit for bit, 1 dispatch per piece instead of 3 (2 matmuls, 1 silu_mul)."""
+    be = path_vk
+    rng = np.random.default_rng(4)
+    rows, cols = 37, 256
+    weights = {
+        name: Weight(name, wtype, rows, cols, random_weight(wtype, rows, cols, rng))
+        for name in ("blk.0.ffn_gate.weight", "blk.0.ffn_up.weight")
+    }
+    pieces = 1 if wtype in ("q4k", "q6k") else 3
+    if pieces > 1:
+        limit = 16 * matrix_parts(weights["blk.0.ffn_gate.weight"])[0].row_words * 4
+        monkeypatch.setattr(be, "buffer_limit", limit)
+    xin = "h_q" if act == "q80" else "h"
+    ops = [
+        Op("matmul", "gate", (xin,), ("gate",), "blk.0.ffn_gate.weight"),
+        Op("matmul", "up", (xin,), ("up",), "blk.0.ffn_up.weight"),
+        Op("silu_mul", "act", ("gate", "up"), ("gate",)),
+    ]
+    specs = {xin: BufferSpec(cols, act), "gate": BufferSpec(rows), "up": BufferSpec(rows)}
+    every = vkb.FUSIONS
+    for n in (1, 3):
+        x = rng.standard_normal((n, cols)).astype(np.float32)
+        results = []
+        for fusions in (every, ()):
+            monkeypatch.setattr(vkb, "FUSIONS", fusions)
+            h = Ops(be, ops, specs, weights, cfg=config(dim=cols, hidden_dim=rows), act=act)
+            assert len(h.prog.slots["blk.0.ffn_up.weight"]) == pieces
+            h.write_activations(xin, x, act)
+            h.run(n)
+            results.append((h.read("gate")[:n], h.prog.counts(0, 1, n).dispatches))
+        (fused, d_fused), (plain, d_plain) = results
+        assert (d_fused, d_plain) == (pieces, 2 * pieces + 1)
+        assert np.array_equal(fused, plain)
 
 
 def _both(vk, monkeypatch, make, inputs: dict, n: int, outputs: tuple[str, ...]):

@@ -74,21 +74,21 @@ def test_decode_token_on_one_node_is_one_submit_with_shared_barriers(tmp_path, v
       attention block: rmsnorm, matmul q, k, v, rope q + rope k + kv_store (one fused dispatch), attention
         (chunks, then their merge), matmul wo, add into x; k and v share q's barrier (they read h, written
         before it, and write buffers untouched since)                                   9 dispatches, 7
-      FFN block: rmsnorm, matmul gate, up, silu_mul, matmul down, add into x; up shares gate's      6, 5
+      FFN block: rmsnorm, matmul gate + up + silu_mul (one fused dispatch), matmul down, add into x  4, 4
       classifier: rmsnorm, matmul                                                                  2, 2
-    so 1 + 2 * (9 + 6) + 2 = 33 dispatches and 1 + 2 * (7 + 5) + 2 = 27 barriers. Copies: tok and pos in
+    so 1 + 2 * (9 + 4) + 2 = 29 dispatches and 1 + 2 * (7 + 4) + 2 = 25 barriers. Copies: tok and pos in
     (4 bytes each), one row of logits out (288 floats)."""
     model, ref = tiny_model(tmp_path, "q40", "gqa4x2")
     runner = Runner(model, vk, "f32", max_seq_len=16, max_batch=4)
     prog, last = runner.program, len(runner.graph.segments)
     c = prog.counts(0, last, 1)
-    assert (c.dispatches, c.barriers) == (33, 27)
+    assert (c.dispatches, c.barriers) == (29, 25)
     assert (c.transfers, c.transfer_bytes) == (3, 4 + 4 + VOCAB * 4)
     assert c.host_read_bytes == 0
     with pytest.raises(DllamaError, match="the x pipe is device-only on one node"):
         prog.pipe("x")
     prefill = prog.counts(0, last, 4)
-    assert (prefill.barriers, prefill.transfer_bytes) == (27, 4 * (4 + 4 + VOCAB * 4))  # live rows only
+    assert (prefill.barriers, prefill.transfer_bytes) == (25, 4 * (4 + 4 + VOCAB * 4))  # live rows only
 
     cpu = Runner(model, CpuBackend(2), "f32", max_seq_len=16, max_batch=4)
     got, want = [], []
@@ -104,15 +104,15 @@ def test_one_node_fuses_the_residual_add(tmp_path, vk):
     """A cluster node records to_pipe (this node's slot of zq) and merge_add (x += every slot) apart, and
     merge_add starts the next block: node 0 of 2 runs the same token in 4 more dispatches (a merge_add
     before each block but layer 0's attention) and 4 more barriers (each merge_add reads what to_pipe just
-    wrote) than one node's 33 and 27."""
+    wrote) than one node's 29 and 25."""
     model, _ = tiny_model(tmp_path, "q40", "gqa4x2")
     sl = node_slice(model.config, 0, 2)
     graph = build_graph(model.config, sl, "f32", 16)
     node0 = vk.compile(graph, slice_weights(model, sl), 4)
     c = node0.counts(0, len(graph.segments), 1)
-    assert (c.dispatches, c.barriers) == (33 + 4, 27 + 4)
+    assert (c.dispatches, c.barriers) == (29 + 4, 25 + 4)
     one = Runner(model, vk, "f32", max_seq_len=16, max_batch=4).program
-    assert one.counts(0, len(graph.segments), 1).dispatches == 33
+    assert one.counts(0, len(graph.segments), 1).dispatches == 29
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -124,17 +124,17 @@ def test_fused_runs_save_dispatches_and_barriers_per_decode_token(tmp_path, vk, 
         fused: rmsnorm + quantize, q, k, v, rope q + rope k + kv_store, attention (2), quantize,
         wo, add                                                                                     10, 8
       FFN block: rmsnorm, quantize h, matmul gate, up (one barrier), silu_mul, quantize gate, down, add 8, 7
-        fused: rmsnorm + quantize, gate, up, silu_mul + quantize, down, add                          6, 5
+        fused: rmsnorm + quantize, gate + up + silu_mul, quantize gate, down, add                    5, 5
       classifier: rmsnorm, quantize h, matmul                                                        3, 3
         fused: rmsnorm + quantize, matmul                                                            2, 2
-    unfused 1 + 2 * (13 + 8) + 3 = 46 dispatches, 1 + 2 * (10 + 7) + 3 = 38 barriers; fused 1 + 2 * (10 + 6)
-    + 2 = 35 and 1 + 2 * (8 + 5) + 2 = 29: 11 dispatches and 9 barriers fewer per token."""
+    unfused 1 + 2 * (13 + 8) + 3 = 46 dispatches, 1 + 2 * (10 + 7) + 3 = 38 barriers; fused 1 + 2 * (10 + 5)
+    + 2 = 33 and 1 + 2 * (8 + 5) + 2 = 29: 13 dispatches and 9 barriers fewer per token."""
     if not fused:
         monkeypatch.setattr(vkb, "FUSIONS", ())
     model, _ = tiny_model(tmp_path, "q40", "gqa4x2")
     runner = Runner(model, vk, "q80", max_seq_len=16, max_batch=4)
     c = runner.program.counts(0, len(runner.graph.segments), 1)
-    assert (c.dispatches, c.barriers) == ((35, 29) if fused else (46, 38))
+    assert (c.dispatches, c.barriers) == ((33, 29) if fused else (46, 38))
 
 
 def test_cluster_node_reads_exchanged_pipes_from_host_memory(tmp_path, vk):
