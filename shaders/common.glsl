@@ -56,6 +56,9 @@ uint f16_bits(float f) {
     return o | sign;
 }
 
+// SwiGLU's gating, silu(g) * u: silu_mul, silu_mul_q80 and the fused gate/up matmul share this arithmetic.
+float swiglu(float g, float u) { return g / (1.0 + exp(-g)) * u; }
+
 // Four bytes starting at a 2-byte aligned byte offset of a uint array (Q80 blocks are 34 bytes long).
 #define LOAD_U32_2A(buf, off) ((((off) & 2u) == 0u) ? buf[(off) >> 2] \
     : ((buf[(off) >> 2] >> 16) | (buf[((off) >> 2) + 1u] << 16)))

@@ -19,8 +19,8 @@
 // is 1 there.
 // GATE_UP (matmul): the FFN's gate and up projections of one x in one dispatch. The up weight, of the gate's
 // type and shape, is bound after the gate's buffers (weights_up.glsl: load_block_up, wpart_up); each row's two
-// products are summed exactly as two matmul dispatches sum them, and y gets silu(gate) * up as silu_mul.comp
-// computes it.
+// products are summed exactly as two matmul dispatches sum them, and y gets silu(gate) * up (swiglu(), as
+// silu_mul.comp computes it).
 layout(constant_id = 2) const uint R = 1;       // output rows per row group (1..4)
 layout(constant_id = 3) const uint SPLIT = 1;   // 1: a workgroup shares a row group; 0: an invocation owns one
 layout(constant_id = 4) const uint TB = 1;      // batch rows per pass (1..4)
@@ -211,7 +211,7 @@ vec4 wpart_up(uint r, uint j, uint k, out float d, out float m) {
 // Output r of batch row (or pair) q from its sum g: g, or with GATE_UP silu(g) * u (u: the up weight's sum).
 void put(uint q, uint r, float g, float u) {
 #ifdef GATE_UP
-    y[q * OUT_ROWS + OUT0 + r] = g / (1.0 + exp(-g)) * u;
+    y[q * OUT_ROWS + OUT0 + r] = swiglu(g, u);
 #else
     y[q * OUT_ROWS + OUT0 + r] = g;
 #endif

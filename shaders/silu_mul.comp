@@ -10,6 +10,5 @@ layout(std430, binding = 1) readonly buffer U { float up[]; };
 void main() {
     uint g = global_index();
     if (g >= pc.n * W) return;
-    float v = gate[g];
-    gate[g] = v / (1.0 + exp(-v)) * up[g];
+    gate[g] = swiglu(gate[g], up[g]);
 }

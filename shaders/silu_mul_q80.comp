@@ -24,8 +24,7 @@ void main() {
         uint g = 64u * p + i;
         vals[i] = 0.0;
         if (i < 32u || both) {
-            float v = gate[g];
-            vals[i] = v / (1.0 + exp(-v)) * up[g];
+            vals[i] = swiglu(gate[g], up[g]);
 #ifdef KEEP_F32
             gate[g] = vals[i];
 #endif
