@@ -803,7 +803,7 @@ def api(
             "--parallel",
             callback=_in_range(lambda n: 1 <= n <= 32, "give 1 to 32"),
             help="requests decoded together, each in its own KV-cache slot (default: 4 on one CPU node, "
-            "else 1; above 1 needs the CPU backend on every node of a cluster)",
+            "else 1; any backend, on one node or in a cluster)",
         ),
     ] = None,
     chat_template: Template = None,

@@ -1,6 +1,7 @@
 """Continuous batching (--parallel 4): concurrent streams decode together and each equals its answer alone,
 a conversation that extends a slot's cache pre-fills only its new tokens, a client that goes away frees its
-slot for a waiting request, and 64 clients at once get only 200s and 429s."""
+slot for a waiting request, and 64 clients at once get only 200s and 429s; a Vulkan node and a cluster with a
+Vulkan root batch too."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from apiserver import ApiServer, chunks_json
+from apiserver import ApiServer, Worker, chunks_json
 
 from engine.chat import common_prefix
 
@@ -84,6 +85,26 @@ def _metric(server: ApiServer, name: str) -> float:
     return float(re.search(rf"^dllama_{name} (\S+)$", text, re.M).group(1))
 
 
+def _two_streams_together_equal_reference(server: ApiServer, reference) -> None:
+    """Two greedy streams decoded together on `server` each give the CPU reference's text alone."""
+    bodies = [{"messages": _question(t), "temperature": 0, "max_tokens": MAX_TOKENS} for t in TOPICS[:2]]
+    times: list[list[float]] = [[], []]
+    results: dict[int, tuple[int, str]] = {}
+    threads = [
+        threading.Thread(target=_stream, args=(server, b, times[i], results, i)) for i, b in enumerate(bodies)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert sorted(results) == [0, 1]
+    assert max(ts[0] for ts in times) < min(ts[-1] for ts in times), times  # decoded together
+    for i, topic in enumerate(TOPICS[:2]):
+        status, body = results[i]
+        assert status == 200, body
+        assert _text(body) == reference.greedy(reference.chat_ids(_question(topic)), MAX_TOKENS), topic
+
+
 def test_parallel_streams_on_a_vulkan_node_equal_each_alone(tmp_path, reference):
     """--parallel 2 on one Vulkan node: two streams decoded together give the CPU reference's greedy text."""
     args = ["--backend", "vulkan", "--parallel", "2", "--max-seq-len", "256"]
@@ -91,24 +112,30 @@ def test_parallel_streams_on_a_vulkan_node_equal_each_alone(tmp_path, reference)
     try:
         server.wait_health(200)
         assert "backend Vulkan" in server.log()
-        bodies = [{"messages": _question(t), "temperature": 0, "max_tokens": MAX_TOKENS} for t in TOPICS[:2]]
-        times: list[list[float]] = [[], []]
-        results: dict[int, tuple[int, str]] = {}
-        threads = [
-            threading.Thread(target=_stream, args=(server, b, times[i], results, i))
-            for i, b in enumerate(bodies)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(600)
-        assert max(ts[0] for ts in times) < min(ts[-1] for ts in times), times  # decoded together
-        for i, topic in enumerate(TOPICS[:2]):
-            status, body = results[i]
-            assert status == 200, body
-            assert _text(body) == reference.greedy(reference.chat_ids(_question(topic)), MAX_TOKENS), topic
+        _two_streams_together_equal_reference(server, reference)
     finally:
         server.stop()
+
+
+def test_parallel_streams_on_a_vulkan_root_with_a_cpu_worker_equal_each_alone(tmp_path, reference):
+    """--parallel 2 on a Vulkan root with a CPU worker: both nodes run the slotted graph, and two streams
+    decoded together give the CPU reference's greedy text."""
+    worker = Worker(0, tmp_path / "worker.log")
+    server = None
+    try:
+        args = ["--backend", "vulkan", "--parallel", "2", "--max-seq-len", "256"]
+        server = ApiServer(
+            [*args, "--workers", f"127.0.0.1:{worker.port}", "--split", "1,1"], tmp_path / "s.log"
+        )
+        assert server.wait_health(200)["nodes"] == 2
+        nodes = httpx.get(server.url + "/v1/cluster", timeout=10).json()["nodes"]
+        assert [(n["role"], n["backend"]) for n in nodes] == [("root", "vulkan"), ("worker", "cpu")]
+        assert _metric(server, "slots_total") == 2
+        _two_streams_together_equal_reference(server, reference)
+    finally:
+        if server is not None:
+            server.stop()
+        worker.stop()
 
 
 def test_extended_conversation_prefills_only_its_new_tokens(batched, reference):
